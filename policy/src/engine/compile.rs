@@ -1,0 +1,422 @@
+//! Compiling an inventory and a policy set into an [`Engine`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{CNs, CPeer, CPorts, CRule, Engine, RuleRef, Tables, dir_index};
+use crate::error::{LoadError, Warning};
+use crate::inventory::Inventory;
+use crate::ip::addr;
+use crate::policy::netpol::Peer as NpPeer;
+use crate::policy::{AdminAction, AdminPeer, AdminRule, Direction, NamespaceMatch, PolicySet, PortSpec, Subject};
+use crate::ports::{ConnSet, PortRanges};
+use crate::selector::{Labels, Selector};
+
+/// Interned selectors with the name of the first policy that used each (for error messages).
+#[derive(Default)]
+struct Interner {
+    ids: BTreeMap<Selector, u32>,
+    list: Vec<(Selector, String)>,
+}
+
+impl Interner {
+    /// The id of a selector; `None` for the selector that matches everything.
+    fn id(&mut self, s: &Selector, user: &str) -> Option<u32> {
+        if s.is_everything() {
+            return None;
+        }
+        if let Some(&id) = self.ids.get(s) {
+            return Some(id);
+        }
+        let id = self.list.len() as u32;
+        self.ids.insert(s.clone(), id);
+        self.list.push((s.clone(), user.to_owned()));
+        Some(id)
+    }
+
+    /// For each label set, the sorted ids of the selectors it satisfies. Selectors are indexed
+    /// by one `key=value` they require, so a label set is checked only against the selectors
+    /// that can match it.
+    fn match_all<'a>(&self, label_sets: impl Iterator<Item = &'a Labels>) -> Vec<Box<[u32]>> {
+        let mut index: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+        let mut unanchored = Vec::new();
+        for (id, (s, _)) in self.list.iter().enumerate() {
+            match s.anchor() {
+                Some(kv) => index.entry(kv).or_default().push(id as u32),
+                None => unanchored.push(id as u32),
+            }
+        }
+        let mut out = Vec::new();
+        for labels in label_sets {
+            let mut m: Vec<u32> = Vec::new();
+            let candidates = labels
+                .iter()
+                .filter_map(|(k, v)| index.get(&(k.as_str(), v.as_str())))
+                .flatten()
+                .chain(unanchored.iter());
+            for &id in candidates {
+                if self.list.get(id as usize).is_some_and(|(s, _)| s.matches(labels)) {
+                    m.push(id);
+                }
+            }
+            m.sort_unstable();
+            m.dedup();
+            out.push(m.into_boxed_slice());
+        }
+        out
+    }
+}
+
+struct Builder {
+    pods: Interner,
+    nss: Interner,
+    ns_ids: BTreeMap<String, u32>,
+    port_names: BTreeMap<String, u32>,
+    rules: Vec<CRule>,
+    warnings: Vec<Warning>,
+}
+
+impl Builder {
+    fn port_name(&mut self, name: &str) -> u32 {
+        let next = self.port_names.len() as u32;
+        *self.port_names.entry(name.to_owned()).or_insert(next)
+    }
+
+    fn ports(&mut self, specs: Option<&[PortSpec]>) -> CPorts {
+        let Some(specs) = specs.filter(|s| !s.is_empty()) else {
+            return CPorts { all: true, numeric: ConnSet::all(), named: Vec::new() };
+        };
+        let mut numeric = ConnSet::empty();
+        let mut named = Vec::new();
+        for s in specs {
+            match s {
+                PortSpec::Numbers { protocol, first, last } => {
+                    numeric.add(&ConnSet::of(*protocol, PortRanges::range(*first, *last)));
+                }
+                PortSpec::Named { protocol, name } => named.push((*protocol, self.port_name(name))),
+            }
+        }
+        CPorts { all: numeric.is_all(), numeric, named }
+    }
+
+    fn ns_pred(&mut self, sel: &Selector, user: &str) -> CNs {
+        match self.nss.id(sel, user) {
+            None => CNs::Any,
+            Some(id) => CNs::Sel(id),
+        }
+    }
+
+    fn push(&mut self, rule: CRule) -> u32 {
+        self.rules.push(rule);
+        (self.rules.len() - 1) as u32
+    }
+
+    fn admin_rule(&mut self, id: RuleRef, r: &AdminRule, user: &str) -> u32 {
+        let peers = r
+            .peers
+            .iter()
+            .map(|p| match p {
+                AdminPeer::Namespaces(s) => CPeer::Pods { ns: self.ns_pred(s, user), pods: None },
+                AdminPeer::Pods { namespaces, pods } => {
+                    CPeer::Pods { ns: self.ns_pred(namespaces, user), pods: self.pods.id(pods, user) }
+                }
+                AdminPeer::Networks(ip) => CPeer::Ip(ip.set.clone()),
+                AdminPeer::Nodes => CPeer::Nothing,
+            })
+            .collect();
+        let ports = self.ports(r.ports.as_deref());
+        self.push(CRule { id, action: r.action, peers, ports })
+    }
+}
+
+fn subject_preds(b: &mut Builder, s: &Subject, user: &str) -> (CNs, Option<u32>) {
+    match s {
+        Subject::Namespaces(n) => (b.ns_pred(n, user), None),
+        Subject::Pods { namespaces, pods } => (b.ns_pred(namespaces, user), b.pods.id(pods, user)),
+    }
+}
+
+pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engine, LoadError> {
+    let mut b = Builder {
+        pods: Interner::default(),
+        nss: Interner::default(),
+        ns_ids: BTreeMap::new(),
+        port_names: BTreeMap::new(),
+        rules: Vec::new(),
+        warnings: Vec::new(),
+    };
+    for (i, name) in inventory.namespaces.keys().enumerate() {
+        b.ns_ids.insert(name.clone(), i as u32);
+    }
+    let ns_of = |b: &Builder, ns: &str| b.ns_ids.get(ns).copied().unwrap_or(u32::MAX);
+
+    // NetworkPolicies: compile their rules, remember their pod selectors.
+    let mut np_rules: Vec<[Vec<u32>; 2]> = Vec::with_capacity(policies.network.len());
+    let mut np_selector: Vec<Option<u32>> = Vec::with_capacity(policies.network.len());
+    for (pi, np) in policies.network.iter().enumerate() {
+        let user = format!("NetworkPolicy {}/{} ({})", np.namespace, np.name, np.file);
+        np_selector.push(b.pods.id(&np.pod_selector, &user));
+        let mut per_dir: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        for (direction, rules) in [(Direction::Ingress, &np.ingress_rules), (Direction::Egress, &np.egress_rules)] {
+            for (ri, r) in rules.iter().enumerate() {
+                let peers = match &r.peers {
+                    None => vec![CPeer::Any],
+                    Some(list) => list
+                        .iter()
+                        .map(|p| match p {
+                            NpPeer::Ip(ip) => CPeer::Ip(ip.set.clone()),
+                            NpPeer::Pods(pp) => {
+                                let ns = match &pp.namespaces {
+                                    NamespaceMatch::Named(n) => CNs::Id(ns_of(&b, n)),
+                                    NamespaceMatch::Selected(s) => b.ns_pred(s, &user),
+                                };
+                                CPeer::Pods { ns, pods: b.pods.id(&pp.pods, &user) }
+                            }
+                        })
+                        .collect(),
+                };
+                let ports = b.ports(Some(&r.ports));
+                let id = RuleRef::Network { policy: pi as u32, direction, rule: ri as u32 };
+                let idx = b.push(CRule { id, action: AdminAction::Allow, peers, ports });
+                if let Some(slot) = per_dir.get_mut(dir_index(direction)) {
+                    slot.push(idx);
+                }
+            }
+        }
+        np_rules.push(per_dir);
+    }
+
+    // Admin tiers.
+    let mut anp_subjects = Vec::new();
+    let mut anp_rules: Vec<[Vec<u32>; 2]> = Vec::new();
+    for (pi, anp) in policies.admin.iter().enumerate() {
+        let user = format!("AdminNetworkPolicy {} ({})", anp.name, anp.file);
+        anp_subjects.push(subject_preds(&mut b, &anp.subject, &user));
+        let mut per_dir: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for (ri, r) in anp.rules(direction).iter().enumerate() {
+                let id = RuleRef::Admin { policy: pi as u32, direction, rule: ri as u32 };
+                let idx = b.admin_rule(id, r, &user);
+                if let Some(slot) = per_dir.get_mut(dir_index(direction)) {
+                    slot.push(idx);
+                }
+            }
+        }
+        anp_rules.push(per_dir);
+    }
+    let mut banp: Option<((CNs, Option<u32>), [Vec<u32>; 2])> = None;
+    if let Some(base) = &policies.baseline {
+        let user = format!("BaselineAdminNetworkPolicy default ({})", base.file);
+        let subject = subject_preds(&mut b, &base.subject, &user);
+        let mut per_dir: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for (ri, r) in base.rules(direction).iter().enumerate() {
+                let idx = b.admin_rule(RuleRef::Baseline { direction, rule: ri as u32 }, r, &user);
+                if let Some(slot) = per_dir.get_mut(dir_index(direction)) {
+                    slot.push(idx);
+                }
+            }
+        }
+        banp = Some((subject, per_dir));
+    }
+
+    // Match every workload and namespace against the interned selectors once.
+    let workload_sels = b.pods.match_all(inventory.workloads.iter().map(|w| &w.labels));
+    let ns_sels = b.nss.match_all(inventory.namespaces.values().map(|n| &n.labels));
+    let workload_ns: Vec<u32> = inventory.workloads.iter().map(|w| ns_of(&b, &w.namespace)).collect();
+
+    // Pods of one workload must not be told apart by any selector.
+    for w in &inventory.workloads {
+        for (pod, labels) in &w.label_variants {
+            for (s, user) in &b.pods.list {
+                if s.matches(&w.labels) != s.matches(labels) {
+                    return Err(LoadError::WorkloadLabelsDiffer {
+                        workload: w.display_name(),
+                        pod_a: "the first pod".to_owned(),
+                        pod_b: pod.clone(),
+                        policy: user.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    let has = |list: &[u32], id: Option<u32>| id.is_none_or(|id| list.binary_search(&id).is_ok());
+    let ns_ok = |ns: u32, pred: CNs| match pred {
+        CNs::Any => true,
+        CNs::Id(id) => id == ns,
+        CNs::Sel(id) => ns_sels.get(ns as usize).is_some_and(|l| l.binary_search(&id).is_ok()),
+    };
+
+    // Which policies select which workloads. NetworkPolicies are grouped by namespace.
+    let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (pi, np) in policies.network.iter().enumerate() {
+        by_ns.entry(np.namespace.as_str()).or_default().push(pi);
+    }
+    let n = inventory.workloads.len();
+    let mut tables: [Vec<Tables>; 2] = [vec![Tables::default(); n], vec![Tables::default(); n]];
+    let mut np_selects_some = vec![[false; 2]; policies.network.len()];
+    for (wi, w) in inventory.workloads.iter().enumerate() {
+        let sels = workload_sels.get(wi).map(|b| &b[..]).unwrap_or_default();
+        let ns = workload_ns.get(wi).copied().unwrap_or(u32::MAX);
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let d = dir_index(direction);
+            let mut admin = Vec::new();
+            for (pi, (sns, spods)) in anp_subjects.iter().enumerate() {
+                if ns_ok(ns, *sns) && has(sels, *spods) {
+                    admin.extend(anp_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
+                }
+            }
+            let mut network: Option<Vec<u32>> = None;
+            let mut network_policies = Vec::new();
+            for &pi in by_ns.get(w.namespace.as_str()).into_iter().flatten() {
+                let Some(np) = policies.network.get(pi) else { continue };
+                let in_effect = match direction {
+                    Direction::Ingress => np.ingress_in_effect,
+                    Direction::Egress => np.egress_in_effect,
+                };
+                if !in_effect || !has(sels, np_selector.get(pi).copied().flatten()) {
+                    continue;
+                }
+                if let Some(flag) = np_selects_some.get_mut(pi).and_then(|f| f.get_mut(d)) {
+                    *flag = true;
+                }
+                network_policies.push(pi as u32);
+                network.get_or_insert_with(Vec::new).extend(np_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
+            }
+            let mut baseline = Vec::new();
+            if let Some(((sns, spods), rules)) = &banp
+                && ns_ok(ns, *sns)
+                && has(sels, *spods)
+            {
+                baseline.extend(rules.get(d).into_iter().flatten());
+            }
+            if let Some(t) = tables.get_mut(d).and_then(|t| t.get_mut(wi)) {
+                *t = Tables {
+                    admin: admin.into(),
+                    network: network.map(Into::into),
+                    network_policies: network_policies.into(),
+                    baseline: baseline.into(),
+                };
+            }
+        }
+    }
+
+    // A named port in an egress rule that can reach addresses cannot be resolved there.
+    for (pi, np) in policies.network.iter().enumerate() {
+        if !np_selects_some.get(pi).is_some_and(|f| f[1]) {
+            continue;
+        }
+        for (ri, r) in np.egress_rules.iter().enumerate() {
+            let reaches_ips = r.peers.as_ref().is_none_or(|ps| ps.iter().any(|p| matches!(p, NpPeer::Ip(_))));
+            if let Some((pj, PortSpec::Named { name, .. })) =
+                r.ports.iter().enumerate().find(|(_, p)| matches!(p, PortSpec::Named { .. }))
+                && reaches_ips
+            {
+                return Err(LoadError::Invalid {
+                    file: np.file.clone(),
+                    object: format!("NetworkPolicy {}/{}", np.namespace, np.name),
+                    field: format!("spec.egress[{ri}].ports[{pj}].port"),
+                    reason: format!(
+                        "named port {name:?} in an egress rule that can reach IP addresses: a name resolves only \
+                         on a pod; use a port number, or restrict `to` to pod and namespace selectors"
+                    ),
+                });
+            }
+        }
+    }
+
+    // Named ports that no workload defines (with the protocol the rule asks for) match nothing.
+    let workload_ports: Vec<Box<[(u32, u16, crate::ports::Protocol)]>> = inventory
+        .workloads
+        .iter()
+        .map(|w| {
+            w.ports
+                .iter()
+                .filter_map(|p| {
+                    let id = p.name.as_ref().and_then(|n| b.port_names.get(n))?;
+                    Some((*id, p.port, p.protocol))
+                })
+                .collect()
+        })
+        .collect();
+    warn_unresolved_named_ports(&policies, &inventory, &mut b.warnings);
+
+    let mut by_addr = BTreeMap::new();
+    for (wi, w) in inventory.workloads.iter().enumerate() {
+        for ip in &w.overlay_ips {
+            if let Some(prev) = by_addr.insert(addr(*ip), wi as u32) {
+                let other = inventory.workloads.get(prev as usize).map(|o| o.display_name()).unwrap_or_default();
+                return Err(LoadError::Invalid {
+                    file: w.file.clone(),
+                    object: w.display_name(),
+                    field: format!("metadata.annotations.{}", crate::inventory::OVERLAY_IPS_ANNOTATION),
+                    reason: format!("overlay address {ip} is also assigned to {other}"),
+                });
+            }
+        }
+    }
+
+    let Builder { rules, warnings, .. } = b;
+    Ok(Engine {
+        inventory,
+        policies,
+        warnings,
+        workload_ns,
+        workload_sels,
+        workload_ports,
+        ns_sels,
+        by_addr,
+        rules,
+        tables,
+    })
+}
+
+fn warn_unresolved_named_ports(policies: &PolicySet, inventory: &Inventory, warnings: &mut Vec<Warning>) {
+    let resolves = |proto: Option<crate::ports::Protocol>, name: &str| {
+        inventory.workloads.iter().any(|w| w.named_port(name).is_some_and(|p| proto.is_none_or(|want| p.protocol == want)))
+    };
+    for np in &policies.network {
+        for (direction, rules) in [(Direction::Ingress, &np.ingress_rules), (Direction::Egress, &np.egress_rules)] {
+            for (ri, r) in rules.iter().enumerate() {
+                for (pj, p) in r.ports.iter().enumerate() {
+                    if let PortSpec::Named { protocol, name } = p
+                        && !resolves(*protocol, name)
+                    {
+                        let proto = protocol.map(|p| p.as_str()).unwrap_or("any");
+                        warnings.push(Warning {
+                            file: np.file.clone(),
+                            object: format!("NetworkPolicy {}/{}", np.namespace, np.name),
+                            field: format!("spec.{}[{ri}].ports[{pj}].port", direction.field()),
+                            message: format!(
+                                "named port {name:?} ({proto}) is defined by no workload with that protocol; it allows nothing"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let admin = policies.admin.iter().map(|a| (format!("AdminNetworkPolicy {}", a.name), &a.file, &a.ingress, &a.egress));
+    let base = policies
+        .baseline
+        .iter()
+        .map(|b| ("BaselineAdminNetworkPolicy default".to_owned(), &b.file, &b.ingress, &b.egress));
+    for (object, file, ingress, egress) in admin.chain(base) {
+        for (direction, rules) in [(Direction::Ingress, ingress), (Direction::Egress, egress)] {
+            for (ri, r) in rules.iter().enumerate() {
+                for (pj, p) in r.ports.iter().flatten().enumerate() {
+                    if let PortSpec::Named { protocol, name } = p
+                        && !resolves(*protocol, name)
+                    {
+                        warnings.push(Warning {
+                            file: file.clone(),
+                            object: object.clone(),
+                            field: format!("spec.{}[{ri}].ports[{pj}].namedPort", direction.field()),
+                            message: format!("named port {name:?} is defined by no workload; it matches nothing"),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The inventory: namespaces and workloads (the peers policies talk about), with keyway's own
+//! facts about them (zone, overlay addresses, service account).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::ports::Protocol;
+use crate::selector::Labels;
+
+/// Annotation on a workload (or its pod template, or a pod) naming its zone.
+pub const ZONE_ANNOTATION: &str = "keyway.io/zone";
+/// Annotation listing a workload's overlay addresses, comma-separated (`10.10.1.5,fd00::5`).
+pub const OVERLAY_IPS_ANNOTATION: &str = "keyway.io/overlay-ips";
+/// Namespace label that keyway sets from a namespace's `keyway.io/zone` annotation, so that a
+/// policy can select peers by zone.
+pub const ZONE_LABEL: &str = "keyway.io/zone";
+/// The label every namespace carries with its own name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Name.
+    pub name: String,
+    /// Labels, always including `kubernetes.io/metadata.name`.
+    pub labels: Labels,
+}
+
+/// A named container port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    /// The port name (`http`), if any.
+    pub name: Option<String>,
+    /// The number.
+    pub port: u16,
+    /// The protocol (default TCP).
+    pub protocol: Protocol,
+}
+
+/// A workload: the pods of one owner, treated alike. It is the unit policies decide for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Name: the owner's name, or the pod's when it has no controller.
+    pub name: String,
+    /// `Deployment`, `ReplicaSet`, `StatefulSet`, `DaemonSet`, `Job`, `CronJob`,
+    /// `ReplicationController` or `Pod`.
+    pub kind: String,
+    /// Labels (of the first pod seen).
+    pub labels: Labels,
+    /// Container ports (init containers excluded).
+    pub ports: Vec<ContainerPort>,
+    /// The service account its pods run as (`default` when unset).
+    pub service_account: String,
+    /// The zone (`keyway.io/zone`), when known.
+    pub zone: Option<String>,
+    /// Overlay addresses (`keyway.io/overlay-ips`) of all its pods.
+    pub overlay_ips: Vec<IpAddr>,
+    /// The file it was defined in.
+    pub file: String,
+    /// Label sets of its pods that differ from `labels` (with the pod's name), kept so that
+    /// compiling can refuse policies that tell them apart.
+    pub label_variants: Vec<(String, Labels)>,
+}
+
+impl Workload {
+    /// `namespace/name[Kind]`, as the connectivity list prints it.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}[{}]", self.namespace, self.name, self.kind)
+    }
+
+    /// `namespace/name`.
+    pub fn short_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The SPIFFE identity of its pods in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+
+    /// The container port called `name`, if any.
+    pub fn named_port(&self, name: &str) -> Option<&ContainerPort> {
+        self.ports.iter().find(|p| p.name.as_deref() == Some(name))
+    }
+}
+
+/// Namespaces and workloads, in a stable order (workloads sorted by display name).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Workloads, sorted by [`Workload::display_name`].
+    pub workloads: Vec<Workload>,
+}
+
+impl Inventory {
+    /// The workload `namespace/name` (any kind; the first in order when names repeat across
+    /// kinds).
+    pub fn find(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.workloads.iter().position(|w| w.namespace == namespace && w.name == name)
+    }
+}

@@ -1,0 +1,29 @@
+//! `keyway-policy`: the pure core of keyway.
+//!
+//! * [`manifest`] loads Kubernetes manifests (YAML and JSON, `*List` flattening) into an
+//!   [`inventory::Inventory`] of namespaces and workloads and a [`policy::PolicySet`] of
+//!   NetworkPolicies and admin tiers.
+//! * [`engine::Engine`] compiles them once into tables; [`engine::Engine::decide`] answers one flow
+//!   with its verdict and the rule that decided it, [`connlist`] computes the full connectivity.
+//! * [`auth`] derives workload and ticket keys and encodes, decodes and verifies tokens and tickets.
+//!
+//! Nothing in this crate performs I/O (except the optional directory reader behind the `fs`
+//! feature), reads a clock or draws randomness: time and nonces are arguments.
+
+pub mod auth;
+pub mod connlist;
+pub mod engine;
+pub mod error;
+#[cfg(feature = "fs")]
+pub mod fs;
+pub mod inventory;
+pub mod ip;
+pub mod manifest;
+pub mod policy;
+pub mod ports;
+pub mod selector;
+
+pub use engine::{Decision, Engine, Verdict};
+pub use error::{LoadError, Warning};
+pub use inventory::Inventory;
+pub use ports::{ConnSet, PortRanges, Protocol};
