@@ -222,9 +222,7 @@ impl AuthError {
         match self {
             AuthError::Malformed { kind, .. }
             | AuthError::Length { kind, .. }
-            | AuthError::UnknownProtocol { kind, .. } => {
-                kind.pick("token-malformed", "ticket-malformed")
-            }
+            | AuthError::UnknownProtocol { kind, .. } => kind.pick("token-malformed", "ticket-malformed"),
             AuthError::Version { kind, .. } => kind.pick("token-version", "ticket-version"),
             AuthError::UnknownEpoch { kind, .. } => kind.pick("token-epoch", "ticket-epoch"),
             AuthError::Expired { kind, .. } => kind.pick("token-expired", "ticket-expired"),
@@ -241,28 +239,13 @@ impl AuthError {
 }
 
 /// Checks `|issued_at_ms - now_ms| <= window_ms`, telling expired from issued in the future.
-pub(crate) fn check_window(
-    kind: Kind,
-    issued_at_ms: u64,
-    now_ms: u64,
-    window_ms: u64,
-) -> Result<(), AuthError> {
+pub(crate) fn check_window(kind: Kind, issued_at_ms: u64, now_ms: u64, window_ms: u64) -> Result<(), AuthError> {
     if issued_at_ms.abs_diff(now_ms) <= window_ms {
         Ok(())
     } else if issued_at_ms < now_ms {
-        Err(AuthError::Expired {
-            kind,
-            issued_at_ms,
-            now_ms,
-            window_ms,
-        })
+        Err(AuthError::Expired { kind, issued_at_ms, now_ms, window_ms })
     } else {
-        Err(AuthError::FromFuture {
-            kind,
-            issued_at_ms,
-            now_ms,
-            window_ms,
-        })
+        Err(AuthError::FromFuture { kind, issued_at_ms, now_ms, window_ms })
     }
 }
 
@@ -298,10 +281,7 @@ mod tests {
             assert_eq!(ip_from16(ip16(ip)), ip);
         }
         let mapped = Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped();
-        assert_eq!(
-            ip_from16(mapped.octets()),
-            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
-        );
+        assert_eq!(ip_from16(mapped.octets()), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
     }
 
     #[test]
@@ -310,14 +290,8 @@ mod tests {
         assert_eq!(check_window(Kind::Token, 100_000, 100_000, w), Ok(()));
         assert_eq!(check_window(Kind::Token, 70_000, 100_000, w), Ok(()));
         assert_eq!(check_window(Kind::Token, 130_000, 100_000, w), Ok(()));
-        assert_eq!(
-            check_window(Kind::Token, 69_999, 100_000, w).map_err(|e| e.reason()),
-            Err("token-expired")
-        );
-        assert_eq!(
-            check_window(Kind::Ticket, 130_001, 100_000, w).map_err(|e| e.reason()),
-            Err("ticket-future")
-        );
+        assert_eq!(check_window(Kind::Token, 69_999, 100_000, w).map_err(|e| e.reason()), Err("token-expired"));
+        assert_eq!(check_window(Kind::Ticket, 130_001, 100_000, w).map_err(|e| e.reason()), Err("ticket-future"));
         // No overflow at the ends of the clock.
         assert_eq!(check_window(Kind::Token, u64::MAX, 0, u64::MAX), Ok(()));
         assert!(check_window(Kind::Token, u64::MAX, 0, 0).is_err());
@@ -330,96 +304,34 @@ mod tests {
         let t = Kind::Token;
         let k = Kind::Ticket;
         let table: Vec<(AuthError, &str)> = vec![
-            (
-                AuthError::Malformed {
-                    kind: t,
-                    detail: "x",
-                },
-                "token-malformed",
-            ),
-            (
-                AuthError::Length {
-                    kind: k,
-                    actual: 1,
-                    expected: 2,
-                },
-                "ticket-malformed",
-            ),
-            (
-                AuthError::UnknownProtocol { kind: t, number: 1 },
-                "token-malformed",
-            ),
+            (AuthError::Malformed { kind: t, detail: "x" }, "token-malformed"),
+            (AuthError::Length { kind: k, actual: 1, expected: 2 }, "ticket-malformed"),
+            (AuthError::UnknownProtocol { kind: t, number: 1 }, "token-malformed"),
             (AuthError::Version { kind: t, found: 2 }, "token-version"),
             (AuthError::Version { kind: k, found: 2 }, "ticket-version"),
             (AuthError::UnknownEpoch { kind: t, epoch: 9 }, "token-epoch"),
-            (
-                AuthError::UnknownEpoch { kind: k, epoch: 9 },
-                "ticket-epoch",
-            ),
-            (
-                AuthError::Expired {
-                    kind: t,
-                    issued_at_ms: 0,
-                    now_ms: 9,
-                    window_ms: 1,
-                },
-                "token-expired",
-            ),
-            (
-                AuthError::Expired {
-                    kind: k,
-                    issued_at_ms: 0,
-                    now_ms: 9,
-                    window_ms: 1,
-                },
-                "ticket-expired",
-            ),
-            (
-                AuthError::FromFuture {
-                    kind: t,
-                    issued_at_ms: 9,
-                    now_ms: 0,
-                    window_ms: 1,
-                },
-                "token-future",
-            ),
+            (AuthError::UnknownEpoch { kind: k, epoch: 9 }, "ticket-epoch"),
+            (AuthError::Expired { kind: t, issued_at_ms: 0, now_ms: 9, window_ms: 1 }, "token-expired"),
+            (AuthError::Expired { kind: k, issued_at_ms: 0, now_ms: 9, window_ms: 1 }, "ticket-expired"),
+            (AuthError::FromFuture { kind: t, issued_at_ms: 9, now_ms: 0, window_ms: 1 }, "token-future"),
             (AuthError::BadMac { kind: t }, "token-mac"),
             (AuthError::BadMac { kind: k }, "ticket-mac"),
             (
-                AuthError::WrongDestination {
-                    dst: ip,
-                    dst_port: 1,
-                    expected_dst: ip,
-                    expected_port: 2,
-                },
+                AuthError::WrongDestination { dst: ip, dst_port: 1, expected_dst: ip, expected_port: 2 },
                 "ticket-wrong-destination",
             ),
             (AuthError::Replay { kind: t }, "token-replay"),
             (AuthError::Replay { kind: k }, "ticket-replay"),
-            (
-                AuthError::ReplayCacheFull { capacity: 3 },
-                "replay-cache-full",
-            ),
-            (
-                AuthError::IdentityTooLong { len: 2000 },
-                "identity-too-long",
-            ),
+            (AuthError::ReplayCacheFull { capacity: 3 }, "replay-cache-full"),
+            (AuthError::IdentityTooLong { len: 2000 }, "identity-too-long"),
             (AuthError::ZoneTooLong { len: 300 }, "zone-too-long"),
-            (
-                AuthError::KeyMalformed {
-                    what: "workload key",
-                },
-                "key-malformed",
-            ),
+            (AuthError::KeyMalformed { what: "workload key" }, "key-malformed"),
         ];
         for (err, reason) in table {
             assert_eq!(err.reason(), reason, "{err:?}");
             let msg = err.to_string();
             assert!(msg.starts_with(|c: char| c.is_lowercase()), "{msg}");
-            assert!(
-                reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'),
-                "{reason}"
-            );
+            assert!(reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'), "{reason}");
         }
     }
 }

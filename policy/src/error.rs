@@ -36,22 +36,13 @@ impl Origin {
 
     /// A warning about `field` of this object.
     pub fn warning(&self, field: impl Into<String>, message: impl Into<String>) -> Warning {
-        Warning {
-            file: self.file.clone(),
-            object: self.object.clone(),
-            field: field.into(),
-            message: message.into(),
-        }
+        Warning { file: self.file.clone(), object: self.object.clone(), field: field.into(), message: message.into() }
     }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.object.is_empty() {
-            f.write_str(&self.file)
-        } else {
-            write!(f, "{}: {}", self.file, self.object)
-        }
+        if self.object.is_empty() { f.write_str(&self.file) } else { write!(f, "{}: {}", self.file, self.object) }
     }
 }
 

@@ -29,8 +29,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<(), LoadError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| LoadError::Read { path: dir.display().to_string(), reason: e.to_string() })?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::Read { path: dir.display().to_string(), reason: e.to_string() })?;
     for entry in entries {
         let entry = entry.map_err(|e| LoadError::Read { path: dir.display().to_string(), reason: e.to_string() })?;
         let path = entry.path();

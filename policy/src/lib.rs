@@ -18,6 +18,7 @@ pub mod error;
 pub mod fs;
 pub mod inventory;
 pub mod ip;
+pub mod keyservice;
 pub mod manifest;
 pub mod policy;
 pub mod ports;

@@ -84,7 +84,8 @@ fn objects(files: &[SourceFile]) -> Result<Vec<Object>, LoadError> {
 }
 
 fn flatten(file: &str, document: usize, v: Value, out: &mut Vec<Object>) -> Result<(), LoadError> {
-    let not_object = |reason: &str| LoadError::NotAnObject { file: file.to_owned(), document, reason: reason.to_owned() };
+    let not_object =
+        |reason: &str| LoadError::NotAnObject { file: file.to_owned(), document, reason: reason.to_owned() };
     let mut map = match v {
         Value::Null => return Ok(()),
         Value::Object(m) => m,
@@ -248,8 +249,7 @@ pub fn load(files: &[SourceFile]) -> Result<Manifests, LoadError> {
         let (name, ns) = ident(&obj.value);
         let namespaced = kind != "Namespace" && kind != "AdminNetworkPolicy" && kind != "BaselineAdminNetworkPolicy";
         let ns_name = namespace_or_default(ns.as_deref());
-        let origin =
-            Origin::object(&obj.file, &kind, if namespaced { Some(ns_name.as_str()) } else { None }, &name);
+        let origin = Origin::object(&obj.file, &kind, if namespaced { Some(ns_name.as_str()) } else { None }, &name);
         match kind.as_str() {
             "Namespace" => {
                 let raw: RawNamespace = decode(obj.value, &origin)?;
@@ -379,14 +379,16 @@ fn workload_from(
             let field = format!("spec.containers[{ci}].ports[{pi}]");
             // A port without a number (a misspelt `containerPort`) does not exist, as upstream.
             let Some(number) = p.container_port else { continue };
-            let port = u16::try_from(number)
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| origin.invalid(format!("{field}.containerPort"), format!("{number} is not a port (1-65535)")))?;
+            let port = u16::try_from(number).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                origin.invalid(format!("{field}.containerPort"), format!("{number} is not a port (1-65535)"))
+            })?;
             let protocol = match p.protocol.as_deref() {
                 None | Some("") => Protocol::Tcp,
                 Some(s) => Protocol::parse(s).ok_or_else(|| {
-                    origin.invalid(format!("{field}.protocol"), format!("unknown protocol {s:?}; expected TCP, UDP or SCTP"))
+                    origin.invalid(
+                        format!("{field}.protocol"),
+                        format!("unknown protocol {s:?}; expected TCP, UDP or SCTP"),
+                    )
                 })?,
             };
             ports.push(ContainerPort { name: p.name.clone().filter(|n| !n.is_empty()), port, protocol });

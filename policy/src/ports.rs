@@ -337,8 +337,7 @@ mod tests {
     #[test]
     fn display_matches_connlist_grammar() {
         assert_eq!(ConnSet::all().to_string(), "All Connections");
-        let c = ConnSet::of(Protocol::Tcp, pr(&[(10053, 10054)]))
-            .union(&ConnSet::single(Protocol::Udp, 10053));
+        let c = ConnSet::of(Protocol::Tcp, pr(&[(10053, 10054)])).union(&ConnSet::single(Protocol::Udp, 10053));
         assert_eq!(c.to_string(), "TCP 10053-10054,UDP 10053");
         let c = ConnSet::of(Protocol::Sctp, PortRanges::all())
             .union(&ConnSet::of(Protocol::Tcp, PortRanges::all()))
@@ -348,9 +347,8 @@ mod tests {
 
     fn arb_ranges() -> impl Strategy<Value = PortRanges> {
         proptest::collection::vec((1u16..=65535, 0u16..2000), 0..6).prop_map(|v| {
-            v.into_iter().fold(PortRanges::empty(), |acc, (a, len)| {
-                acc.union(&PortRanges::range(a, a.saturating_add(len)))
-            })
+            v.into_iter()
+                .fold(PortRanges::empty(), |acc, (a, len)| acc.union(&PortRanges::range(a, a.saturating_add(len))))
         })
     }
 

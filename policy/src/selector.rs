@@ -246,7 +246,10 @@ mod tests {
             (r#"{"matchExpressions":[{"key":"tier","operator":"Exists"}]}"#, true),
             (r#"{"matchExpressions":[{"key":"tier","operator":"DoesNotExist"}]}"#, false),
             (r#"{"matchExpressions":[{"key":"x","operator":"DoesNotExist"}]}"#, true),
-            (r#"{"matchLabels":{"app":"web"},"matchExpressions":[{"key":"tier","operator":"In","values":["back"]}]}"#, false),
+            (
+                r#"{"matchLabels":{"app":"web"},"matchExpressions":[{"key":"tier","operator":"In","values":["back"]}]}"#,
+                false,
+            ),
         ];
         for (json, want) in cases {
             let sel = raw(json).validate();
@@ -260,10 +263,16 @@ mod tests {
             (r#"{"matchLabels":{"-bad":"x"}}"#, "matchLabels.-bad"),
             (r#"{"matchLabels":{"app":"white space"}}"#, "matchLabels.app"),
             (r#"{"matchLabels":{"Bad_Prefix/app":"x"}}"#, "matchLabels.Bad_Prefix/app"),
-            (r#"{"matchExpressions":[{"key":"a","operator":"Equals","values":["x"]}]}"#, "matchExpressions[0].operator"),
+            (
+                r#"{"matchExpressions":[{"key":"a","operator":"Equals","values":["x"]}]}"#,
+                "matchExpressions[0].operator",
+            ),
             (r#"{"matchExpressions":[{"key":"a","operator":"In"}]}"#, "matchExpressions[0].values"),
             (r#"{"matchExpressions":[{"key":"a","operator":"Exists","values":["x"]}]}"#, "matchExpressions[0].values"),
-            (r#"{"matchExpressions":[{"key":"a","operator":"In","values":["ok","no!"]}]}"#, "matchExpressions[0].values[1]"),
+            (
+                r#"{"matchExpressions":[{"key":"a","operator":"In","values":["ok","no!"]}]}"#,
+                "matchExpressions[0].values[1]",
+            ),
         ];
         for (json, field) in cases {
             match raw(json).validate() {

@@ -1,10 +1,14 @@
 //! The engine against public golden data: every scenario of np-guard/netpol-analyzer copied to
-//! `../shared/conformance/` must give its `expected_connlist.txt` byte for byte.
+//! `../shared/conformance/` must give its `expected_connlist.txt` byte for byte, and the
+//! single-flow decision function must agree with the connectivity sets at every port boundary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test harness
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use keyway_policy::connlist::{Format, connections, render};
+use keyway_policy::engine::Peer;
+use keyway_policy::{ConnSet, Engine, Protocol, Verdict};
 
 fn shared() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance")
@@ -16,18 +20,14 @@ fn scenarios(set: &str) -> Vec<PathBuf> {
         &std::fs::read_to_string(dir.join("index.json")).unwrap_or_else(|e| panic!("{}: {e}", dir.display())),
     )
     .unwrap();
-    index["scenarios"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| dir.join(s["scenario"].as_str().unwrap()))
-        .collect()
+    index["scenarios"].as_array().unwrap().iter().map(|s| dir.join(s["scenario"].as_str().unwrap())).collect()
 }
 
 /// Runs one scenario; `Err` holds a line diff.
 fn run(dir: &Path) -> Result<(), String> {
     let expected = std::fs::read_to_string(dir.join("expected_connlist.txt")).map_err(|e| e.to_string())?;
     let (engine, _warnings) = keyway_policy::fs::load_dir(dir).map_err(|e| format!("load failed: {e}"))?;
+    agree_per_port(&engine)?;
     let got = render(&connections(&engine), Format::Txt);
     if got == expected {
         return Ok(());
@@ -93,4 +93,46 @@ fn netpol_analyzer_anp_scenarios_match_byte_for_byte() {
     }
     println!("netpol-analyzer-anp: {} of {total} scenarios pass", total - failures.len());
     assert!(failures.is_empty(), "{} of {total} scenarios differ:\n{report}", failures.len());
+}
+
+/// The ports worth probing for a set: both ends of every range and their neighbours.
+fn probe_ports(set: &ConnSet) -> Vec<(Protocol, u16)> {
+    let mut out = Vec::new();
+    for p in Protocol::ALL {
+        let mut ports = vec![1u16, 80, 65535];
+        for &(lo, hi) in set.ports(p).ranges() {
+            ports.extend([lo, hi, lo.saturating_sub(1).max(1), hi.saturating_add(1)]);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        out.extend(ports.into_iter().map(|port| (p, port)));
+    }
+    out
+}
+
+/// `Engine::decide` (one port, what the gateway calls) must agree with `Engine::allowed` (the
+/// sets the connectivity list prints) for every pair of workloads at every range boundary.
+fn agree_per_port(engine: &Engine) -> Result<(), String> {
+    let n = engine.inventory().workloads.len();
+    let peers: Vec<Peer> = (0..n).map(Peer::Workload).chain([Peer::Ip("8.8.8.8".parse().unwrap())]).collect();
+    for &src in &peers {
+        for &dst in &peers {
+            if src == dst {
+                continue;
+            }
+            let set = engine.allowed(src, dst);
+            for (proto, port) in probe_ports(&set) {
+                let d = engine.decide(src, dst, proto, port);
+                if (d.verdict == Verdict::Allow) != set.contains(proto, port) {
+                    return Err(format!(
+                        "decide and allowed disagree for {} => {} {proto} {port}: set {set}\n{}",
+                        engine.peer_name(src),
+                        engine.peer_name(dst),
+                        engine.explain(src, dst, proto, port).text
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }

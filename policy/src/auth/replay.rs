@@ -36,14 +36,7 @@ impl ReplayCache {
     /// An empty cache for `kind` credentials (which only names the errors), remembering at most
     /// `capacity` nonces, each for `window_ms` after its credential's issue time.
     pub fn new(kind: Kind, capacity: usize, window_ms: u64) -> Self {
-        ReplayCache {
-            kind,
-            capacity,
-            window_ms,
-            now_ms: 0,
-            expiry_of: BTreeMap::new(),
-            by_expiry: BTreeSet::new(),
-        }
+        ReplayCache { kind, capacity, window_ms, now_ms: 0, expiry_of: BTreeMap::new(), by_expiry: BTreeSet::new() }
     }
 
     /// Accepts a credential's nonce once.
@@ -71,9 +64,7 @@ impl ReplayCache {
             return Err(AuthError::Replay { kind: self.kind });
         }
         if self.expiry_of.len() >= self.capacity {
-            return Err(AuthError::ReplayCacheFull {
-                capacity: self.capacity,
-            });
+            return Err(AuthError::ReplayCacheFull { capacity: self.capacity });
         }
         let expiry = issued_at_ms.saturating_add(self.window_ms);
         self.expiry_of.insert(entry, expiry);
@@ -140,29 +131,17 @@ mod tests {
     fn refuses_a_nonce_twice_per_source() {
         let mut c = ReplayCache::new(Kind::Token, 10, W);
         assert_eq!(c.check_and_insert(A, [1; 12], 5_000, 5_000), Ok(()));
-        assert_eq!(
-            c.check_and_insert(A, [1; 12], 5_000, 5_001),
-            Err(AuthError::Replay { kind: Kind::Token })
-        );
+        assert_eq!(c.check_and_insert(A, [1; 12], 5_000, 5_001), Err(AuthError::Replay { kind: Kind::Token }));
         // Another issue time does not make the nonce new.
-        assert_eq!(
-            reason(c.check_and_insert(A, [1; 12], 5_100, 5_100)),
-            Err("token-replay")
-        );
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 5_100, 5_100)), Err("token-replay"));
         // Another source may use the same nonce; v4 and v4-mapped are the same source.
         assert_eq!(c.check_and_insert(B, [1; 12], 5_000, 5_000), Ok(()));
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped());
-        assert_eq!(
-            reason(c.check_and_insert(mapped, [1; 12], 5_000, 5_000)),
-            Err("token-replay")
-        );
+        assert_eq!(reason(c.check_and_insert(mapped, [1; 12], 5_000, 5_000)), Err("token-replay"));
         assert_eq!(c.len(), 2);
         let mut t = ReplayCache::new(Kind::Ticket, 10, W);
         assert_eq!(t.check_and_insert(A, [1; 12], 5_000, 5_000), Ok(()));
-        assert_eq!(
-            reason(t.check_and_insert(A, [1; 12], 5_000, 5_000)),
-            Err("ticket-replay")
-        );
+        assert_eq!(reason(t.check_and_insert(A, [1; 12], 5_000, 5_000)), Err("ticket-replay"));
     }
 
     #[test]
@@ -170,32 +149,20 @@ mod tests {
         let mut c = ReplayCache::new(Kind::Token, 10, W);
         // Issued 1 s in the future: valid until issued + window.
         assert_eq!(c.check_and_insert(A, [1; 12], 6_000, 5_000), Ok(()));
-        assert_eq!(
-            reason(c.check_and_insert(A, [1; 12], 6_000, 7_000)),
-            Err("token-replay")
-        );
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 6_000, 7_000)), Err("token-replay"));
         // Exactly at issued + window the credential still verifies: still remembered.
         assert_eq!(reason(c.check_and_insert(B, [9; 12], 7_000, 7_000)), Ok(()));
         assert_eq!(c.len(), 2);
         // One ms later it is forgotten, and a credential that old is refused as expired.
-        assert_eq!(
-            reason(c.check_and_insert(A, [1; 12], 6_000, 7_001)),
-            Err("token-expired")
-        );
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 6_000, 7_001)), Err("token-expired"));
         assert_eq!(c.len(), 1);
     }
 
     #[test]
     fn window_is_enforced() {
         let mut c = ReplayCache::new(Kind::Token, 10, W);
-        assert_eq!(
-            reason(c.check_and_insert(A, [1; 12], 3_999, 5_000)),
-            Err("token-expired")
-        );
-        assert_eq!(
-            reason(c.check_and_insert(A, [1; 12], 6_001, 5_000)),
-            Err("token-future")
-        );
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 3_999, 5_000)), Err("token-expired"));
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 6_001, 5_000)), Err("token-future"));
         assert_eq!(reason(c.check_and_insert(A, [1; 12], 4_000, 5_000)), Ok(()));
         assert_eq!(reason(c.check_and_insert(A, [2; 12], 6_000, 5_000)), Ok(()));
         assert!(c.check_and_insert(A, [3; 12], u64::MAX, u64::MAX).is_ok());
@@ -208,10 +175,7 @@ mod tests {
         assert_eq!(c.check_and_insert(B, [1; 12], 6_001, 6_001), Ok(())); // evicts A's
         assert_eq!(c.len(), 1);
         // Back at 5 500, A's credential would verify again: the cache says it is expired.
-        assert_eq!(
-            reason(c.check_and_insert(A, [1; 12], 5_000, 5_500)),
-            Err("token-expired")
-        );
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 5_000, 5_500)), Err("token-expired"));
     }
 
     #[test]
@@ -219,23 +183,14 @@ mod tests {
         let mut c = ReplayCache::new(Kind::Token, 2, W);
         assert_eq!(c.check_and_insert(A, [1; 12], 5_000, 5_000), Ok(()));
         assert_eq!(c.check_and_insert(A, [2; 12], 5_500, 5_500), Ok(()));
-        assert_eq!(
-            c.check_and_insert(A, [3; 12], 5_500, 5_500),
-            Err(AuthError::ReplayCacheFull { capacity: 2 })
-        );
+        assert_eq!(c.check_and_insert(A, [3; 12], 5_500, 5_500), Err(AuthError::ReplayCacheFull { capacity: 2 }));
         // A replay is still told as a replay when full.
-        assert_eq!(
-            reason(c.check_and_insert(A, [2; 12], 5_500, 5_500)),
-            Err("token-replay")
-        );
+        assert_eq!(reason(c.check_and_insert(A, [2; 12], 5_500, 5_500)), Err("token-replay"));
         // Once the first expires there is room again.
         assert_eq!(c.check_and_insert(A, [3; 12], 6_001, 6_001), Ok(()));
         assert_eq!(c.len(), 2);
         let mut zero = ReplayCache::new(Kind::Token, 0, W);
-        assert_eq!(
-            reason(zero.check_and_insert(A, [1; 12], 0, 0)),
-            Err("replay-cache-full")
-        );
+        assert_eq!(reason(zero.check_and_insert(A, [1; 12], 0, 0)), Err("replay-cache-full"));
         assert!(zero.is_empty());
         assert_eq!((c.capacity(), c.window_ms()), (2, W));
     }

@@ -128,7 +128,10 @@ impl Builder {
     }
 }
 
-fn subject_preds(b: &mut Builder, s: &Subject, user: &str) -> (CNs, Option<u32>) {
+/// A compiled subject: namespace constraint and pod selector id.
+type SubjectPreds = (CNs, Option<u32>);
+
+fn subject_preds(b: &mut Builder, s: &Subject, user: &str) -> SubjectPreds {
     match s {
         Subject::Namespaces(n) => (b.ns_pred(n, user), None),
         Subject::Pods { namespaces, pods } => (b.ns_pred(namespaces, user), b.pods.id(pods, user)),
@@ -203,7 +206,7 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
         }
         anp_rules.push(per_dir);
     }
-    let mut banp: Option<((CNs, Option<u32>), [Vec<u32>; 2])> = None;
+    let mut banp: Option<(SubjectPreds, [Vec<u32>; 2])> = None;
     if let Some(base) = &policies.baseline {
         let user = format!("BaselineAdminNetworkPolicy default ({})", base.file);
         let subject = subject_preds(&mut b, &base.subject, &user);
@@ -281,7 +284,9 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
                     *flag = true;
                 }
                 network_policies.push(pi as u32);
-                network.get_or_insert_with(Vec::new).extend(np_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
+                network
+                    .get_or_insert_with(Vec::new)
+                    .extend(np_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
             }
             let mut baseline = Vec::new();
             if let Some(((sns, spods), rules)) = &banp
@@ -373,7 +378,10 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
 
 fn warn_unresolved_named_ports(policies: &PolicySet, inventory: &Inventory, warnings: &mut Vec<Warning>) {
     let resolves = |proto: Option<crate::ports::Protocol>, name: &str| {
-        inventory.workloads.iter().any(|w| w.named_port(name).is_some_and(|p| proto.is_none_or(|want| p.protocol == want)))
+        inventory
+            .workloads
+            .iter()
+            .any(|w| w.named_port(name).is_some_and(|p| proto.is_none_or(|want| p.protocol == want)))
     };
     for np in &policies.network {
         for (direction, rules) in [(Direction::Ingress, &np.ingress_rules), (Direction::Egress, &np.egress_rules)] {
@@ -396,7 +404,8 @@ fn warn_unresolved_named_ports(policies: &PolicySet, inventory: &Inventory, warn
             }
         }
     }
-    let admin = policies.admin.iter().map(|a| (format!("AdminNetworkPolicy {}", a.name), &a.file, &a.ingress, &a.egress));
+    let admin =
+        policies.admin.iter().map(|a| (format!("AdminNetworkPolicy {}", a.name), &a.file, &a.ingress, &a.egress));
     let base = policies
         .baseline
         .iter()

@@ -39,10 +39,7 @@ impl Engine {
                         .and_then(|n| self.ns_sels.get(*n as usize))
                         .is_some_and(|l| l.binary_search(&id).is_ok()),
                 };
-                ns_ok
-                    && pods.is_none_or(|id| {
-                        self.workload_sels.get(w).is_some_and(|l| l.binary_search(&id).is_ok())
-                    })
+                ns_ok && pods.is_none_or(|id| self.workload_sels.get(w).is_some_and(|l| l.binary_search(&id).is_ok()))
             }
         }
     }
@@ -73,9 +70,9 @@ impl Engine {
         let Peer::Workload(w) = dst else { return false };
         let Some(defined) = self.workload_ports.get(w) else { return false };
         ports.named.iter().any(|&(want, name)| {
-            defined.iter().any(|&(n, p, proto)| {
-                n == name && p == port && proto == protocol && want.is_none_or(|w| w == proto)
-            })
+            defined
+                .iter()
+                .any(|&(n, p, proto)| n == name && p == port && proto == protocol && want.is_none_or(|w| w == proto))
         })
     }
 
@@ -107,9 +104,9 @@ impl Engine {
         let Peer::Workload(w) = subject else { return done(true, Decider::External, None) };
         let Some(t) = self.tables(direction, w) else { return done(true, Decider::External, None) };
         let first_match = |list: &[u32]| {
-            list.iter().filter_map(|&i| self.rule(i)).find(|r| {
-                self.rule_peer_matches(r, other) && self.ports_contain(&r.ports, dst, protocol, port)
-            })
+            list.iter()
+                .filter_map(|&i| self.rule(i))
+                .find(|r| self.rule_peer_matches(r, other) && self.ports_contain(&r.ports, dst, protocol, port))
         };
         let mut passed_by = None;
         if let Some(r) = first_match(&t.admin) {
@@ -185,23 +182,4 @@ impl Engine {
         }
         allowed.union(&all.subtract(&denied).subtract(&base_denied))
     }
-}
-
-/// Every `(protocol, port)` boundary of a connection set, for tests that compare the per-port
-/// and the set evaluation at the edges of every range.
-#[cfg(test)]
-pub(super) fn probe_ports(sets: &[&ConnSet]) -> Vec<(Protocol, u16)> {
-    let mut out = Vec::new();
-    for p in Protocol::ALL {
-        let mut ports = vec![1u16, 65535];
-        for s in sets {
-            for &(lo, hi) in s.ports(p).ranges() {
-                ports.extend([lo, hi, lo.saturating_sub(1).max(1), hi.saturating_add(1)]);
-            }
-        }
-        ports.sort_unstable();
-        ports.dedup();
-        out.extend(ports.into_iter().map(|port| (p, port)));
-    }
-    out
 }

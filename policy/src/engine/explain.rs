@@ -36,7 +36,12 @@ impl Engine {
             RuleRef::Admin { policy, direction, rule } => match self.policies.admin.get(policy as usize) {
                 Some(p) => {
                     let name = p.rules(direction).get(rule as usize).map(|r| r.name.as_str()).unwrap_or_default();
-                    format!("AdminNetworkPolicy {} (priority {}) spec.{}[{rule}] {name:?}", p.name, p.priority, direction.field())
+                    format!(
+                        "AdminNetworkPolicy {} (priority {}) spec.{}[{rule}] {name:?}",
+                        p.name,
+                        p.priority,
+                        direction.field()
+                    )
                 }
                 None => "AdminNetworkPolicy (unknown)".to_owned(),
             },
@@ -106,12 +111,7 @@ impl Engine {
             Verdict::Allow => "ALLOW",
             Verdict::Deny => "DENY",
         };
-        let _ = writeln!(
-            text,
-            "{verdict}: {} => {} : {protocol} {port}",
-            self.peer_name(src),
-            self.peer_name(dst)
-        );
+        let _ = writeln!(text, "{verdict}: {} => {} : {protocol} {port}", self.peer_name(src), self.peer_name(dst));
         for (d, subject, other) in [(&decision.egress, src, dst), (&decision.ingress, dst, src)] {
             let _ = writeln!(
                 text,
@@ -137,9 +137,10 @@ impl Engine {
         } else if matches!(d.decider, Decider::Rule(RuleRef::Admin { .. })) {
             // Reported below as the decider.
         } else if admin_count == 0 {
-            let _ = writeln!(text, "    1. admin tier: no AdminNetworkPolicy selects it");
+            let _ = writeln!(text, "    1. admin tier: no admin rule applies to its {}", d.direction.field());
         } else {
-            let _ = writeln!(text, "    1. admin tier: {admin_count} admin rule(s) apply to it; none matches this flow");
+            let _ =
+                writeln!(text, "    1. admin tier: {admin_count} admin rule(s) apply to it; none matches this flow");
         }
         match d.decider {
             Decider::External => {}
@@ -155,7 +156,12 @@ impl Engine {
                     d.direction.as_str(),
                     selecting.join(", ")
                 );
-                let _ = writeln!(text, "       {} allows it{}", self.rule_name(r), self.rule_summary(policy, direction, rule));
+                let _ = writeln!(
+                    text,
+                    "       {} allows it{}",
+                    self.rule_name(r),
+                    self.rule_summary(policy, direction, rule)
+                );
             }
             Decider::Isolated { .. } => {
                 let selecting = self.isolating(d.direction, w);

@@ -53,7 +53,9 @@ fn no_policy_allows_everything() {
 
 #[test]
 fn selected_pod_is_isolated_for_that_direction_only() {
-    let e = with("kind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {matchLabels: {app: db}}}");
+    let e = with(
+        "kind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {matchLabels: {app: db}}}",
+    );
     let (web, db) = (w(&e, "shop", "web"), w(&e, "shop", "db"));
     check(&e, web, db, Protocol::Tcp, 5432, false);
     check(&e, db, web, Protocol::Tcp, 8080, true); // egress of db not in effect
@@ -144,8 +146,10 @@ spec:
     check(&e, web, ip("11.0.0.1"), Protocol::Tcp, 5432, false);
     check(&e, web, w(&e, "shop", "db"), Protocol::Tcp, 5432, true);
     check(&e, web, w(&e, "ops", "mon"), Protocol::Tcp, 5432, false);
-    // IP sources are never selected: their side is open.
-    check(&e, ip("10.2.3.4"), web, Protocol::Tcp, 1, true);
+    // IP sources are never selected: their side is open; db is not selected by any policy.
+    check(&e, ip("10.2.3.4"), w(&e, "shop", "db"), Protocol::Tcp, 1, true);
+    // Without policyTypes, Ingress is always in effect: web is isolated for ingress too.
+    check(&e, ip("10.2.3.4"), web, Protocol::Tcp, 1, false);
 }
 
 #[test]

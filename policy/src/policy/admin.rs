@@ -211,8 +211,12 @@ pub fn parse_admin(value: Value, origin: &Origin, warnings: &mut Vec<Warning>) -
     let raw: RawAdmin = decode(value, origin)?;
     let priority = match raw.spec.priority {
         Some(p) if (0..=MAX_PRIORITY).contains(&p) => p as u32,
-        Some(p) => return Err(origin.invalid("spec.priority", format!("{p} is out of range: expected 0 to {MAX_PRIORITY}"))),
-        None => return Err(origin.invalid("spec.priority", format!("missing: expected a number from 0 to {MAX_PRIORITY}"))),
+        Some(p) => {
+            return Err(origin.invalid("spec.priority", format!("{p} is out of range: expected 0 to {MAX_PRIORITY}")));
+        }
+        None => {
+            return Err(origin.invalid("spec.priority", format!("missing: expected a number from 0 to {MAX_PRIORITY}")));
+        }
     };
     let (subject, ingress, egress) = common(&raw.spec, origin, true, warnings)?;
     Ok(AdminPolicy { name: raw.metadata.name, file: origin.file.clone(), priority, subject, ingress, egress })
@@ -224,7 +228,10 @@ pub fn parse_baseline(value: Value, origin: &Origin, warnings: &mut Vec<Warning>
     if raw.metadata.name != "default" {
         return Err(origin.invalid(
             "metadata.name",
-            format!("{:?}: the BaselineAdminNetworkPolicy is a singleton and must be named \"default\"", raw.metadata.name),
+            format!(
+                "{:?}: the BaselineAdminNetworkPolicy is a singleton and must be named \"default\"",
+                raw.metadata.name
+            ),
         ));
     }
     let (subject, ingress, egress) = common(&raw.spec, origin, false, warnings)?;
@@ -232,6 +239,9 @@ pub fn parse_baseline(value: Value, origin: &Origin, warnings: &mut Vec<Warning>
 }
 
 type Parts = (Subject, Vec<AdminRule>, Vec<AdminRule>);
+
+/// Validates an optional selector at a field path.
+type SelFn<'a> = dyn Fn(Option<&RawSelector>, &str) -> Result<Selector, LoadError> + 'a;
 
 fn common(spec: &RawSpec, origin: &Origin, admin: bool, warnings: &mut Vec<Warning>) -> Result<Parts, LoadError> {
     let sel = |raw: Option<&RawSelector>, field: &str| -> Result<Selector, LoadError> {
@@ -269,7 +279,7 @@ fn rule(
     direction: Direction,
     admin: bool,
     warnings: &mut Vec<Warning>,
-    sel: &dyn Fn(Option<&RawSelector>, &str) -> Result<Selector, LoadError>,
+    sel: &SelFn<'_>,
 ) -> Result<AdminRule, LoadError> {
     let action = match (r.action.as_str(), admin) {
         ("Allow", _) => AdminAction::Allow,
@@ -279,10 +289,8 @@ fn rule(
             return Err(origin.invalid(format!("{field}.action"), format!("{other:?}: expected Allow, Deny or Pass")));
         }
         (other, false) => {
-            return Err(origin.invalid(
-                format!("{field}.action"),
-                format!("{other:?}: a baseline rule's action is Allow or Deny"),
-            ));
+            return Err(origin
+                .invalid(format!("{field}.action"), format!("{other:?}: a baseline rule's action is Allow or Deny")));
         }
     };
     let (peers_field, raw_peers, other) = match direction {
@@ -331,10 +339,10 @@ fn rule(
             }
             AdminPeer::Networks(IpPeer { set, text: text.join(", ") })
         } else {
-            warnings.push(origin.warning(
-                format!("{pf}.nodes"),
-                "nodes peers match nothing: keyway does not track node addresses",
-            ));
+            warnings.push(
+                origin
+                    .warning(format!("{pf}.nodes"), "nodes peers match nothing: keyway does not track node addresses"),
+            );
             AdminPeer::Nodes
         };
         peers.push(peer);
@@ -372,7 +380,10 @@ fn port(p: &RawPort, origin: &Origin, field: &str) -> Result<PortSpec, LoadError
         match s.as_deref() {
             None => Ok(Protocol::Tcp),
             Some(s) => Protocol::parse(s).ok_or_else(|| {
-                origin.invalid(format!("{field}.{f}.protocol"), format!("unknown protocol {s:?}; expected TCP, UDP or SCTP"))
+                origin.invalid(
+                    format!("{field}.{f}.protocol"),
+                    format!("unknown protocol {s:?}; expected TCP, UDP or SCTP"),
+                )
             }),
         }
     };
@@ -438,12 +449,36 @@ mod tests {
             (r#"{"subject":{"namespaces":{}}}"#, "spec.priority", "missing"),
             (r#"{"priority":1}"#, "spec.subject", "missing"),
             (r#"{"priority":1,"subject":{"namespaces":{},"pods":{}}}"#, "spec.subject", "exactly one"),
-            (r#"{"priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Drop","from":[{"namespaces":{}}]}]}"#, "spec.ingress[0].action", "expected Allow"),
-            (r#"{"priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Allow"}]}"#, "spec.ingress[0].from", "at least one peer"),
-            (r#"{"priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Allow","from":[{"networks":["1.0.0.0/8"]}]}]}"#, "spec.ingress[0].from[0]", "egress rules only"),
-            (r#"{"priority":1,"subject":{"namespaces":{}},"egress":[{"action":"Allow","to":[{"networks":["1.0.0.0/88"]}]}]}"#, "spec.egress[0].to[0].networks[0]", "prefix length"),
-            (r#"{"priority":1,"subject":{"namespaces":{}},"egress":[{"action":"Allow","to":[{"namespaces":{}}],"ports":[{"portRange":{"start":9,"end":8}}]}]}"#, "spec.egress[0].ports[0].portRange", "empty range"),
-            (r#"{"priority":1,"subject":{"namespaces":{}},"egress":[{"action":"Allow","to":[{"namespaces":{}}],"ports":[{}]}]}"#, "spec.egress[0].ports[0]", "exactly one"),
+            (
+                r#"{"priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Drop","from":[{"namespaces":{}}]}]}"#,
+                "spec.ingress[0].action",
+                "expected Allow",
+            ),
+            (
+                r#"{"priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Allow"}]}"#,
+                "spec.ingress[0].from",
+                "at least one peer",
+            ),
+            (
+                r#"{"priority":1,"subject":{"namespaces":{}},"ingress":[{"action":"Allow","from":[{"networks":["1.0.0.0/8"]}]}]}"#,
+                "spec.ingress[0].from[0]",
+                "egress rules only",
+            ),
+            (
+                r#"{"priority":1,"subject":{"namespaces":{}},"egress":[{"action":"Allow","to":[{"networks":["1.0.0.0/88"]}]}]}"#,
+                "spec.egress[0].to[0].networks[0]",
+                "prefix length",
+            ),
+            (
+                r#"{"priority":1,"subject":{"namespaces":{}},"egress":[{"action":"Allow","to":[{"namespaces":{}}],"ports":[{"portRange":{"start":9,"end":8}}]}]}"#,
+                "spec.egress[0].ports[0].portRange",
+                "empty range",
+            ),
+            (
+                r#"{"priority":1,"subject":{"namespaces":{}},"egress":[{"action":"Allow","to":[{"namespaces":{}}],"ports":[{}]}]}"#,
+                "spec.egress[0].ports[0]",
+                "exactly one",
+            ),
         ];
         for (spec, field, what) in cases {
             let err = anp(spec).unwrap_err().to_string();

@@ -304,7 +304,9 @@ mod tests {
     use super::*;
 
     fn np(spec: &str) -> Result<NetworkPolicy, LoadError> {
-        let text = format!("{{\"kind\":\"NetworkPolicy\",\"metadata\":{{\"name\":\"p\",\"namespace\":\"ns\"}},\"spec\":{spec}}}");
+        let text = format!(
+            "{{\"kind\":\"NetworkPolicy\",\"metadata\":{{\"name\":\"p\",\"namespace\":\"ns\"}},\"spec\":{spec}}}"
+        );
         let v: Value = serde_json::from_str(&text).unwrap();
         let origin = Origin::object("np.yaml", "NetworkPolicy", Some("ns"), "p");
         parse(v, &origin, "ns", &mut Vec::new())
@@ -332,7 +334,9 @@ mod tests {
         let r = &p.ingress_rules[0];
         let peers = r.peers.as_ref().unwrap();
         assert!(matches!(&peers[0], Peer::Pods(PodPeer { namespaces: NamespaceMatch::Named(n), .. }) if n == "ns"));
-        assert!(matches!(&peers[1], Peer::Pods(PodPeer { namespaces: NamespaceMatch::Selected(_), pods }) if pods.is_everything()));
+        assert!(
+            matches!(&peers[1], Peer::Pods(PodPeer { namespaces: NamespaceMatch::Selected(_), pods }) if pods.is_everything())
+        );
         assert!(matches!(&peers[3], Peer::Ip(ip) if ip.text == "10.0.0.0/8 except 10.1.0.0/16"));
         assert_eq!(
             r.ports,
@@ -350,15 +354,35 @@ mod tests {
     #[test]
     fn rejected_inputs_name_the_field() {
         let cases = [
-            (r#"{"ingress":[{"from":[{"ipBlock":{"cidr":"10.0.0.0/8"},"podSelector":{}}]}]}"#, "spec.ingress[0].from[0]", "must not also have"),
+            (
+                r#"{"ingress":[{"from":[{"ipBlock":{"cidr":"10.0.0.0/8"},"podSelector":{}}]}]}"#,
+                "spec.ingress[0].from[0]",
+                "must not also have",
+            ),
             (r#"{"ingress":[{"from":[{}]}]}"#, "spec.ingress[0].from[0]", "empty peer"),
-            (r#"{"egress":[{"to":[{"ipBlock":{"cidr":"10.0.0.300/8"}}]}]}"#, "spec.egress[0].to[0].ipBlock.cidr", "not an IP address"),
-            (r#"{"egress":[{"to":[{"ipBlock":{"cidr":"10.0.0.0/8","except":["11.0.0.0/16"]}}]}]}"#, "spec.egress[0].to[0].ipBlock.except[0]", "strictly within"),
-            (r#"{"ingress":[{"ports":[{"port":"http","endPort":90}]}]}"#, "spec.ingress[0].ports[0].endPort", "named port"),
+            (
+                r#"{"egress":[{"to":[{"ipBlock":{"cidr":"10.0.0.300/8"}}]}]}"#,
+                "spec.egress[0].to[0].ipBlock.cidr",
+                "not an IP address",
+            ),
+            (
+                r#"{"egress":[{"to":[{"ipBlock":{"cidr":"10.0.0.0/8","except":["11.0.0.0/16"]}}]}]}"#,
+                "spec.egress[0].to[0].ipBlock.except[0]",
+                "strictly within",
+            ),
+            (
+                r#"{"ingress":[{"ports":[{"port":"http","endPort":90}]}]}"#,
+                "spec.ingress[0].ports[0].endPort",
+                "named port",
+            ),
             (r#"{"ingress":[{"ports":[{"port":90,"endPort":80}]}]}"#, "spec.ingress[0].ports[0].endPort", "less than"),
             (r#"{"ingress":[{"ports":[{"endPort":80}]}]}"#, "spec.ingress[0].ports[0].endPort", "requires port"),
             (r#"{"ingress":[{"ports":[{"port":0}]}]}"#, "spec.ingress[0].ports[0].port", "not a port"),
-            (r#"{"ingress":[{"ports":[{"port":80,"protocol":"ICMP"}]}]}"#, "spec.ingress[0].ports[0].protocol", "unknown protocol"),
+            (
+                r#"{"ingress":[{"ports":[{"port":80,"protocol":"ICMP"}]}]}"#,
+                "spec.ingress[0].ports[0].protocol",
+                "unknown protocol",
+            ),
             (r#"{"ingress":[{"ports":[{"port":"Not_A_Name"}]}]}"#, "spec.ingress[0].ports[0].port", "port name"),
             (r#"{"podSelector":{"matchLabels":{"app":"-x"}}}"#, "spec.podSelector.matchLabels.app", "label value"),
             (r#"{"policyTypes":["Sideways"]}"#, "spec.policyTypes[0]", "unknown policy type"),

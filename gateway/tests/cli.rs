@@ -1,0 +1,166 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test harness
+//! `keyway policy` as a user runs it: real process, real files, exit codes and streams.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn keyway(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyway")).args(args).output().expect("run keyway")
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn tmpdir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keyway-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, t) in files {
+        std::fs::write(dir.join(f), t).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn connlist_txt_is_byte_for_byte_upstreams() {
+    let scenario = root().join("../shared/conformance/netpol-analyzer/new_online_boutique");
+    let out = keyway(&["policy", "connlist", "--dir", scenario.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected = std::fs::read_to_string(scenario.join("expected_connlist.txt")).unwrap();
+    assert_eq!(text(&out.stdout), expected);
+}
+
+#[test]
+fn connlist_other_formats() {
+    let dir = root().join("samples/shop");
+    let dir = dir.to_str().unwrap();
+    let json = keyway(&["policy", "connlist", "--dir", dir, "--output", "json"]);
+    assert!(json.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let lines = v.as_array().unwrap();
+    assert!(lines.iter().any(|l| l["src"] == "shop/cart[Deployment]"
+        && l["dst"] == "data/redis[Deployment]"
+        && l["conn"] == "TCP 6379"));
+    let md = text(&keyway(&["policy", "connlist", "--dir", dir, "-o", "md"]).stdout);
+    assert!(md.starts_with("| src | dst | conn |\n"));
+    assert_eq!(md.lines().count(), lines.len() + 2);
+    let csv = text(&keyway(&["policy", "connlist", "--dir", dir, "-o", "csv"]).stdout);
+    assert!(csv.contains("shop/cart[Deployment],data/redis[Deployment],\"TCP 6379\"\n"));
+    let dot = text(&keyway(&["policy", "connlist", "--dir", dir, "-o", "dot"]).stdout);
+    assert!(dot.starts_with("digraph {") && dot.contains("\"shop/cart[Deployment]\" -> \"data/redis[Deployment]\""));
+}
+
+#[test]
+fn explain_names_the_deciding_rules() {
+    let dir = root().join("samples/shop");
+    let dir = dir.to_str().unwrap();
+    let out =
+        keyway(&["policy", "explain", "--dir", dir, "--src", "shop/cart", "--dst", "data/redis", "--port", "6379"]);
+    let s = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(s.starts_with("ALLOW: shop/cart[Deployment] => data/redis[Deployment] : TCP 6379\n"), "{s}");
+    assert!(s.contains("decided by: NetworkPolicy shop/cart-egress rule 0: Allow"), "{s}");
+    assert!(
+        s.contains("decided by: ANP protect-data rule 0: Pass → NetworkPolicy data/redis-ingress rule 0: Allow"),
+        "{s}"
+    );
+
+    let out = keyway(&[
+        "policy",
+        "explain",
+        "--dir",
+        dir,
+        "--src",
+        "payments/payment-api",
+        "--dst",
+        "data/postgres",
+        "--port",
+        "5432/tcp",
+    ]);
+    let s = text(&out.stdout);
+    assert!(s.starts_with("DENY: "), "{s}");
+    assert!(s.contains("decided by: NetworkPolicy payments/payment-api: isolated, no rule allows: Deny"), "{s}");
+
+    let out = keyway(&[
+        "policy",
+        "explain",
+        "--dir",
+        dir,
+        "--src",
+        "203.0.113.7",
+        "--dst",
+        "shop/frontend[Deployment]",
+        "--port",
+        "8080",
+    ]);
+    let s = text(&out.stdout);
+    assert!(s.starts_with("ALLOW: 203.0.113.7 => shop/frontend[Deployment] : TCP 8080"), "{s}");
+    assert!(s.contains("outside the inventory"), "{s}");
+
+    // An overlay address stands for its workload.
+    let out =
+        keyway(&["policy", "explain", "--dir", dir, "--src", "10.128.1.11", "--dst", "10.128.3.11", "--port", "6379"]);
+    assert!(text(&out.stdout).starts_with("ALLOW: shop/cart[Deployment] => data/redis[Deployment]"));
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_exit_2() {
+    let missing = keyway(&["policy", "connlist", "--dir", "/no/such/dir"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert_eq!(text(&missing.stderr).lines().count(), 1);
+    assert!(text(&missing.stderr).contains("/no/such/dir: not a directory of manifests"));
+
+    let dir = tmpdir("notyaml", &[("junk.yaml", "this: is: not: yaml\n")]);
+    let out = keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("junk.yaml: document 1: not valid YAML"), "{err}");
+
+    let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/40}}]}]\n";
+    let dir = tmpdir("badpolicy", &[("np.yaml", bad)]);
+    let out = keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("np.yaml: NetworkPolicy a/p: spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.0/40\" is not a CIDR"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let dup =
+        "kind: NetworkPolicy\nmetadata: {name: p}\nspec: {}\n---\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {}\n";
+    let dir = tmpdir("dup", &[("np.yaml", dup)]);
+    let err = text(&keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]).stderr);
+    assert!(err.contains("NetworkPolicy default/p: defined twice"), "{err}");
+
+    let shop = root().join("samples/shop");
+    let shop = shop.to_str().unwrap();
+    let out = keyway(&["policy", "explain", "--dir", shop, "--src", "shop/nope", "--dst", "data/redis", "--port", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--src shop/nope: no such workload (workloads in shop: shop/cart[Deployment]"));
+    let out =
+        keyway(&["policy", "explain", "--dir", shop, "--src", "shop/cart", "--dst", "data/redis", "--port", "70000"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--port 70000: \"70000\" is not a port number"));
+    let out =
+        keyway(&["policy", "explain", "--dir", shop, "--src", "shop/cart", "--dst", "data/redis", "--port", "53/ICMP"]);
+    assert!(text(&out.stderr).contains("unknown protocol \"ICMP\""));
+}
+
+#[test]
+fn warnings_go_to_stderr_and_do_not_fail() {
+    let files = [(
+        "a.yaml",
+        "kind: Pod\nmetadata: {name: a}\n---\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: web}]}]\n",
+    )];
+    let dir = tmpdir("warn", &files);
+    let out = keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.starts_with("warning: ") && err.contains("named port \"web\""), "{err}");
+}
