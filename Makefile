@@ -20,15 +20,16 @@ check: setup ## fmt, clippy for the host and for keyway-policy on wasm32-wasip1,
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
 
-test: setup ## every test layer: unit, property, conformance, command line; keyway-policy for wasm
+test: setup wasm ## every test layer: unit, property, conformance, command line, the filter in real Envoy; keyway-policy for wasm
 	$(CARGO) build -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked
-	$(CARGO) test --workspace --locked
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
 
 conformance: setup ## only the golden-data conformance suites, with the pass counts
 	$(CARGO) test -p keyway-policy --test conformance --locked -- --nocapture
 
-wasm: setup ## the proxy-wasm filter module (lands with the filter issue)
-	@echo "make wasm: keyway-filter is not written yet (issue #3); nothing to build" >&2; exit 1
+wasm: setup ## the proxy-wasm filter module: target/wasm32-wasip1/wasm-release/keyway_filter.wasm
+	$(CARGO) build -p keyway-filter --target $(WASM_TARGET) --profile wasm-release --locked
+	@stat -c '%n: %s bytes' target/$(WASM_TARGET)/wasm-release/keyway_filter.wasm
 
 e2e: ## end-to-end tests in network namespaces (lands with the end-to-end issue)
 	@echo "make e2e: the end-to-end harness is not written yet (issue #8); nothing to run" >&2; exit 1

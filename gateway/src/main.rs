@@ -1,10 +1,9 @@
-//! `keyway`: the command line of keyway (policy tools now; the gateway joins it later).
-
-mod policy_cmd;
+//! `keyway`: the command line of keyway. Thin: parsing here, work in the library.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keyway_gateway::cli::{ca_cmd, gateway_cmd, keys_cmd, policy_cmd};
 
 /// Keyway: Layer-3 network-policy enforcement for Istio service meshes, on any CNI.
 ///
@@ -22,6 +21,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one gateway (policy enforcement point) of one zone.
+    Gateway(gateway_cmd::GatewayArgs),
+    /// The overlay certificate authority and gateway certificates.
+    #[command(subcommand)]
+    Ca(ca_cmd::CaCommand),
+    /// Epoch secrets and workload keys.
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCommand),
     /// Inspect policies: the connectivity a manifest directory allows, and why one flow is
     /// allowed or denied.
     #[command(subcommand)]
@@ -31,6 +38,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Gateway(args) => gateway_cmd::run(args),
+        Command::Ca(cmd) => ca_cmd::run(cmd),
+        Command::Keys(cmd) => keys_cmd::run(cmd),
         Command::Policy(cmd) => policy_cmd::run(cmd),
     }
 }

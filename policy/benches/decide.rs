@@ -239,6 +239,7 @@ pub(crate) mod cluster {
                 service_account: name,
                 zone: Some(zone.to_owned()),
                 overlay_ips: vec![IpAddr::V4(Ipv4Addr::from(overlay))],
+                sidecar_ips: Vec::new(),
                 file: format!("cluster/{ns}.yaml"),
                 label_variants: Vec::new(),
             }

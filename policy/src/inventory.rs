@@ -11,6 +11,10 @@ use crate::selector::Labels;
 pub const ZONE_ANNOTATION: &str = "keyway.io/zone";
 /// Annotation listing a workload's overlay addresses, comma-separated (`10.10.1.5,fd00::5`).
 pub const OVERLAY_IPS_ANNOTATION: &str = "keyway.io/overlay-ips";
+/// Annotation listing the addresses a workload's sidecars use on the underlay (pod IPs),
+/// comma-separated: where the gateway delivers to them, and the only addresses their tunnel
+/// connections to the gateway and their key requests are accepted from.
+pub const SIDECAR_IPS_ANNOTATION: &str = "keyway.io/sidecar-ips";
 /// Namespace label that keyway sets from a namespace's `keyway.io/zone` annotation, so that a
 /// policy can select peers by zone.
 pub const ZONE_LABEL: &str = "keyway.io/zone";
@@ -57,6 +61,8 @@ pub struct Workload {
     pub zone: Option<String>,
     /// Overlay addresses (`keyway.io/overlay-ips`) of all its pods.
     pub overlay_ips: Vec<IpAddr>,
+    /// Underlay addresses of its sidecars (`keyway.io/sidecar-ips`), if known.
+    pub sidecar_ips: Vec<IpAddr>,
     /// The file it was defined in.
     pub file: String,
     /// Label sets of its pods that differ from `labels` (with the pod's name), kept so that
@@ -86,6 +92,23 @@ impl Workload {
     }
 }
 
+/// A Service with an overlay address (`keyway.io/overlay-ips` on the Service): connections to
+/// that address go to one of the workloads its selector picks, preferring the nearest zone that
+/// is reachable (locality failover). Services without the annotation are ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its overlay addresses.
+    pub overlay_ips: Vec<IpAddr>,
+    /// `spec.selector` (equality on labels, in its namespace).
+    pub selector: Labels,
+    /// The file it was defined in.
+    pub file: String,
+}
+
 /// Namespaces and workloads, in a stable order (workloads sorted by display name).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inventory {
@@ -93,9 +116,31 @@ pub struct Inventory {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Workloads, sorted by [`Workload::display_name`].
     pub workloads: Vec<Workload>,
+    /// Services with overlay addresses.
+    pub services: Vec<Service>,
 }
 
 impl Inventory {
+    /// The service whose overlay address is `ip`.
+    pub fn service_for(&self, ip: IpAddr) -> Option<&Service> {
+        let ip = ip.to_canonical();
+        self.services.iter().find(|s| s.overlay_ips.iter().any(|a| a.to_canonical() == ip))
+    }
+
+    /// The workloads a service selects (indices into `workloads`).
+    pub fn endpoints(&self, s: &Service) -> Vec<usize> {
+        self.workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| {
+                w.namespace == s.namespace
+                    && !s.selector.is_empty()
+                    && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// The workload `namespace/name` (any kind; the first in order when names repeat across
     /// kinds).
     pub fn find(&self, namespace: &str, name: &str) -> Option<usize> {

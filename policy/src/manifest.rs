@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use crate::error::{LoadError, Origin, Warning};
 use crate::inventory::{
-    ContainerPort, Inventory, NAMESPACE_NAME_LABEL, Namespace, OVERLAY_IPS_ANNOTATION, Workload, ZONE_ANNOTATION,
-    ZONE_LABEL,
+    ContainerPort, Inventory, NAMESPACE_NAME_LABEL, Namespace, OVERLAY_IPS_ANNOTATION, SIDECAR_IPS_ANNOTATION, Service,
+    Workload, ZONE_ANNOTATION, ZONE_LABEL,
 };
 use crate::policy::{self, PolicySet};
 use crate::ports::Protocol;
@@ -210,6 +210,19 @@ struct RawWorkloadObject {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
+struct RawService {
+    metadata: RawMeta,
+    spec: RawServiceSpec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawServiceSpec {
+    selector: Option<Labels>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct RawNamespace {
     metadata: RawMeta,
 }
@@ -243,6 +256,7 @@ pub fn load(files: &[SourceFile]) -> Result<Manifests, LoadError> {
     let mut namespaces: BTreeMap<String, (Namespace, String)> = BTreeMap::new();
     let mut workloads: BTreeMap<(String, String, String), Workload> = BTreeMap::new();
     let mut policies = PolicySet::default();
+    let mut services = Vec::new();
 
     for obj in objects(files)? {
         let kind = obj.value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -305,6 +319,28 @@ pub fn load(files: &[SourceFile]) -> Result<Manifests, LoadError> {
                 let pod_name = format!("{}/{} (template)", k, raw.metadata.name);
                 merge(&mut workloads, w, &pod_name);
             }
+            "Service" if obj.value.pointer("/metadata/annotations/keyway.io~1overlay-ips").is_some() => {
+                let raw: RawService = decode(obj.value, &origin)?;
+                let ips = raw.metadata.annotations.as_ref().and_then(|a| a.get(OVERLAY_IPS_ANNOTATION));
+                if let Some(list) = ips {
+                    let mut overlay_ips = Vec::new();
+                    for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        overlay_ips.push(part.parse::<IpAddr>().map_err(|_| {
+                            origin.invalid(
+                                format!("metadata.annotations.{OVERLAY_IPS_ANNOTATION}"),
+                                format!("{part:?} is not an IP address"),
+                            )
+                        })?);
+                    }
+                    services.push(Service {
+                        namespace: ns_name.clone(),
+                        name: raw.metadata.name,
+                        overlay_ips,
+                        selector: raw.spec.selector.unwrap_or_default(),
+                        file: obj.file,
+                    });
+                }
+            }
             "NetworkPolicy" => {
                 let np = policy::netpol::parse(obj.value, &origin, &ns_name, &mut warnings)?;
                 policies.add_network(np, &origin)?;
@@ -336,7 +372,8 @@ pub fn load(files: &[SourceFile]) -> Result<Manifests, LoadError> {
 
     let mut workloads: Vec<Workload> = workloads.into_values().collect();
     workloads.sort_by_cached_key(Workload::display_name);
-    let inventory = Inventory { namespaces: namespaces.into_iter().map(|(k, (n, _))| (k, n)).collect(), workloads };
+    let inventory =
+        Inventory { namespaces: namespaces.into_iter().map(|(k, (n, _))| (k, n)).collect(), workloads, services };
     Ok(Manifests { inventory, policies, warnings })
 }
 
@@ -352,6 +389,11 @@ fn merge(map: &mut BTreeMap<(String, String, String), Workload>, w: Workload, po
             for ip in w.overlay_ips {
                 if !existing.overlay_ips.contains(&ip) {
                     existing.overlay_ips.push(ip);
+                }
+            }
+            for ip in w.sidecar_ips {
+                if !existing.sidecar_ips.contains(&ip) {
+                    existing.sidecar_ips.push(ip);
                 }
             }
             if existing.zone.is_none() {
@@ -402,18 +444,25 @@ fn workload_from(
             .or_else(|| object_meta.annotations.as_ref().and_then(|a| a.get(key)))
             .cloned()
     };
-    let mut overlay_ips = Vec::new();
-    if let Some(list) = annotation(OVERLAY_IPS_ANNOTATION) {
-        for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let ip: IpAddr = part.parse().map_err(|_| {
-                origin.invalid(
-                    format!("metadata.annotations.{OVERLAY_IPS_ANNOTATION}"),
-                    format!("{part:?} is not an IP address; expected a comma-separated list such as 10.10.1.5,fd00::5"),
-                )
-            })?;
-            overlay_ips.push(ip);
+    let ip_list = |key: &str| -> Result<Vec<IpAddr>, LoadError> {
+        let mut out = Vec::new();
+        if let Some(list) = annotation(key) {
+            for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let ip: IpAddr = part.parse().map_err(|_| {
+                    origin.invalid(
+                        format!("metadata.annotations.{key}"),
+                        format!(
+                            "{part:?} is not an IP address; expected a comma-separated list such as 10.10.1.5,fd00::5"
+                        ),
+                    )
+                })?;
+                out.push(ip);
+            }
         }
-    }
+        Ok(out)
+    };
+    let overlay_ips = ip_list(OVERLAY_IPS_ANNOTATION)?;
+    let sidecar_ips = ip_list(SIDECAR_IPS_ANNOTATION)?;
     let service_account = spec
         .service_account_name
         .clone()
@@ -429,6 +478,7 @@ fn workload_from(
         service_account,
         zone: annotation(ZONE_ANNOTATION),
         overlay_ips,
+        sidecar_ips,
         file: origin.file.clone(),
         label_variants: Vec::new(),
     })

@@ -14,7 +14,7 @@ use keyway_policy::{Engine, Protocol};
 const EXIT_BAD_INPUT: u8 = 2;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub(crate) enum Output {
+pub enum Output {
     /// `src => dst : conn` lines, byte for byte the format of np-guard's netpol-analyzer.
     Txt,
     /// A JSON array of {src, dst, conn}.
@@ -28,7 +28,7 @@ pub(crate) enum Output {
 }
 
 #[derive(Debug, Subcommand)]
-pub(crate) enum PolicyCommand {
+pub enum PolicyCommand {
     /// Print every allowed connection between the workloads of a manifest directory and the
     /// address ranges its policies name.
     ///
@@ -66,7 +66,7 @@ pub(crate) enum PolicyCommand {
     },
 }
 
-pub(crate) fn run(cmd: PolicyCommand) -> ExitCode {
+pub fn run(cmd: PolicyCommand) -> ExitCode {
     match execute(cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

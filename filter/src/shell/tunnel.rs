@@ -1,0 +1,60 @@
+//! The HTTP filter context of the keyway inbound CONNECT listener: a valid `x-keyway-ticket`
+//! lets the CONNECT continue to the `connect_config` route; anything else gets 403 with
+//! `x-keyway-deny-reason`.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, MapType};
+
+use super::{Shared, now_ms, tunnel_check};
+use crate::verdict::{self, Action as Verdict};
+
+/// The header the destination gateway puts the ticket in.
+pub(super) const TICKET_HEADER: &str = "x-keyway-ticket";
+/// The header naming the refusal reason on a 403.
+pub(super) const DENY_REASON_HEADER: &str = "x-keyway-deny-reason";
+/// Filter state with the verified source identity (for access logs).
+pub(super) const SOURCE_IDENTITY_PROPERTY: &str = "keyway_source_identity";
+
+pub(super) struct Tunnel {
+    pub(super) state: Shared,
+}
+
+impl Context for Tunnel {}
+
+impl HttpContext for Tunnel {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let header = |name| hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten();
+        let ticket = header(TICKET_HEADER);
+        let authority = header(":authority");
+        let now = now_ms();
+        let mut guard = self.state.borrow_mut();
+        let s = &mut *guard;
+        let Some(check) = tunnel_check(s) else { return deny("no-identity") };
+        let context = format!("CONNECT {authority:?}");
+        let action =
+            verdict::inbound_tunnel(&check, &s.keys, s.replay.as_mut(), ticket.as_deref(), authority.as_deref(), now);
+        match action {
+            Verdict::Allow(claims) => {
+                s.metrics.connection("allow");
+                let _ = hostcalls::set_property(vec![SOURCE_IDENTITY_PROPERTY], Some(claims.src_identity.as_bytes()));
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, TICKET_HEADER, None);
+                Action::Continue
+            }
+            Verdict::FailOpen(d) => {
+                s.metrics.refused(&d, true, &context);
+                Action::Continue
+            }
+            Verdict::Deny(d) => {
+                s.metrics.refused(&d, false, &context);
+                deny(d.reason)
+            }
+        }
+    }
+}
+
+fn deny(reason: &str) -> Action {
+    let body = format!("keyway: tunnel refused: {reason}\n");
+    let _ = hostcalls::send_http_response(403, vec![(DENY_REASON_HEADER, reason)], Some(body.as_bytes()));
+    Action::Pause
+}

@@ -1,0 +1,189 @@
+//! The admin face, on its own small runtime so a slow scrape never adds latency to flows:
+//! `/healthz`, `/readyz`, `/metrics`, `/config_dump`, `/peers` and the key service
+//! `/v1/keys?ip=<overlay address>`.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use keyway_policy::engine::Peer;
+
+use crate::app::Ctx;
+use crate::state::now_ms;
+
+/// The running admin server.
+#[derive(Debug)]
+pub struct AdminHandle {
+    /// Its address.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl AdminHandle {
+    /// Stops the admin server.
+    pub fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Binds the admin listener and serves it on a thread of its own.
+pub fn start(ctx: Arc<Ctx>) -> anyhow::Result<AdminHandle> {
+    let listener = std::net::TcpListener::bind(ctx.config.listen.admin)
+        .map_err(|e| anyhow::anyhow!("admin {}: cannot bind: {e}", ctx.config.listen.admin))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("keyway-admin".into()).spawn(move || {
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => {
+                        let Ok((tcp, peer)) = accepted else { continue };
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| {
+                                let ctx = ctx.clone();
+                                async move { Ok::<_, Infallible>(route(&ctx, peer, req)) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                        });
+                    }
+                }
+            }
+        });
+    })?;
+    Ok(AdminHandle { addr, stop: Some(stop) })
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_string_pretty(v).unwrap_or_default())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if ctx.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, ctx.metrics.render());
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r
+        }
+        "/config_dump" => config_dump(ctx),
+        "/peers" => json(StatusCode::OK, &serde_json::to_value(ctx.routing.view()).unwrap_or_default()),
+        "/v1/keys" => keys(ctx, peer, req.uri().query().unwrap_or_default()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz, /readyz, /metrics, /config_dump, /peers, /v1/keys?ip=ADDRESS\n",
+        ),
+    }
+}
+
+fn config_dump(ctx: &Ctx) -> Response<Full<Bytes>> {
+    let engine = ctx.state.engine();
+    let secrets = ctx.state.secrets();
+    let now = now_ms();
+    let epochs: Vec<serde_json::Value> = secrets
+        .valid_at(now)
+        .iter()
+        .map(|e| serde_json::json!({"epoch": e.epoch, "created_ms": e.created_ms, "not_after_ms": e.not_after_ms, "secret": "[redacted]"}))
+        .collect();
+    let p = engine.policies();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "config": &*ctx.config,
+            "identity": ctx.identity.spiffe_id(),
+            "epochs": epochs,
+            "inventory": {
+                "namespaces": engine.inventory().namespaces.len(),
+                "workloads": engine.inventory().workloads.len(),
+                "network_policies": p.network.len(),
+                "admin_network_policies": p.admin.len(),
+                "baseline_admin_network_policy": p.baseline.is_some(),
+                "warnings": engine.warnings().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            },
+        }),
+    )
+}
+
+fn keys(ctx: &Ctx, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
+    let outcome = |o: &str| ctx.metrics.key_requests.with_label_values(&[o]).inc();
+    let ip = query.split('&').find_map(|kv| kv.strip_prefix("ip=")).and_then(|v| v.parse::<IpAddr>().ok());
+    let Some(ip) = ip else {
+        outcome("bad-request");
+        return text(StatusCode::BAD_REQUEST, "expected ?ip=<the workload's overlay address>\n");
+    };
+    let engine = ctx.state.engine();
+    let Peer::Workload(w) = engine.peer_for(ip) else {
+        outcome("unknown-workload");
+        return text(StatusCode::NOT_FOUND, format!("{ip} is not the overlay address of any workload\n"));
+    };
+    let Some(workload) = engine.inventory().workloads.get(w) else {
+        outcome("unknown-workload");
+        return text(StatusCode::NOT_FOUND, "unknown workload\n");
+    };
+    if workload.zone.as_deref() != Some(ctx.config.zone.as_str()) {
+        outcome("other-zone");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("{} is not in zone {}; ask a gateway of its own zone\n", workload.display_name(), ctx.config.zone),
+        );
+    }
+    let from = peer.ip().to_canonical();
+    let own = workload.sidecar_ips.iter().chain(workload.overlay_ips.iter()).any(|a| a.to_canonical() == from);
+    if !own && !ctx.config.key_service.allow_any_source {
+        outcome("wrong-source");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("keys of {} are served only to its own addresses\n", workload.display_name()),
+        );
+    }
+    let identity = workload.identity(&ctx.config.trust_domain);
+    match crate::secrets::key_bundle(
+        &ctx.state.secrets(),
+        now_ms(),
+        &identity,
+        ip,
+        &ctx.config.zone,
+        ctx.config.key_service.refresh_ms,
+    ) {
+        Ok(bundle) => {
+            outcome("ok");
+            json(StatusCode::OK, &serde_json::to_value(bundle).unwrap_or_default())
+        }
+        Err(e) => {
+            outcome("error");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `keyway ca …`: the overlay certificate authority and gateway certificates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::ca::{self, CA_VALIDITY_DAYS, DEFAULT_TRUST_DOMAIN, GATEWAY_VALIDITY_DAYS};
+use crate::tls::server_name;
+
+/// Exit code for bad input or a failed operation.
+const EXIT_FAILURE: u8 = 2;
+
+/// `keyway ca` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum CaCommand {
+    /// Create the overlay CA in a directory (ca.pem, ca-key.pem).
+    ///
+    /// DIR/ca.pem is the CA certificate, which every gateway trusts; DIR/ca-key.pem (mode 0600) is
+    /// its key, needed only to issue gateway certificates. The CA is ECDSA P-256, valid 10 years,
+    /// and records its trust domain (as its URI SAN spiffe://<trust-domain>), so `keyway ca issue`
+    /// needs no --trust-domain. An existing CA is never replaced unless --force is given: replacing
+    /// it makes every certificate it issued untrusted.
+    ///
+    /// Example: keyway ca init --out ./ca --trust-domain cluster.local
+    Init {
+        /// The directory to create the CA in (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The SPIFFE trust domain of the overlay.
+        #[arg(long, value_name = "DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Replace an existing CA in DIR.
+        #[arg(long)]
+        force: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = CA_VALIDITY_DAYS)]
+        days: u32,
+    },
+    /// Issue the certificate and key of one gateway.
+    ///
+    /// Writes OUT/<zone>-<name>.pem and OUT/<zone>-<name>-key.pem (mode 0600). The certificate
+    /// (ECDSA P-256) names the gateway spiffe://<trust-domain>/zone/<zone>/gateway/<name> (URI SAN)
+    /// and <name>.<zone>.gateway.keyway (DNS SAN, the server name peers connect with), and serves
+    /// as both server and client certificate on the QUIC overlay. Issuing again replaces the files
+    /// (renewal). Zone and name are DNS labels: lower-case letters, digits and '-'.
+    ///
+    /// Example: keyway ca issue --ca ./ca --zone zone-a --name gw-1 --out ./certs
+    Issue {
+        /// The CA directory (ca.pem and ca-key.pem, from `keyway ca init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The gateway's zone.
+        #[arg(long, value_name = "ZONE")]
+        zone: String,
+        /// The gateway's name within its zone.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// The directory to write the certificate and key to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days (at most the CA's remaining validity).
+        #[arg(long, default_value_t = GATEWAY_VALIDITY_DAYS)]
+        days: u32,
+    },
+}
+
+/// Runs the command: what was written on stdout; an error as one line on stderr and exit code 2.
+pub fn run(cmd: CaCommand) -> ExitCode {
+    match execute(cmd) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keyway: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn execute(cmd: CaCommand) -> Result<String, ca::CaError> {
+    match cmd {
+        CaCommand::Init { out, trust_domain, force, days } => {
+            let files = ca::init_ca_with(&out, &trust_domain, days, force)?;
+            let loaded = ca::Ca::load(&out)?;
+            Ok(format!(
+                "created the overlay CA of trust domain {trust_domain}, valid until {}\n\
+                 {}\tthe CA certificate: give it to every gateway\n\
+                 {}\tthe CA key (mode 0600): keep it off the gateways; only `keyway ca issue` needs it\n",
+                ca::utc_date(loaded.not_after_unix()),
+                files.cert.display(),
+                files.key.display(),
+            ))
+        }
+        CaCommand::Issue { ca: ca_dir, zone, name, out, days } => {
+            let loaded = ca::Ca::load(&ca_dir)?;
+            let (paths, issued) = ca::issue_gateway_with(&loaded, &zone, &name, days, &out)?;
+            Ok(format!(
+                "issued {} ({}), valid until {}\n\
+                 {}\tthe gateway certificate\n\
+                 {}\tthe gateway key (mode 0600)\n",
+                issued.identity.spiffe_id(),
+                server_name(&issued.identity),
+                ca::utc_date(issued.not_after_unix),
+                paths.cert.display(),
+                paths.key.display(),
+            ))
+        }
+    }
+}

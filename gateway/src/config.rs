@@ -1,0 +1,393 @@
+//! The gateway's configuration: one YAML file, strict (`deny_unknown_fields`), defaults as named
+//! constants. A bad file is rejected whole with the path and the field at fault.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default tunnel port (HTTP/2 CONNECT from sidecars).
+pub const DEFAULT_TUNNEL_PORT: u16 = 15180;
+/// Default overlay port (QUIC between gateways).
+pub const DEFAULT_OVERLAY_PORT: u16 = 15443;
+/// Default admin port.
+pub const DEFAULT_ADMIN_PORT: u16 = 15190;
+/// Default port of the sidecars' keyway inbound CONNECT listener.
+pub const DEFAULT_SIDECAR_INBOUND_PORT: u16 = 15181;
+/// Default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Default token/ticket clock window (± ms).
+pub const DEFAULT_WINDOW_MS: u64 = 30_000;
+/// Default replay-cache capacity (nonces).
+pub const DEFAULT_REPLAY_CAPACITY: usize = 1_000_000;
+/// Default limit of concurrent flows.
+pub const DEFAULT_MAX_FLOWS: usize = 100_000;
+/// Default timeout to connect onwards (ms).
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Default QUIC keep-alive interval (ms).
+pub const DEFAULT_KEEPALIVE_MS: u64 = 500;
+/// Default QUIC idle timeout (ms): a peer silent this long is down.
+pub const DEFAULT_PEER_IDLE_TIMEOUT_MS: u64 = 2_000;
+/// Default interval between checks of the inventory and secrets for changes (ms).
+pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 1_000;
+/// Default drain deadline on SIGTERM (ms).
+pub const DEFAULT_DRAIN_MS: u64 = 10_000;
+/// Default key refresh interval suggested to filters (ms).
+pub const DEFAULT_KEY_REFRESH_MS: u64 = 10_000;
+
+/// Where the gateway listens.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Tunnel (TCP): HTTP/2 CONNECT from sidecars.
+    #[serde(default = "default_tunnel")]
+    pub tunnel: SocketAddr,
+    /// Overlay (UDP): QUIC from other gateways.
+    #[serde(default = "default_overlay")]
+    pub overlay: SocketAddr,
+    /// Admin (TCP): health, metrics, config dump, peers, key service.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+}
+
+fn default_tunnel() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_TUNNEL_PORT))
+}
+fn default_overlay() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_OVERLAY_PORT))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { tunnel: default_tunnel(), overlay: default_overlay(), admin: default_admin() }
+    }
+}
+
+/// TLS material of the overlay (PEM files).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The overlay CA certificate.
+    pub ca: PathBuf,
+    /// This gateway's certificate (from `keyway ca issue`).
+    pub cert: PathBuf,
+    /// This gateway's private key.
+    pub key: PathBuf,
+}
+
+/// A gateway replica of a zone.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayPeer {
+    /// Its name (as in its certificate).
+    pub name: String,
+    /// Its overlay address (UDP).
+    pub address: SocketAddr,
+}
+
+/// A zone of the overlay.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    /// Its name (`keyway.io/zone` of its workloads).
+    pub name: String,
+    /// Its gateway replicas.
+    pub gateways: Vec<GatewayPeer>,
+    /// Zones to fail over to, in order, when every gateway of this zone is gone (Istio's
+    /// locality failover). Used for services with endpoints in several zones.
+    #[serde(default)]
+    pub failover: Vec<String>,
+}
+
+/// Limits: every queue and table is bounded.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Concurrent flows through this gateway; more are refused with 503 (and counted).
+    #[serde(default = "default_max_flows")]
+    pub max_flows: usize,
+    /// Nonces remembered for replay detection; when full of unexpired nonces new tokens are refused.
+    #[serde(default = "default_replay")]
+    pub replay_cache: usize,
+    /// Timeout to connect onwards (peer stream, sidecar, external address), ms.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_max_flows() -> usize {
+    DEFAULT_MAX_FLOWS
+}
+fn default_replay() -> usize {
+    DEFAULT_REPLAY_CAPACITY
+}
+fn default_connect_timeout() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_flows: DEFAULT_MAX_FLOWS,
+            replay_cache: DEFAULT_REPLAY_CAPACITY,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// How to reach destination sidecars.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    /// The sidecars' keyway inbound CONNECT port.
+    #[serde(default = "default_sidecar_port")]
+    pub sidecar_port: u16,
+}
+
+fn default_sidecar_port() -> u16 {
+    DEFAULT_SIDECAR_INBOUND_PORT
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery { sidecar_port: DEFAULT_SIDECAR_INBOUND_PORT }
+    }
+}
+
+/// Who may fetch keys from the key service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyService {
+    /// Serve a workload's keys only to requests from its own addresses (overlay or sidecar).
+    /// `true` turns that check off: for tests and single-host trials only.
+    #[serde(default)]
+    pub allow_any_source: bool,
+    /// Refresh interval suggested to filters, ms.
+    #[serde(default = "default_key_refresh")]
+    pub refresh_ms: u64,
+}
+
+fn default_key_refresh() -> u64 {
+    DEFAULT_KEY_REFRESH_MS
+}
+
+/// The whole configuration of one gateway.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// SPIFFE trust domain of workload identities and gateway certificates.
+    #[serde(default = "default_td")]
+    pub trust_domain: String,
+    /// This gateway's zone.
+    pub zone: String,
+    /// This gateway's name (unique within the zone).
+    pub name: String,
+    /// Listening addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Overlay TLS files.
+    pub tls: TlsFiles,
+    /// The epoch secrets file (`keyway keys init`).
+    pub secrets: PathBuf,
+    /// The directory of manifests: inventory and policies.
+    pub inventory: PathBuf,
+    /// Every zone of the overlay with its gateways (this gateway's zone included).
+    pub zones: Vec<Zone>,
+    /// Token and ticket clock window, ± ms.
+    #[serde(default = "default_window")]
+    pub window_ms: u64,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Delivery to sidecars.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Key service.
+    #[serde(default)]
+    pub key_service: KeyService,
+    /// QUIC keep-alive interval, ms.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_ms: u64,
+    /// A peer gateway silent this long is down, ms.
+    #[serde(default = "default_idle")]
+    pub peer_idle_timeout_ms: u64,
+    /// How often the inventory directory and the secrets file are checked for changes, ms.
+    #[serde(default = "default_reload")]
+    pub reload_interval_ms: u64,
+    /// How long open flows may finish after SIGTERM, ms.
+    #[serde(default = "default_drain")]
+    pub drain_ms: u64,
+}
+
+fn default_td() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}
+fn default_window() -> u64 {
+    DEFAULT_WINDOW_MS
+}
+fn default_keepalive() -> u64 {
+    DEFAULT_KEEPALIVE_MS
+}
+fn default_idle() -> u64 {
+    DEFAULT_PEER_IDLE_TIMEOUT_MS
+}
+fn default_reload() -> u64 {
+    DEFAULT_RELOAD_INTERVAL_MS
+}
+fn default_drain() -> u64 {
+    DEFAULT_DRAIN_MS
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {reason}")]
+    Read {
+        /// Path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The YAML is malformed or a field is unknown or of the wrong type.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// Path.
+        path: String,
+        /// The parser's message (with line and column).
+        reason: String,
+    },
+    /// The values do not fit together.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// Path.
+        path: String,
+        /// The field.
+        field: String,
+        /// What is expected.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `path` is for messages. Relative paths in the
+    /// file stay as written.
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), reason: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            reason,
+        };
+        let Some(me) = self.zones.iter().find(|z| z.name == self.zone) else {
+            return Err(bad("zone", format!("{:?} is not one of `zones`", self.zone)));
+        };
+        if !me.gateways.iter().any(|g| g.name == self.name) {
+            return Err(bad("name", format!("{:?} is not a gateway of zone {:?} in `zones`", self.name, self.zone)));
+        }
+        for (i, z) in self.zones.iter().enumerate() {
+            if self.zones.iter().filter(|o| o.name == z.name).count() > 1 {
+                return Err(bad(&format!("zones[{i}].name"), format!("zone {:?} is listed twice", z.name)));
+            }
+            if z.gateways.is_empty() {
+                return Err(bad(&format!("zones[{i}].gateways"), "a zone needs at least one gateway".to_owned()));
+            }
+            for (j, f) in z.failover.iter().enumerate() {
+                if !self.zones.iter().any(|o| &o.name == f) || f == &z.name {
+                    return Err(bad(
+                        &format!("zones[{i}].failover[{j}]"),
+                        format!("{f:?} is not another zone of `zones`"),
+                    ));
+                }
+            }
+        }
+        if self.window_ms == 0 {
+            return Err(bad("window_ms", "must be positive".to_owned()));
+        }
+        if self.limits.max_flows == 0 || self.limits.replay_cache == 0 {
+            return Err(bad("limits", "max_flows and replay_cache must be positive".to_owned()));
+        }
+        if self.keepalive_ms == 0 || self.peer_idle_timeout_ms <= self.keepalive_ms {
+            return Err(bad(
+                "peer_idle_timeout_ms",
+                "must be greater than keepalive_ms (and both positive)".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// This gateway's zone.
+    pub fn my_zone(&self) -> Option<&Zone> {
+        self.zones.iter().find(|z| z.name == self.zone)
+    }
+
+    /// The zone called `name`.
+    pub fn zone(&self, name: &str) -> Option<&Zone> {
+        self.zones.iter().find(|z| z.name == name)
+    }
+
+    /// Whether `ip` is a loopback or unspecified address (for messages about listening).
+    pub fn is_local(ip: IpAddr) -> bool {
+        ip.is_loopback() || ip.is_unspecified()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+zone: zone-a
+name: gw-1
+tls: {ca: ca.pem, cert: gw.pem, key: gw-key.pem}
+secrets: epochs.json
+inventory: manifests/
+zones:
+- name: zone-a
+  gateways: [{name: gw-1, address: "127.0.0.1:15443"}, {name: gw-2, address: "127.0.0.2:15443"}]
+- name: zone-b
+  gateways: [{name: gw-1, address: "127.0.1.1:15443"}]
+  failover: [zone-a]
+"#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(GOOD, "c.yaml").unwrap();
+        assert_eq!(c.listen.tunnel.port(), DEFAULT_TUNNEL_PORT);
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.window_ms, DEFAULT_WINDOW_MS);
+        assert_eq!(c.delivery.sidecar_port, DEFAULT_SIDECAR_INBOUND_PORT);
+        assert!(!c.key_service.allow_any_source);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (GOOD.replace("zone: zone-a\nname", "zone: zone-x\nname"), "zone: \"zone-x\" is not one of"),
+            (GOOD.replace("name: gw-1\ntls", "name: gw-9\ntls"), "name: \"gw-9\" is not a gateway"),
+            (GOOD.replace("failover: [zone-a]", "failover: [zone-q]"), "zones[1].failover[0]"),
+            (format!("{GOOD}\nbogus: 1\n"), "unknown field `bogus`"),
+            (GOOD.replace("secrets: epochs.json\n", ""), "missing field `secrets`"),
+            (format!("{GOOD}\nwindow_ms: 0\n"), "window_ms: must be positive"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text, "c.yaml").unwrap_err().to_string();
+            assert!(err.starts_with("c.yaml: ") && err.contains(want), "{err}\nwant {want}");
+        }
+    }
+}

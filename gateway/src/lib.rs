@@ -1,0 +1,26 @@
+//! `keyway-gateway`: the keyway gateway, a policy enforcement point (PEP) of one zone, and the
+//! library behind the `keyway` command line.
+//!
+//! A gateway has four faces: the **tunnel** (HTTP/2 CONNECT from sidecars, with tokens), the
+//! **overlay** (QUIC to the gateways of other zones, one stream per flow), **delivery** (HTTP/2
+//! CONNECT to destination sidecars, with tickets) and **admin** (health, metrics, config dump,
+//! peers, the key service), on its own small runtime.
+//!
+//! [`app::build`] starts one gateway and returns a handle with its bound addresses; `main` and
+//! the tests both use it.
+
+pub mod accesslog;
+pub mod admin;
+pub mod app;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod flow;
+pub mod metrics;
+pub mod overlay;
+pub mod routing;
+pub mod secrets;
+pub mod state;
+pub mod tls;
+pub mod tunnel;

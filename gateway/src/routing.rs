@@ -1,0 +1,220 @@
+//! Zones, their gateway replicas and their health. Health is the state of the QUIC connection to
+//! each peer, kept alive by keep-alives: a replica whose connection closes (idle timeout, reset) is
+//! taken out at once and new flows go to the other replicas.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::tls::{GatewayIdentity, server_name};
+
+/// A gateway of another zone.
+#[derive(Debug)]
+pub struct PeerGateway {
+    /// Its identity (trust domain, zone, name).
+    pub id: GatewayIdentity,
+    /// Its overlay address.
+    pub address: SocketAddr,
+    conn: RwLock<Option<quinn::Connection>>,
+}
+
+impl PeerGateway {
+    /// The live connection, if any.
+    pub fn connection(&self) -> Option<quinn::Connection> {
+        let g = match self.conn.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+    }
+
+    fn set(&self, c: Option<quinn::Connection>) {
+        match self.conn.write() {
+            Ok(mut g) => *g = c,
+            Err(p) => *p.into_inner() = c,
+        }
+    }
+
+    /// Takes the peer out until its connection is re-established (after a stream failed on it).
+    pub fn mark_down(&self) {
+        if let Some(c) = self.connection() {
+            c.close(quinn::VarInt::from_u32(1), b"stream failed");
+        }
+    }
+}
+
+/// A view of one peer for the admin endpoint.
+#[derive(Debug, Serialize)]
+pub struct PeerView {
+    /// Zone.
+    pub zone: String,
+    /// Name.
+    pub name: String,
+    /// Overlay address.
+    pub address: SocketAddr,
+    /// Whether the overlay connection is up.
+    pub up: bool,
+    /// Smoothed round-trip time, ms, when up.
+    pub rtt_ms: Option<f64>,
+}
+
+/// Every peer gateway by zone.
+#[derive(Debug)]
+pub struct Routing {
+    my_zone: String,
+    zones: BTreeMap<String, Vec<Arc<PeerGateway>>>,
+    failover: BTreeMap<String, Vec<String>>,
+    next: AtomicUsize,
+}
+
+impl Routing {
+    /// The peers named by the configuration (gateways of other zones).
+    pub fn new(config: &Config) -> Routing {
+        let mut zones = BTreeMap::new();
+        let mut failover = BTreeMap::new();
+        for z in &config.zones {
+            failover.insert(z.name.clone(), z.failover.clone());
+            if z.name == config.zone {
+                continue;
+            }
+            let peers = z
+                .gateways
+                .iter()
+                .map(|g| {
+                    Arc::new(PeerGateway {
+                        id: GatewayIdentity {
+                            trust_domain: config.trust_domain.clone(),
+                            zone: z.name.clone(),
+                            name: g.name.clone(),
+                        },
+                        address: g.address,
+                        conn: RwLock::new(None),
+                    })
+                })
+                .collect();
+            zones.insert(z.name.clone(), peers);
+        }
+        Routing { my_zone: config.zone.clone(), zones, failover, next: AtomicUsize::new(0) }
+    }
+
+    /// This gateway's zone.
+    pub fn my_zone(&self) -> &str {
+        &self.my_zone
+    }
+
+    /// Whether a zone is reachable: this zone always is; another zone when one of its gateways is
+    /// connected.
+    pub fn zone_up(&self, zone: &str) -> bool {
+        zone == self.my_zone || self.zones.get(zone).is_some_and(|ps| ps.iter().any(|p| p.connection().is_some()))
+    }
+
+    /// The zones to try for a destination in `zone`, in locality order: the zone itself, then its
+    /// configured failover zones.
+    pub fn failover_order(&self, zone: &str) -> Vec<String> {
+        let mut out = vec![zone.to_owned()];
+        out.extend(self.failover.get(zone).into_iter().flatten().cloned());
+        out
+    }
+
+    /// A connected gateway of `zone`, round-robin over the healthy replicas.
+    pub fn pick(&self, zone: &str) -> Option<(Arc<PeerGateway>, quinn::Connection)> {
+        let peers = self.zones.get(zone)?;
+        let healthy: Vec<(Arc<PeerGateway>, quinn::Connection)> =
+            peers.iter().filter_map(|p| p.connection().map(|c| (p.clone(), c))).collect();
+        if healthy.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
+        healthy.into_iter().nth(i)
+    }
+
+    /// Every peer with its state.
+    pub fn view(&self) -> Vec<PeerView> {
+        self.zones
+            .values()
+            .flatten()
+            .map(|p| {
+                let c = p.connection();
+                PeerView {
+                    zone: p.id.zone.clone(),
+                    name: p.id.name.clone(),
+                    address: p.address,
+                    up: c.is_some(),
+                    rtt_ms: c.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                }
+            })
+            .collect()
+    }
+
+    /// Keeps a connection to every peer: connects, waits for it to close, reconnects with backoff.
+    pub fn spawn_connectors(
+        self: &Arc<Self>,
+        endpoint: quinn::Endpoint,
+        metrics: Arc<Metrics>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for peers in self.zones.values() {
+            for p in peers {
+                tasks.push(tokio::spawn(maintain(p.clone(), endpoint.clone(), metrics.clone())));
+            }
+        }
+        tasks
+    }
+
+    /// Closes every peer connection (on shutdown).
+    pub fn close_all(&self) {
+        for p in self.zones.values().flatten() {
+            if let Some(c) = p.connection() {
+                c.close(quinn::VarInt::from_u32(0), b"shutdown");
+            }
+            p.set(None);
+        }
+    }
+}
+
+async fn maintain(peer: Arc<PeerGateway>, endpoint: quinn::Endpoint, metrics: Arc<Metrics>) {
+    let mut backoff = Duration::from_millis(100);
+    let gauge = metrics.peers_up.with_label_values(&[peer.id.zone.as_str()]);
+    loop {
+        let attempt = match endpoint.connect(peer.address, &server_name(&peer.id)) {
+            Ok(connecting) => tokio::time::timeout(Duration::from_secs(3), connecting).await,
+            Err(e) => {
+                tracing::error!(peer = %peer.id.spiffe_id(), error = %e, "cannot start an overlay connection");
+                return;
+            }
+        };
+        match attempt {
+            Ok(Ok(conn)) => match crate::tls::peer_identity(&conn) {
+                Ok(id) if id == peer.id => {
+                    tracing::info!(peer = %peer.id.spiffe_id(), address = %peer.address, "overlay peer up");
+                    peer.set(Some(conn.clone()));
+                    gauge.inc();
+                    backoff = Duration::from_millis(100);
+                    let reason = conn.closed().await;
+                    peer.set(None);
+                    gauge.dec();
+                    tracing::warn!(peer = %peer.id.spiffe_id(), reason = %reason, "overlay peer down");
+                }
+                Ok(other) => {
+                    tracing::error!(peer = %peer.id.spiffe_id(), presented = %other.spiffe_id(),
+                        "overlay peer presented another gateway's certificate; not used");
+                    conn.close(quinn::VarInt::from_u32(2), b"unexpected identity");
+                }
+                Err(e) => {
+                    tracing::error!(peer = %peer.id.spiffe_id(), error = %e, "overlay peer identity unreadable");
+                    conn.close(quinn::VarInt::from_u32(2), b"bad identity");
+                }
+            },
+            Ok(Err(e)) => tracing::debug!(peer = %peer.id.spiffe_id(), error = %e, "overlay connect failed"),
+            Err(_) => tracing::debug!(peer = %peer.id.spiffe_id(), "overlay connect timed out"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,176 @@
+//! The gateway's changing state: the compiled policy engine and the epoch secrets, reloaded when
+//! their files change (or on SIGHUP). A new set that fails to load or compile is rejected whole:
+//! the running one stays, and a metric and an error log say why.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use keyway_policy::Engine;
+use keyway_policy::auth::ReplayCache;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::secrets::EpochSecrets;
+
+/// Milliseconds since the Unix epoch, from the wall clock (tokens carry wall-clock times).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A cheap fingerprint of files: paths, sizes and modification times.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok();
+            (p.clone(), m.as_ref().map_or(0, |m| m.len()), m.and_then(|m| m.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn manifest_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Policy, inventory and secrets, swapped atomically on reload.
+#[derive(Debug)]
+pub struct State {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    engine: RwLock<Arc<Engine>>,
+    secrets: RwLock<Arc<EpochSecrets>>,
+    /// Nonces of tokens seen within the window.
+    pub replay: Mutex<ReplayCache>,
+    inventory_print: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    secrets_print: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+}
+
+/// Why the initial state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The inventory or policies.
+    #[error("inventory {path}: {reason}")]
+    Inventory {
+        /// The directory.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The epoch secrets.
+    #[error("secrets: {0}")]
+    Secrets(String),
+}
+
+fn load_engine(dir: &Path) -> Result<Engine, StateError> {
+    let (engine, warnings) = keyway_policy::fs::load_dir(dir)
+        .map_err(|e| StateError::Inventory { path: dir.display().to_string(), reason: e.to_string() })?;
+    for w in warnings {
+        tracing::warn!(warning = %w, "inventory");
+    }
+    Ok(engine)
+}
+
+impl State {
+    /// Loads the inventory, policies and secrets named by the configuration.
+    pub fn load(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<State, StateError> {
+        let inventory_print = fingerprint(&manifest_paths(&config.inventory));
+        let secrets_print = fingerprint(std::slice::from_ref(&config.secrets));
+        let engine = load_engine(&config.inventory)?;
+        let secrets = EpochSecrets::load(&config.secrets).map_err(|e| StateError::Secrets(e.to_string()))?;
+        let replay = ReplayCache::new(keyway_policy::auth::Kind::Token, config.limits.replay_cache, config.window_ms);
+        Ok(State {
+            config,
+            metrics,
+            engine: RwLock::new(Arc::new(engine)),
+            secrets: RwLock::new(Arc::new(secrets)),
+            replay: Mutex::new(replay),
+            inventory_print: Mutex::new(inventory_print),
+            secrets_print: Mutex::new(secrets_print),
+        })
+    }
+
+    /// The current engine.
+    pub fn engine(&self) -> Arc<Engine> {
+        match self.engine.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The current epoch secrets.
+    pub fn secrets(&self) -> Arc<EpochSecrets> {
+        match self.secrets.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Reloads what changed since the last look (`force`: reload everything). Returns whether a
+    /// new engine or new secrets were installed.
+    pub fn reload(&self, force: bool) -> bool {
+        let mut changed = false;
+        let print = fingerprint(&manifest_paths(&self.config.inventory));
+        let inventory_changed = self.inventory_print.lock().map(|p| *p != print).unwrap_or(true);
+        if force || inventory_changed {
+            if let Ok(mut p) = self.inventory_print.lock() {
+                *p = print;
+            }
+            match load_engine(&self.config.inventory) {
+                Ok(engine) => {
+                    if let Ok(mut g) = self.engine.write() {
+                        *g = Arc::new(engine);
+                    }
+                    self.metrics.reloads.with_label_values(&["inventory", "ok"]).inc();
+                    tracing::info!(path = %self.config.inventory.display(), "inventory and policies reloaded");
+                    changed = true;
+                }
+                Err(e) => {
+                    self.metrics.reloads.with_label_values(&["inventory", "rejected"]).inc();
+                    tracing::error!(error = %e, "new inventory or policies rejected; the running set stays in force");
+                }
+            }
+        }
+        let print = fingerprint(std::slice::from_ref(&self.config.secrets));
+        let secrets_changed = self.secrets_print.lock().map(|p| *p != print).unwrap_or(true);
+        if force || secrets_changed {
+            if let Ok(mut p) = self.secrets_print.lock() {
+                *p = print;
+            }
+            match EpochSecrets::load(&self.config.secrets) {
+                Ok(s) => {
+                    if let Ok(mut g) = self.secrets.write() {
+                        *g = Arc::new(s);
+                    }
+                    self.metrics.reloads.with_label_values(&["secrets", "ok"]).inc();
+                    tracing::info!("epoch secrets reloaded");
+                    changed = true;
+                }
+                Err(e) => {
+                    self.metrics.reloads.with_label_values(&["secrets", "rejected"]).inc();
+                    tracing::error!(error = %e, "new epoch secrets rejected; the running ones stay in force");
+                }
+            }
+        }
+        changed
+    }
+}

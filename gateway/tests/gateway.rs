@@ -1,0 +1,397 @@
+//! Gateways of several zones in-process on loopback, with real QUIC and TLS, a test CA, real
+//! epoch secrets and tokens, and fake sidecars that verify tickets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use keyway_gateway::secrets::EpochSecrets;
+use keyway_policy::keyservice::KeyBundle;
+
+const POLICIES: &str = r#"
+kind: NetworkPolicy
+metadata: {name: api-ingress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 8080}]}]
+---
+kind: NetworkPolicy
+metadata: {name: db-ingress, namespace: data}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: shop}}, podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 5432}]
+"#;
+
+/// The test application; `k` keeps each test's loopback addresses apart.
+fn app(k: u8) -> Vec<W> {
+    let sc = |z: u8, n: u8| format!("127.{k}.{z}.{n}");
+    vec![
+        w("shop", "web", "web", "zone-a", "10.200.1.1", &sc(1, 1)),
+        w("shop", "cache", "cache", "zone-a", "10.200.1.2", &sc(1, 2)),
+        w("shop", "api", "api", "zone-b", "10.200.2.1", &sc(2, 1)),
+        w("data", "db", "db", "zone-b", "10.200.2.2", &sc(2, 2)),
+        w("shop", "api-c", "api", "zone-c", "10.200.3.1", &sc(3, 1)),
+    ]
+}
+
+const ZONES: &[(&str, &[&str], &[&str])] = &[
+    ("zone-a", &["a1", "a2"], &["zone-b", "zone-c"]),
+    ("zone-b", &["b1", "b2"], &["zone-c"]),
+    ("zone-c", &["c1"], &["zone-b"]),
+];
+
+fn dst(w: &W, port: u16) -> SocketAddr {
+    SocketAddr::new(w.overlay, port)
+}
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allowed_flows_carry_bytes_intact_and_identity_survives() {
+    let o = Overlay::start("allowed", ZONES, app(11), POLICIES).await;
+    let (web, api, cache) = (o.workload("web").clone(), o.workload("api").clone(), o.workload("cache").clone());
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+
+    // Cross-zone: two PEPs and the QUIC overlay; 4 MiB both ways with half-close.
+    let data = payload(4 * 1024 * 1024 + 17);
+    let t = o.token(&web, api.overlay, 8080, None, now_ms());
+    let io = connect(a1, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    assert!(echo(io, &data).await == data, "cross-zone bytes differ");
+    let api_sidecar = o.sidecars.iter().find(|s| s.overlay_ip == api.overlay).unwrap();
+    assert_eq!(api_sidecar.accepted.lock().unwrap().as_slice(), [web.identity()], "source identity survives every hop");
+
+    // Same zone: one PEP, local delivery.
+    let t = o.token(&web, cache.overlay, 8080, None, now_ms());
+    let io = connect(a1, web.sidecar, dst(&cache, 8080), Some(&t)).await.open();
+    assert_eq!(echo(io, b"hello cache").await, b"hello cache");
+
+    // Outside the overlay (web has no egress policy): straight out from the gateway.
+    let ext = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ext_addr = ext.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = ext.accept().await.unwrap();
+        let (mut r, mut w) = s.split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+    });
+    let t = o.token(&web, ext_addr.ip(), ext_addr.port(), None, now_ms());
+    let io = connect(a1, web.sidecar, ext_addr, Some(&t)).await.open();
+    assert_eq!(echo(io, b"to the internet").await, b"to the internet");
+
+    // The access-log drop guard counted them.
+    let admin = o.gw("zone-a", "a1").admin_addr;
+    wait_for("flow metrics", Duration::from_secs(5), || true).await;
+    let allowed = metric(admin, "keyway_gateway_flows_total", "verdict=\"allow\"").await;
+    assert!(allowed >= 3.0, "allowed flows counted: {allowed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_are_verified_and_denials_name_the_reason_or_rule() {
+    let o = Overlay::start("tokens", ZONES, app(12), POLICIES).await;
+    let (web, api, cache, db) =
+        (o.workload("web").clone(), o.workload("api").clone(), o.workload("cache").clone(), o.workload("db").clone());
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+    let to_api = dst(&api, 8080);
+    let good = || o.token(&web, api.overlay, 8080, None, now_ms());
+
+    let cases: Vec<(&str, Option<String>, IpAddr, &str)> = vec![
+        ("missing", None, web.sidecar, "token-missing"),
+        ("not base64", Some("!!!not-a-token!!!".into()), web.sidecar, "token-malformed"),
+        ("forged MAC", Some(forge(&good())), web.sidecar, "token-mac"),
+        ("expired", Some(o.token(&web, api.overlay, 8080, None, now_ms() - 120_000)), web.sidecar, "token-expired"),
+        (
+            "from the future",
+            Some(o.token(&web, api.overlay, 8080, None, now_ms() + 120_000)),
+            web.sidecar,
+            "token-future",
+        ),
+        (
+            "other destination",
+            Some(o.token(&web, api.overlay, 9090, None, now_ms())),
+            web.sidecar,
+            "token-wrong-destination",
+        ),
+        ("used from another address", Some(good()), cache.sidecar, "token-source-address"),
+        (
+            "unknown identity",
+            Some(o.token(
+                &w("shop", "ghost", "x", "zone-a", "10.200.9.9", "127.12.9.9"),
+                api.overlay,
+                8080,
+                None,
+                now_ms(),
+            )),
+            web.sidecar,
+            "token-unknown-source",
+        ),
+    ];
+    for (what, token, from, want) in cases {
+        let (status, reason, _) = connect(a1, from, to_api, token.as_deref()).await.refused();
+        assert_eq!((status, reason.as_str()), (403, want), "{what}");
+    }
+
+    // Replayed: the first use passes, the second is refused.
+    let t = good();
+    let io = connect(a1, web.sidecar, to_api, Some(&t)).await.open();
+    assert_eq!(echo(io, b"once").await, b"once");
+    let (status, reason, _) = connect(a1, web.sidecar, to_api, Some(&t)).await.refused();
+    assert_eq!((status, reason.as_str()), (403, "token-replay"));
+
+    // Policy denials name the deciding rule.
+    let t = o.token(&web, db.overlay, 5432, None, now_ms());
+    let (status, reason, rule) = connect(a1, web.sidecar, dst(&db, 5432), Some(&t)).await.refused();
+    assert_eq!((status, reason.as_str()), (403, "policy-denied"));
+    assert!(rule.contains("data/db-ingress") && rule.contains("Deny"), "{rule}");
+    let t = o.token(&web, api.overlay, 9999, None, now_ms());
+    let (_, reason, rule) = connect(a1, web.sidecar, dst(&api, 9999), Some(&t)).await.refused();
+    assert_eq!(reason, "policy-denied");
+    assert!(rule.contains("shop/api-ingress"), "{rule}");
+
+    let admin = o.gw("zone-a", "a1").admin_addr;
+    assert!(metric(admin, "keyway_gateway_token_failures_total", "reason=\"token-mac\"").await >= 1.0);
+    assert!(metric(admin, "keyway_gateway_flows_total", "reason=\"policy-denied\"").await >= 2.0);
+}
+
+/// Flips a bit of the MAC (the last characters of the base64url text).
+fn forge(token: &str) -> String {
+    let mut b = token.as_bytes().to_vec();
+    let i = b.len() - 2;
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    String::from_utf8(b).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_endpoints_and_key_service() {
+    let o = Overlay::start("admin", ZONES, app(13), POLICIES).await;
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    assert_eq!(http_get(a1, "/healthz").await.0, 200);
+    assert_eq!(http_get(a1, "/readyz").await.0, 200);
+    let (s, m) = http_get(a1, "/metrics").await;
+    assert_eq!(s, 200);
+    assert!(m.contains("keyway_gateway_peers_up{zone=\"zone-b\"} 2"), "{m}");
+    let (_, dump) = http_get(a1, "/config_dump").await;
+    let secrets = EpochSecrets::load(&o.secrets).unwrap();
+    let secret = secrets.current(now_ms()).unwrap().secret.to_base64url();
+    assert!(dump.contains("[redacted]") && !dump.contains(&secret), "config dump must not show secrets");
+    assert!(dump.contains("\"workloads\": 5"), "{dump}");
+    let (_, peers) = http_get(a1, "/peers").await;
+    let peers: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert_eq!(peers.as_array().unwrap().len(), 3);
+
+    // Keys: only to the workload's own addresses, only for this zone.
+    let web = o.workload("web").clone();
+    let (status, body) = http_get_from(a1, web.sidecar, &format!("/v1/keys?ip={}", web.overlay)).await;
+    assert_eq!(status, 200, "{body}");
+    let bundle: KeyBundle = serde_json::from_str(&body).unwrap();
+    assert_eq!(bundle.identity, web.identity());
+    let (epoch, key) = bundle.signing_key(now_ms()).unwrap();
+    let want = secrets.current(now_ms()).unwrap().secret.workload_key(&web.identity(), web.overlay, epoch).unwrap();
+    assert_eq!(key, want);
+    let (status, _) = http_get_from(a1, o.workload("cache").sidecar, &format!("/v1/keys?ip={}", web.overlay)).await;
+    assert_eq!(status, 403, "another workload's address");
+    let api = o.workload("api").clone();
+    let (status, body) = http_get_from(a1, api.sidecar, &format!("/v1/keys?ip={}", api.overlay)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not in zone zone-a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_is_taken_out_and_new_flows_use_the_other() {
+    let mut o = Overlay::start("failover", ZONES, app(14), POLICIES).await;
+    let (web, api) = (o.workload("web").clone(), o.workload("api").clone());
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+    let b1 = o.gateways.remove(&("zone-b".to_string(), "b1".to_string())).unwrap();
+    b1.kill().await;
+    let start = tokio::time::Instant::now();
+    let mut longest_gap = Duration::ZERO;
+    let mut last_ok = tokio::time::Instant::now();
+    for i in 0..40 {
+        let t = o.token(&web, api.overlay, 8080, None, now_ms());
+        match connect(a1, web.sidecar, dst(&api, 8080), Some(&t)).await {
+            Connect::Open(io) => {
+                let msg = format!("flow {i}");
+                assert_eq!(echo(io, msg.as_bytes()).await, msg.as_bytes());
+                longest_gap = longest_gap.max(last_ok.elapsed());
+                last_ok = tokio::time::Instant::now();
+            }
+            Connect::Refused { status, reason, .. } => {
+                panic!("flow {i} refused after a replica died: {status} {reason}")
+            }
+        }
+    }
+    println!("replica failover: 40 new flows in {:?}, longest gap {longest_gap:?}", start.elapsed());
+    let admin = o.gw("zone-a", "a1").admin_addr;
+    wait_for("b1 taken out", Duration::from_secs(5), || {
+        o.gw("zone-a", "a1").ctx.routing.view().iter().filter(|p| p.zone == "zone-b" && p.up).count() == 1
+    })
+    .await;
+    assert_eq!(metric(admin, "keyway_gateway_peers_up", "zone=\"zone-b\"").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_policy_edit_is_rejected_and_a_good_one_applies() {
+    let o = Overlay::start("reload", ZONES, app(15), POLICIES).await;
+    let (web, api, db) = (o.workload("web").clone(), o.workload("api").clone(), o.workload("db").clone());
+    let a1 = o.gw("zone-a", "a1");
+    let try_db = || async {
+        let t = o.token(&web, db.overlay, 5432, None, now_ms());
+        matches!(connect(a1.tunnel_addr, web.sidecar, dst(&db, 5432), Some(&t)).await, Connect::Open(_))
+    };
+    assert!(!try_db().await);
+
+    std::fs::write(
+        o.inventory.join("broken.yaml"),
+        "kind: NetworkPolicy\nmetadata: {name: x}\nspec: {podSelector: {matchLabels: {app: -bad}}}\n",
+    )
+    .unwrap();
+    let admin = a1.admin_addr;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(admin, "keyway_gateway_reloads_total", "outcome=\"rejected\"").await < 1.0 {
+        assert!(tokio::time::Instant::now() < end, "the broken edit was never looked at");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!try_db().await, "old verdicts stay after a broken edit");
+    let t = o.token(&web, api.overlay, 8080, None, now_ms());
+    assert!(matches!(connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await, Connect::Open(_)));
+
+    // A good edit: allow web to db. Every gateway on the path must apply it.
+    std::fs::remove_file(o.inventory.join("broken.yaml")).unwrap();
+    let allow = "kind: NetworkPolicy\nmetadata: {name: db-from-web, namespace: data}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]}]\n";
+    std::fs::write(o.inventory.join("allow.yaml"), allow).unwrap();
+    let start = tokio::time::Instant::now();
+    let end = start + Duration::from_secs(10);
+    while !try_db().await {
+        assert!(tokio::time::Instant::now() < end, "the new policy was not enforced within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("policy propagation: {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
+    let o = Overlay::start("rotation", ZONES, app(16), POLICIES).await;
+    let (web, api) = (o.workload("web").clone(), o.workload("api").clone());
+    let a1 = o.gw("zone-a", "a1");
+    let t = o.token(&web, api.overlay, 8080, None, now_ms());
+    let mut open = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    roundtrip(&mut open, b"before rotation").await;
+    let old_epoch = EpochSecrets::load(&o.secrets).unwrap().current(now_ms()).unwrap().epoch;
+
+    let mut s = EpochSecrets::load(&o.secrets).unwrap();
+    let new_epoch = s.rotate(now_ms(), 3_000).unwrap();
+    s.save(&o.secrets).unwrap();
+    for h in o.gateways.values() {
+        let admin = h.admin_addr;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metric(admin, "keyway_gateway_reloads_total", "what=\"secrets\",outcome=\"ok\"").await < 1.0 {
+            assert!(tokio::time::Instant::now() < end, "secrets not reloaded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    roundtrip(&mut open, b"after rotation, same flow").await;
+    let t = o.token(&web, api.overlay, 8080, Some(new_epoch), now_ms());
+    let io = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    assert_eq!(echo(io, b"new epoch").await, b"new epoch");
+    let t = o.token(&web, api.overlay, 8080, Some(old_epoch), now_ms());
+    let io = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    assert_eq!(echo(io, b"old epoch in the overlap").await, b"old epoch in the overlap");
+
+    // After the overlap the old epoch is retired.
+    let old = s.valid_at(now_ms()).into_iter().find(|e| e.epoch == old_epoch).unwrap().secret.clone();
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    let key = old.workload_key(&web.identity(), web.overlay, old_epoch).unwrap();
+    let t = keyway_policy::auth::TokenClaims {
+        epoch: old_epoch,
+        src: web.overlay,
+        dst: api.overlay,
+        dst_port: 8080,
+        protocol: keyway_policy::Protocol::Tcp,
+        issued_at_ms: now_ms(),
+        nonce: [9; 12],
+    }
+    .seal(&key);
+    let (status, reason, _) = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.refused();
+    assert_eq!((status, reason.as_str()), (403, "token-epoch"));
+    roundtrip(&mut open, b"the old flow is still open").await;
+}
+
+async fn roundtrip(io: &mut hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(buf, msg);
+}
+
+const SERVICE: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: api
+  namespace: shop
+  annotations: {keyway.io/overlay-ips: "10.200.9.1"}
+spec:
+  selector: {app: api}
+  ports: [{port: 8080}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zone_down_fails_over_by_locality_and_comes_back() {
+    let mut o = Overlay::start("zonefail", ZONES, app(17), &format!("{POLICIES}{SERVICE}")).await;
+    let web = o.workload("web").clone();
+    let vip: IpAddr = "10.200.9.1".parse().unwrap();
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+    let accepted = |o: &Overlay, name: &str| {
+        let ip = o.workload(name).overlay;
+        o.sidecars.iter().find(|s| s.overlay_ip == ip).unwrap().accepted.lock().unwrap().len()
+    };
+    let flow = |o: &Overlay| {
+        let t = o.token(&web, vip, 8080, None, now_ms());
+        async move { connect(a1, web.sidecar, SocketAddr::new(vip, 8080), Some(&t)).await }
+    };
+
+    // zone-a has no endpoint: zone-b comes first in zone-a's locality order.
+    for _ in 0..3 {
+        assert_eq!(echo(flow(&o).await.open(), b"b").await, b"b");
+    }
+    assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (3, 0));
+
+    // Every gateway of zone-b goes away: the service fails over to zone-c.
+    let b1 = o.gateways.remove(&("zone-b".into(), "b1".into())).unwrap();
+    let b2 = o.gateways.remove(&("zone-b".into(), "b2".into())).unwrap();
+    b1.kill().await;
+    b2.kill().await;
+    let start = tokio::time::Instant::now();
+    wait_for("zone-b down", Duration::from_secs(10), || !o.gw("zone-a", "a1").ctx.routing.zone_up("zone-b")).await;
+    for _ in 0..3 {
+        assert_eq!(echo(flow(&o).await.open(), b"c").await, b"c");
+    }
+    println!("zone failover: zone-b seen down after {:?}", start.elapsed());
+    assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (3, 3));
+
+    // zone-b returns: traffic comes back to it.
+    for name in ["b1", "b2"] {
+        let cfg = o.configs[&("zone-b".to_string(), name.to_string())].clone();
+        let port = cfg.listen.overlay;
+        let t0 = tokio::time::Instant::now();
+        while std::net::UdpSocket::bind(port).is_err() {
+            // In-process only: a dead process frees its socket at once, but quinn keeps a closed endpoint's
+            // socket until its connections have drained.
+            assert!(t0.elapsed() < Duration::from_secs(30), "overlay port {port} never released");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!("port {port} free after {:?}", t0.elapsed());
+        let h = keyway_gateway::app::build(cfg).await.unwrap();
+        o.gateways.insert(("zone-b".into(), name.into()), h);
+    }
+    wait_for("zone-b back", Duration::from_secs(15), || o.gw("zone-a", "a1").ctx.routing.zone_up("zone-b")).await;
+    assert_eq!(echo(flow(&o).await.open(), b"back").await, b"back");
+    assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (4, 3));
+}
