@@ -19,8 +19,10 @@ check: setup ## fmt, clippy for the host and for keyway-policy on wasm32-wasip1,
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
+	$(CARGO) clippy -p keyway-filter --target $(WASM_TARGET) --locked -- -D warnings
 
-test: setup wasm ## every test layer: unit, property, conformance, command line, the filter in real Envoy; keyway-policy for wasm
+test: setup wasm ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end (root)
+	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
 
@@ -31,15 +33,21 @@ wasm: setup ## the proxy-wasm filter module: target/wasm32-wasip1/wasm-release/k
 	$(CARGO) build -p keyway-filter --target $(WASM_TARGET) --profile wasm-release --locked
 	@stat -c '%n: %s bytes' target/$(WASM_TARGET)/wasm-release/keyway_filter.wasm
 
-e2e: ## end-to-end tests in network namespaces (lands with the end-to-end issue)
-	@echo "make e2e: the end-to-end harness is not written yet (issue #8); nothing to run" >&2; exit 1
+e2e: setup wasm ## end-to-end tests only: zones as network namespaces, real gateways and Envoy sidecars (root)
+	./scripts/install-deps.sh
+	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test -p keyway-e2e --locked -- --nocapture
 
-demo: ## the multi-zone demo (lands with the end-to-end issue)
-	@echo "make demo: the multi-zone demo needs the filter, the gateway and the e2e harness (issues #3, #4, #8); not written yet" >&2; exit 1
+demo: setup wasm ## the demo: a three-zone overlay from samples/shop, the traffic matrix, metrics, access logs (root)
+	@if [ "$$(id -u)" != 0 ]; then echo "make demo: builds network namespaces and iptables rules, so it must run as root (sudo make demo)" >&2; exit 2; fi
+	./scripts/install-deps.sh
+	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" ./target/debug/keyway-e2e demo
 
 bench: setup ## benchmarks: policy decision latency and compile time (results in target/bench-policy.json)
 	$(CARGO) bench -p keyway-policy --bench scale --locked
 	$(CARGO) bench -p keyway-policy --bench decide --locked
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) bench -p keyway-filter --bench connections --locked
 
 fuzz: setup ## run each decoder fuzz target for FUZZ_SECONDS (default 60) on the committed corpus
 	./scripts/fuzz.sh $${FUZZ_SECONDS:-60}

@@ -7,7 +7,10 @@
 //! * `rbac`: Envoy's native RBAC network filter with one allow rule (source 127.0.0.0/8, the
 //!   listener's port);
 //! * `keyway`: the keyway filter in mode `outbound` (static keys), which seals a token per
-//!   connection and stores it as filter state.
+//!   connection and stores it as filter state;
+//! * `keyway_plain`: the keyway filter in mode `inbound_plain` with every source exempt: the cost
+//!   of a wasm network filter that reads two properties and lets the connection through, which
+//!   tells Envoy's per-connection wasm overhead apart from keyway's own work.
 //!
 //! Clients (this process, `BENCH_CLIENTS` concurrent loops) open a connection, send one byte, wait
 //! for the echo and reset the connection; a sample is the time from `connect()` to the echo. The
@@ -35,7 +38,7 @@ use keyway_policy::keyservice::{EpochKey, KeyBundle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const VARIANTS: [&str; 3] = ["none", "rbac", "keyway"];
+const VARIANTS: [&str; 4] = ["none", "rbac", "keyway", "keyway_plain"];
 
 const CONFIG: &str = r#"
 admin:
@@ -84,6 +87,25 @@ static_resources:
             configuration:
               "@type": type.googleapis.com/google.protobuf.StringValue
               value: '${KEYWAY_CONFIG}'
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: *proxy
+  - name: keyway_plain
+    address: { socket_address: { address: 127.0.0.1, port_value: ${KEYWAY_PLAIN_PORT} } }
+    filter_chains:
+    - filters:
+      - name: keyway.inbound_plain
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+          config:
+            name: keyway.inbound_plain
+            root_id: keyway
+            vm_config:
+              vm_id: keyway
+              runtime: envoy.wasm.runtime.v8
+              code: { local: { filename: "${WASM}" } }
+            configuration:
+              "@type": type.googleapis.com/google.protobuf.StringValue
+              value: '{"mode":"inbound_plain","exempt_cidrs":["127.0.0.0/8"]}'
       - name: envoy.filters.network.tcp_proxy
         typed_config: *proxy
   clusters:
@@ -174,6 +196,7 @@ async fn main() {
             epoch: 1,
             key: secret.workload_key(id, ip, 1).unwrap().to_base64url(),
             not_after_ms: None,
+            not_before_ms: None,
         }],
         ticket_keys: vec![],
         refresh_ms: 10_000,
@@ -182,7 +205,7 @@ async fn main() {
     let mut vars = BTreeMap::new();
     let admin = free_port();
     vars.insert("ADMIN_PORT", admin.to_string());
-    for v in ["NONE_PORT", "RBAC_PORT", "KEYWAY_PORT"] {
+    for v in ["NONE_PORT", "RBAC_PORT", "KEYWAY_PORT", "KEYWAY_PLAIN_PORT"] {
         vars.insert(v, free_port().to_string());
     }
     vars.insert("ECHO_PORT", echo.port.to_string());
@@ -227,9 +250,7 @@ async fn main() {
     println!(
         "\nper-connection cost through one Envoy listener ({clients} clients, {rounds} rounds x {seconds} s per variant)"
     );
-    println!(
-        "| variant | conn/s | vs none | p50 µs | p90 µs | p99 µs | added p99 µs | connections | failures |"
-    );
+    println!("| variant | conn/s | vs none | p50 µs | p90 µs | p99 µs | added p99 µs | connections | failures |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (v, rate, p50, p90, p99, n, failures) in &rows {
         println!(

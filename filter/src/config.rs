@@ -137,8 +137,8 @@ pub struct Config {
     pub fail_open: bool,
 }
 
-/// Where keys come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where keys come from. `Debug` never shows key material.
+#[derive(Clone, PartialEq, Eq)]
 pub enum KeySource {
     /// `inbound_plain` needs none.
     None,
@@ -146,6 +146,26 @@ pub enum KeySource {
     Static(Box<KeyBundle>),
     /// Fetched from the gateway.
     Service(KeyServiceConfig),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::None => f.write_str("None"),
+            KeySource::Static(b) => {
+                let epochs =
+                    |keys: &[keyway_policy::keyservice::EpochKey]| keys.iter().map(|k| k.epoch).collect::<Vec<_>>();
+                f.debug_struct("Static")
+                    .field("identity", &b.identity)
+                    .field("overlay_ip", &b.overlay_ip)
+                    .field("zone", &b.zone)
+                    .field("workload_key_epochs", &epochs(&b.workload_keys))
+                    .field("ticket_key_epochs", &epochs(&b.ticket_keys))
+                    .finish_non_exhaustive()
+            }
+            KeySource::Service(ks) => f.debug_tuple("Service").field(ks).finish(),
+        }
+    }
 }
 
 /// The checked configuration the contexts run with.
@@ -319,6 +339,8 @@ mod tests {
         let s = parse(static_json("").as_bytes()).unwrap();
         assert_eq!(s.mode, Mode::Outbound);
         assert!(matches!(s.keys, KeySource::Static(_)));
+        let shown = format!("{s:?}");
+        assert!(!shown.contains(&key()) && shown.contains("workload_key_epochs: [1]"), "{shown}");
         assert_eq!(s.window_ms, DEFAULT_WINDOW_MS);
         assert_eq!(s.replay_cache_capacity, DEFAULT_REPLAY_CACHE_CAPACITY);
         assert_eq!(s.trust_domain, "cluster.local");

@@ -253,11 +253,21 @@ pub(crate) mod tests {
             zone: "z".into(),
             workload_keys: epochs
                 .iter()
-                .map(|&(epoch, not_after_ms)| EpochKey { epoch, key: key(epoch as u8), not_after_ms })
+                .map(|&(epoch, not_after_ms)| EpochKey {
+                    epoch,
+                    key: key(epoch as u8),
+                    not_after_ms,
+                    not_before_ms: None,
+                })
                 .collect(),
             ticket_keys: epochs
                 .iter()
-                .map(|&(epoch, not_after_ms)| EpochKey { epoch, key: key(100 + epoch as u8), not_after_ms })
+                .map(|&(epoch, not_after_ms)| EpochKey {
+                    epoch,
+                    key: key(100 + epoch as u8),
+                    not_after_ms,
+                    not_before_ms: None,
+                })
                 .collect(),
             refresh_ms: 1_000,
         }

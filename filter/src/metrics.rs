@@ -1,6 +1,6 @@
 //! Metric names. Labels are encoded in the name the way Istio's own wasm stats are
 //! (`name_label=.=value;.;`), so Envoy's tag extraction (Istio: `extraStatTags`; plain Envoy:
-//! `stats_config.stats_tags` with the regex `(label=\.=(.*?);\.;)`) turns them into Prometheus
+//! `stats_config.stats_tags` with the regex `(_?label=\.=(.*?);\.;)`) turns them into Prometheus
 //! labels. Every label value is from a fixed set.
 
 use crate::config::Mode;

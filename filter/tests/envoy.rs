@@ -47,8 +47,14 @@ fn bundle(identity: &str, overlay_ip: &str, epochs: &[(u32, Option<u64>)], refre
         identity: identity.into(),
         overlay_ip: ip(overlay_ip),
         zone: ZONE.into(),
-        workload_keys: epochs.iter().map(|&(epoch, n)| EpochKey { epoch, key: wk(epoch), not_after_ms: n }).collect(),
-        ticket_keys: epochs.iter().map(|&(epoch, n)| EpochKey { epoch, key: tk(epoch), not_after_ms: n }).collect(),
+        workload_keys: epochs
+            .iter()
+            .map(|&(epoch, n)| EpochKey { epoch, key: wk(epoch), not_after_ms: n, not_before_ms: None })
+            .collect(),
+        ticket_keys: epochs
+            .iter()
+            .map(|&(epoch, n)| EpochKey { epoch, key: tk(epoch), not_after_ms: n, not_before_ms: None })
+            .collect(),
         refresh_ms,
     }
 }
@@ -244,7 +250,7 @@ async fn outbound_attaches_a_verifiable_token_and_closes_without_key() -> Result
     // The metrics surface with their labels in the Prometheus output.
     let prom = envoy.prometheus();
     assert!(
-        prom.lines().any(|l| l.starts_with(CONN)
+        prom.lines().any(|l| l.starts_with(&format!("{CONN}{{"))
             && l.contains(r#"direction="outbound""#)
             && l.contains(r#"verdict="allow""#)
             && l.ends_with(" 2")),

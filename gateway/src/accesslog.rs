@@ -21,6 +21,8 @@ pub struct FlowLog {
     pub src: String,
     /// Source identity, once verified.
     pub identity: String,
+    /// The key epoch of the verified token (0 when none).
+    pub epoch: u32,
     /// Destination address and port.
     pub dst: String,
     /// `allow`, `deny` or `error`.
@@ -48,6 +50,7 @@ impl FlowLog {
             entry,
             src,
             identity: String::new(),
+            epoch: 0,
             dst,
             verdict: "error",
             reason: "internal",
@@ -90,6 +93,7 @@ impl Drop for FlowLog {
             entry = self.entry,
             src = %self.src,
             identity = %self.identity,
+            epoch = self.epoch,
             dst = %self.dst,
             verdict = self.verdict,
             reason = self.reason,

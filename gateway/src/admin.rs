@@ -169,13 +169,14 @@ fn keys(ctx: &Ctx, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
         );
     }
     let identity = workload.identity(&ctx.config.trust_domain);
-    match crate::secrets::key_bundle(
+    match crate::secrets::key_bundle_activating(
         &ctx.state.secrets(),
         now_ms(),
         &identity,
         ip,
         &ctx.config.zone,
         ctx.config.key_service.refresh_ms,
+        ctx.config.activation_ms(),
     ) {
         Ok(bundle) => {
             outcome("ok");

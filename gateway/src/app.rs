@@ -82,11 +82,13 @@ pub struct Decided {
     /// The destination address the flow goes to: the address asked for, or for a service's
     /// overlay address the endpoint chosen by locality.
     pub dst: IpAddr,
+    /// Whether the address asked for is a service's (another endpoint may be tried).
+    pub service: bool,
 }
 
 /// For a service's overlay address, the endpoint to use: in the nearest reachable zone in
 /// locality order (this zone, then its configured failover zones), round-robin within a zone.
-fn pick_endpoint(ctx: &Ctx, engine: &Engine, dst: IpAddr) -> Option<Result<usize, &'static str>> {
+fn pick_endpoint(ctx: &Ctx, engine: &Engine, dst: IpAddr, avoid: &[String]) -> Option<Result<usize, &'static str>> {
     let inv = engine.inventory();
     let svc = inv.service_for(dst)?;
     let endpoints = inv.endpoints(svc);
@@ -94,7 +96,7 @@ fn pick_endpoint(ctx: &Ctx, engine: &Engine, dst: IpAddr) -> Option<Result<usize
         return Some(Err("service-no-endpoints"));
     }
     for zone in ctx.routing.failover_order(&ctx.config.zone) {
-        if !ctx.routing.zone_up(&zone) {
+        if !ctx.routing.zone_up(&zone) || avoid.contains(&zone) {
             continue;
         }
         let here: Vec<usize> = endpoints
@@ -116,8 +118,15 @@ fn pick_endpoint(ctx: &Ctx, engine: &Engine, dst: IpAddr) -> Option<Result<usize
 
 /// Decides a flow from the workload `src` to `dst`:`port` and finds its route.
 pub fn decide(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16) -> Decided {
+    decide_avoiding(ctx, engine, src, dst, port, &[])
+}
+
+/// As [`decide`], choosing a service's endpoint outside the zones in `avoid` (zones that just
+/// failed to take the flow).
+pub fn decide_avoiding(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16, avoid: &[String]) -> Decided {
     let start = std::time::Instant::now();
-    let (dst, dst_peer) = match pick_endpoint(ctx, engine, dst) {
+    let asked = dst;
+    let (dst, dst_peer) = match pick_endpoint(ctx, engine, dst, avoid) {
         None => (dst, engine.peer_for(dst)),
         Some(Ok(w)) => {
             let ip = engine.inventory().workloads.get(w).and_then(|w| w.overlay_ips.first().copied()).unwrap_or(dst);
@@ -130,6 +139,7 @@ pub fn decide(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16) -> 
                 route: None,
                 unroutable: Some(reason),
                 dst,
+                service: true,
             };
         }
     };
@@ -137,7 +147,7 @@ pub fn decide(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16) -> 
     ctx.metrics.decision_seconds.observe(start.elapsed().as_secs_f64());
     let rule = engine.describe(d.deciding());
     if d.verdict == Verdict::Deny {
-        return Decided { verdict: d.verdict, rule, route: None, unroutable: None, dst };
+        return Decided { verdict: d.verdict, rule, route: None, unroutable: None, dst, service: false };
     }
     let (route, unroutable) = match dst_peer {
         Peer::Ip(ip) => (Some(Route::External(SocketAddr::new(ip, port))), None),
@@ -150,7 +160,14 @@ pub fn decide(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16) -> 
             Some((_, zone)) => (Some(Route::Zone(zone)), None),
         },
     };
-    Decided { verdict: d.verdict, rule, route, unroutable, dst }
+    Decided {
+        verdict: d.verdict,
+        rule,
+        route,
+        unroutable,
+        dst,
+        service: engine.inventory().service_for(asked).is_some(),
+    }
 }
 
 /// Copies bytes both ways until both directions end, with half-close: when one side finishes
@@ -259,6 +276,35 @@ fn transport(config: &Config) -> Arc<quinn::TransportConfig> {
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
     t.send_window(64 * 1024 * 1024);
     Arc::new(t)
+}
+
+/// Checks a configuration without starting anything: loads the inventory and policies, the
+/// secrets and the TLS material, and checks that the certificate is this gateway's. No socket is
+/// opened and no peer is contacted.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new()?);
+    let _state = State::load(Arc::new(config.clone()), metrics)?;
+    let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    check_identity(config, &tls)?;
+    Ok(())
+}
+
+fn check_identity(config: &Config, tls: &TlsMaterial) -> anyhow::Result<GatewayIdentity> {
+    let identity = tls.identity()?;
+    let expected = GatewayIdentity {
+        trust_domain: config.trust_domain.clone(),
+        zone: config.zone.clone(),
+        name: config.name.clone(),
+    };
+    if identity != expected {
+        anyhow::bail!(
+            "{}: the certificate is for {} but the configuration says this gateway is {}",
+            config.tls.cert.display(),
+            identity.spiffe_id(),
+            expected.spiffe_id()
+        );
+    }
+    Ok(identity)
 }
 
 /// Starts a gateway: loads state and TLS material, binds the tunnel, overlay and admin

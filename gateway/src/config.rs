@@ -167,6 +167,11 @@ pub struct KeyService {
     /// Refresh interval suggested to filters, ms.
     #[serde(default = "default_key_refresh")]
     pub refresh_ms: u64,
+    /// How long after its creation a new epoch starts sealing tokens and tickets, ms; default
+    /// twice `refresh_ms` plus twice `reload_interval_ms`, so every filter and gateway has loaded
+    /// it first. A rotation's overlap must exceed it.
+    #[serde(default)]
+    pub activation_ms: Option<u64>,
 }
 
 fn default_key_refresh() -> u64 {
@@ -329,6 +334,11 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// When a new epoch starts sealing (see [`KeyService::activation_ms`]).
+    pub fn activation_ms(&self) -> u64 {
+        self.key_service.activation_ms.unwrap_or(2 * self.key_service.refresh_ms + 2 * self.reload_interval_ms)
     }
 
     /// This gateway's zone.

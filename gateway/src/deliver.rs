@@ -94,10 +94,11 @@ pub async fn to_sidecar(
     dst: IpAddr,
     port: u16,
     timeout: Duration,
+    activation_ms: u64,
 ) -> Result<Upstream, DeliverError> {
     let now = now_ms();
     let secrets = state.secrets();
-    let entry = secrets.current(now).ok_or(DeliverError::NoKey)?;
+    let entry = secrets.sealing(now, activation_ms).ok_or(DeliverError::NoKey)?;
     let key = entry.secret.ticket_key(zone, entry.epoch).map_err(|e| DeliverError::Mint(e.to_string()))?;
     let ticket = TicketClaims {
         epoch: entry.epoch,

@@ -227,6 +227,7 @@ async fn handle_stream(ctx: Arc<Ctx>, peer: GatewayIdentity, mut send: quinn::Se
         header.dst,
         header.dst_port,
         ctx.connect_timeout(),
+        ctx.config.activation_ms(),
     )
     .await
     {

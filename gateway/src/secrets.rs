@@ -330,7 +330,23 @@ pub fn key_bundle(
     zone: &str,
     refresh_ms: u64,
 ) -> Result<KeyBundle, SecretsError> {
+    key_bundle_activating(secrets, now_ms, identity, overlay_ip, zone, refresh_ms, 0)
+}
+
+/// As [`key_bundle`], with every epoch but the oldest valid one activated `activation_ms` after
+/// it was created (`not_before_ms`): filters learn a new epoch at once but seal with it only once
+/// every gateway has had time to load it.
+pub fn key_bundle_activating(
+    secrets: &EpochSecrets,
+    now_ms: u64,
+    identity: &str,
+    overlay_ip: IpAddr,
+    zone: &str,
+    refresh_ms: u64,
+    activation_ms: u64,
+) -> Result<KeyBundle, SecretsError> {
     let valid = secrets.valid_at(now_ms);
+    let oldest = valid.first().map(|e| e.epoch);
     if valid.is_empty() {
         return Err(SecretsError::NoValidEpoch { now_ms });
     }
@@ -339,8 +355,23 @@ pub fn key_bundle(
     for e in valid {
         let wk = e.secret.workload_key(identity, overlay_ip, e.epoch)?;
         let tk = e.secret.ticket_key(zone, e.epoch)?;
-        workload_keys.push(EpochKey { epoch: e.epoch, key: wk.to_base64url(), not_after_ms: e.not_after_ms });
-        ticket_keys.push(EpochKey { epoch: e.epoch, key: tk.to_base64url(), not_after_ms: e.not_after_ms });
+        let not_before_ms = if Some(e.epoch) == oldest || activation_ms == 0 {
+            None
+        } else {
+            Some(e.created_ms.saturating_add(activation_ms))
+        };
+        workload_keys.push(EpochKey {
+            epoch: e.epoch,
+            key: wk.to_base64url(),
+            not_after_ms: e.not_after_ms,
+            not_before_ms,
+        });
+        ticket_keys.push(EpochKey {
+            epoch: e.epoch,
+            key: tk.to_base64url(),
+            not_after_ms: e.not_after_ms,
+            not_before_ms,
+        });
     }
     Ok(KeyBundle {
         identity: identity.to_owned(),
@@ -350,6 +381,17 @@ pub fn key_bundle(
         ticket_keys,
         refresh_ms,
     })
+}
+
+impl EpochSecrets {
+    /// The epoch to seal with at `now_ms`: the newest valid epoch activated at least
+    /// `activation_ms` after its creation, else the oldest valid one (the same rule the key
+    /// service gives filters through `not_before_ms`).
+    pub fn sealing(&self, now_ms: u64, activation_ms: u64) -> Option<&EpochEntry> {
+        let valid = self.valid_at(now_ms);
+        let oldest = valid.first().copied();
+        valid.into_iter().rev().find(|e| e.created_ms.saturating_add(activation_ms) <= now_ms).or(oldest)
+    }
 }
 
 fn random_secret() -> Result<EpochSecret, SecretsError> {

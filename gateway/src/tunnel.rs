@@ -143,10 +143,8 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
     if claims.dst.to_canonical() != dst.ip().to_canonical() || claims.dst_port != dst.port() {
         return deny_token(&mut log, "token-wrong-destination");
     }
-    if let Err(reason) = check_replay(&ctx, &claims, now) {
-        return deny_token(&mut log, reason);
-    }
     log.identity = identity.clone();
+    log.epoch = claims.epoch;
 
     // The decision.
     let decided = decide(&ctx, &engine, src, dst.ip(), dst.port());
@@ -155,57 +153,87 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
         log.outcome("deny", "policy-denied");
         return refuse(StatusCode::FORBIDDEN, "policy-denied", Some(&decided.rule));
     }
-    let Some(route) = decided.route else {
+    let Some(route) = decided.route.clone() else {
         let reason = decided.unroutable.unwrap_or("unroutable");
         log.outcome("error", reason);
         return refuse(StatusCode::BAD_GATEWAY, reason, None);
     };
     drop(engine);
+    // The nonce is spent only by a flow that is allowed to go on: a sidecar's tcp_proxy retries a
+    // refused CONNECT with the same token, and a replay of a denied token is denied anyway.
+    if let Err(reason) = check_replay(&ctx, &claims, now) {
+        return deny_token(&mut log, reason);
+    }
 
-    // Onwards, then answer.
+    // Onwards, then answer. A service whose chosen zone fails to take the flow is decided again
+    // for an endpoint in the next zone of the locality order.
     let timeout = ctx.connect_timeout();
     let upgrade = hyper::upgrade::on(req);
-    let ctx2 = ctx.clone();
-    match route {
-        Route::Local { sidecar } => {
-            log.next_hop = "local".into();
-            match to_sidecar(
-                &ctx.state,
-                &ctx.config.zone,
-                sidecar,
-                claims.src,
-                &identity,
-                decided.dst,
-                dst.port(),
-                timeout,
-            )
-            .await
-            {
-                Ok(up) => spawn_relay(ctx2, log, permit, upgrade, up),
-                Err(e) => {
-                    tracing::warn!(error = %e, "delivery to a local sidecar failed");
-                    log.outcome("error", e.reason());
-                    refuse(StatusCode::BAD_GATEWAY, e.reason(), None)
-                }
+    let mut decided = decided;
+    let mut route = route;
+    let mut avoid: Vec<String> = Vec::new();
+    loop {
+        match route {
+            Route::Local { sidecar } => {
+                log.next_hop = "local".into();
+                let delivered = to_sidecar(
+                    &ctx.state,
+                    &ctx.config.zone,
+                    sidecar,
+                    claims.src,
+                    &identity,
+                    decided.dst,
+                    dst.port(),
+                    timeout,
+                    ctx.config.activation_ms(),
+                )
+                .await;
+                return match delivered {
+                    Ok(up) => spawn_relay(ctx.clone(), log, permit, upgrade, up),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "delivery to a local sidecar failed");
+                        log.outcome("error", e.reason());
+                        refuse(StatusCode::BAD_GATEWAY, e.reason(), None)
+                    }
+                };
             }
-        }
-        Route::External(addr) => {
-            log.next_hop = "external".into();
-            match to_external(addr, timeout).await {
-                Ok(up) => spawn_relay(ctx2, log, permit, upgrade, up),
-                Err(e) => {
-                    log.outcome("error", e.reason());
-                    refuse(StatusCode::BAD_GATEWAY, e.reason(), None)
-                }
+            Route::External(addr) => {
+                log.next_hop = "external".into();
+                return match to_external(addr, timeout).await {
+                    Ok(up) => spawn_relay(ctx.clone(), log, permit, upgrade, up),
+                    Err(e) => {
+                        log.outcome("error", e.reason());
+                        refuse(StatusCode::BAD_GATEWAY, e.reason(), None)
+                    }
+                };
             }
-        }
-        Route::Zone(zone) => {
-            let to = SocketAddr::new(decided.dst, dst.port());
-            match open_flow(&ctx, &zone, &mut log, claims.src, &identity, to, &decided.rule).await {
-                Ok(stream) => spawn_relay(ctx2, log, permit, upgrade, stream),
-                Err((status, reason)) => {
-                    log.outcome(if status == StatusCode::FORBIDDEN { "deny" } else { "error" }, reason);
-                    refuse(status, reason, None)
+            Route::Zone(zone) => {
+                let to = SocketAddr::new(decided.dst, dst.port());
+                match open_flow(&ctx, &zone, &mut log, claims.src, &identity, to, &decided.rule).await {
+                    Ok(stream) => return spawn_relay(ctx.clone(), log, permit, upgrade, stream),
+                    Err((StatusCode::SERVICE_UNAVAILABLE, "zone-unreachable"))
+                        if decided.service && avoid.len() < 8 =>
+                    {
+                        tracing::warn!(zone = %zone, "no gateway of the chosen zone took the flow; trying the next zone");
+                        avoid.push(zone);
+                        let engine = ctx.state.engine();
+                        decided = crate::app::decide_avoiding(&ctx, &engine, src, dst.ip(), dst.port(), &avoid);
+                        log.rule = decided.rule.clone();
+                        if decided.verdict == Verdict::Deny {
+                            log.outcome("deny", "policy-denied");
+                            return refuse(StatusCode::FORBIDDEN, "policy-denied", Some(&decided.rule));
+                        }
+                        let Some(next) = decided.route.clone() else {
+                            let reason = decided.unroutable.unwrap_or("unroutable");
+                            log.outcome("error", reason);
+                            return refuse(StatusCode::SERVICE_UNAVAILABLE, reason, None);
+                        };
+                        route = next;
+                    }
+                    Err((status, reason)) => {
+                        log.outcome(if status == StatusCode::FORBIDDEN { "deny" } else { "error" }, reason);
+                        return refuse(status, reason, None);
+                    }
                 }
             }
         }

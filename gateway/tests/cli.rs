@@ -164,3 +164,52 @@ fn warnings_go_to_stderr_and_do_not_fail() {
     let err = text(&out.stderr);
     assert!(err.starts_with("warning: ") && err.contains("named port \"web\""), "{err}");
 }
+
+#[test]
+fn gateway_check_verifies_everything_and_opens_nothing() {
+    let dir = tmpdir("gwcheck", &[]);
+    let d = |p: &str| dir.join(p).to_str().unwrap().to_owned();
+    assert!(keyway(&["ca", "init", "--out", &d("ca")]).status.success());
+    assert!(
+        keyway(&["ca", "issue", "--ca", &d("ca"), "--zone", "zone-a", "--name", "gw-1", "--out", &d("certs")])
+            .status
+            .success()
+    );
+    assert!(keyway(&["keys", "init", "--out", &d("epochs.json")]).status.success());
+    let shop = root().join("samples/shop");
+    let config = format!(
+        "zone: zone-a\nname: gw-1\ntls: {{ca: {}, cert: {}, key: {}}}\nsecrets: {}\ninventory: {}\nzones:\n- name: zone-a\n  gateways: [{{name: gw-1, address: \"127.0.0.1:1\"}}]\n",
+        d("ca/ca.pem"),
+        d("certs/zone-a-gw-1.pem"),
+        d("certs/zone-a-gw-1-key.pem"),
+        d("epochs.json"),
+        shop.display()
+    );
+    std::fs::write(dir.join("gw.yaml"), &config).unwrap();
+    let out = keyway(&["gateway", "--config", &d("gw.yaml"), "--check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let effective: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(effective["listen"]["tunnel"], "0.0.0.0:15180", "defaults are shown");
+
+    // A certificate for another gateway, an unknown field, a broken inventory: exit 2, one line.
+    std::fs::write(
+        dir.join("bad1.yaml"),
+        config.replace("name: gw-1\ntls", "name: gw-2\ntls").replace("{name: gw-1,", "{name: gw-2,"),
+    )
+    .unwrap();
+    let out = keyway(&["gateway", "--config", &d("bad1.yaml"), "--check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("the certificate is for spiffe://cluster.local/zone/zone-a/gateway/gw-1"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(dir.join("bad2.yaml"), format!("{config}colour: blue\n")).unwrap();
+    let out = keyway(&["gateway", "--config", &d("bad2.yaml"), "--check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown field `colour`"), "{}", text(&out.stderr));
+    std::fs::write(dir.join("bad3.yaml"), config.replace(&shop.display().to_string(), "/no/such/inventory")).unwrap();
+    let out = keyway(&["gateway", "--config", &d("bad3.yaml"), "--check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/no/such/inventory"), "{}", text(&out.stderr));
+}

@@ -3,14 +3,17 @@
 //!
 //! Compilation interns every label selector, indexes selectors by one `key=value` they require,
 //! and matches each workload and namespace once against the candidates. Each workload then holds,
-//! per direction, the lists of admin, NetworkPolicy and baseline rules that apply to it, in
-//! evaluation order. A decision walks only those short lists, and peer matching is a binary
-//! search in the peer's precomputed selector matches, so its cost does not grow with the number
-//! of policies in the cluster.
+//! per direction, the admin, NetworkPolicy and baseline rules that apply to it, in evaluation
+//! order, as fixed-size entries laid out contiguously: a decision reads one table,
+//! one run of entries, interned peer and port lists, and what peer matching needs of the far
+//! side, so its cost does not grow with the number of policies in the cluster. Ports are checked
+//! before peers; an ingress rule's named ports are resolved on the workload when compiling; a
+//! port that no NetworkPolicy rule of an isolated workload names is denied without a walk.
 
 mod compile;
 mod decide;
 mod explain;
+mod layout;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -120,57 +123,141 @@ impl Decision {
     }
 }
 
-/// A compiled peer predicate.
-#[derive(Clone, Debug)]
+/// A range of a flat array: `len` items from `start`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    /// The items of `list` this span covers (empty when out of bounds).
+    fn of<T>(self, list: &[T]) -> &[T] {
+        let start = self.start as usize;
+        list.get(start..start.saturating_add(self.len as usize)).unwrap_or_default()
+    }
+}
+
+/// A compiled peer predicate (12 bytes, see the size test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum CPeer {
     /// Every peer, workloads and addresses.
     Any,
-    /// Addresses in the set (never workloads).
-    Ip(IpSet),
-    /// Workloads; `ns`: namespace constraint, `pods`: pod selector id (`None`: every pod).
-    Pods { ns: CNs, pods: Option<u32> },
+    /// Addresses in the IP set with this index in [`Engine::ip_sets`] (never workloads).
+    Ip(u32),
+    /// Workloads; `ns`: namespace constraint, `pods`: pod selector id ([`EVERY_POD`]: every pod).
+    Pods { ns: CNs, pods: u32 },
     /// Nothing (an admin `nodes` peer).
     Nothing,
 }
 
+/// The pod selector id of a peer that selects every pod.
+const EVERY_POD: u32 = u32::MAX;
+
 /// A compiled namespace constraint.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum CNs {
     Any,
     Id(u32),
     Sel(u32),
 }
 
-/// Compiled rule ports.
-#[derive(Clone, Debug)]
-struct CPorts {
-    all: bool,
-    numeric: ConnSet,
-    /// `(required protocol, port-name id)`; `None` protocol: the container port's own.
-    named: Vec<(Option<Protocol>, u32)>,
+/// One entry of a compiled port list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum CPort {
+    /// `lo..=hi` of one protocol.
+    Range { proto: Protocol, lo: u16, hi: u16 },
+    /// A port name resolved on the destination workload; `proto` `None`: the container port's own.
+    Named { proto: Option<Protocol>, name: u32 },
 }
 
-/// A compiled rule.
-#[derive(Clone, Debug)]
-struct CRule {
-    id: RuleRef,
-    action: AdminAction,
-    peers: Vec<CPeer>,
-    ports: CPorts,
+/// A rule as a decision walks it: one entry per (workload, direction, rule), laid out
+/// contiguously per workload and direction in evaluation order. Peer and port lists are interned
+/// in [`Engine::peers`] and [`Engine::ports`]; an ingress rule's named ports are already resolved
+/// on the workload (its destination), so only egress lists hold [`CPort::Named`].
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// Index into [`Engine::rule_info`].
+    rule: u32,
+    /// Peer predicates; empty when [`Entry::ANY_PEER`] is set.
+    peers: Span,
+    /// Port entries; empty when [`Entry::ALL_PORTS`] is set.
+    ports: Span,
+    flags: u8,
 }
 
-/// The per-workload tables for one direction.
+impl Entry {
+    /// The rule matches every peer.
+    const ANY_PEER: u8 = 1;
+    /// The rule matches every port.
+    const ALL_PORTS: u8 = 2;
+}
+
+/// A workload's table for one direction: ranges of [`Layout::entries`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Table {
+    /// Admin rules (ANP by priority, then rule order): `start..network`.
+    start: u32,
+    /// NetworkPolicy rules: `network..baseline`, when `isolated`.
+    network: u32,
+    /// Baseline rules: `baseline..end`.
+    baseline: u32,
+    end: u32,
+    /// Whether a NetworkPolicy selects the workload for this direction.
+    isolated: bool,
+    /// Whether `net_ports` holds every port any NetworkPolicy rule of this table can allow (no
+    /// rule allows all ports or has an unresolved named port): a port outside it is denied
+    /// without walking the rules.
+    net_filtered: bool,
+    /// Numeric port list in [`Engine::ports`] (when `net_filtered`).
+    net_ports: Span,
+}
+
+/// What `explain` needs of a table, kept apart from the hot data.
 #[derive(Clone, Debug, Default)]
-struct Tables {
-    /// Admin rules (ANP by priority, then rule order).
-    admin: Box<[u32]>,
-    /// NetworkPolicy rules, when any NetworkPolicy selects the workload for this direction.
-    network: Option<Box<[u32]>>,
+struct TableInfo {
+    /// Admin rules that apply.
+    admin: u32,
+    /// Baseline rules that apply.
+    baseline: u32,
     /// NetworkPolicies selecting the workload for this direction.
     network_policies: Box<[u32]>,
-    /// Baseline rules, when the baseline selects the workload.
-    baseline: Box<[u32]>,
 }
+
+/// One direction's entries.
+#[derive(Debug, Default)]
+struct Layout {
+    entries: Vec<Entry>,
+    info: Vec<TableInfo>,
+}
+
+/// What a decision needs of a workload on the far side of a flow.
+#[derive(Clone, Copy, Debug, Default)]
+struct WorkloadInfo {
+    /// Namespace id (`u32::MAX`: a namespace the inventory does not list).
+    ns: u32,
+    /// Sorted pod-selector ids it matches, in [`Engine::pod_sels`].
+    pod_sels: Span,
+    /// Sorted namespace-selector ids its namespace matches, in [`Engine::ns_sels`].
+    ns_sels: Span,
+    /// Its named container ports, in [`Engine::named_ports`].
+    named_ports: Span,
+}
+
+/// Everything a decision reads of one workload, in one record: its tables (when it is the
+/// subject) and what peer matching needs of it (when it is the far side). A flow reads the
+/// records of its source (egress table, and far side of the ingress) and of its destination
+/// only; the alignment keeps each record in one 128-byte pair of cache lines.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(align(128))]
+struct Node {
+    /// `[ingress, egress]`.
+    tables: [Table; 2],
+    far: WorkloadInfo,
+}
+
+/// A named container port: `(port-name id, port, protocol)`, the first port of each name.
+type NamedPort = (u32, u16, Protocol);
 
 /// The compiled inventory and policies.
 #[derive(Debug)]
@@ -178,19 +265,23 @@ pub struct Engine {
     inventory: Inventory,
     policies: PolicySet,
     warnings: Vec<Warning>,
-    /// Namespace id of each workload.
-    workload_ns: Vec<u32>,
-    /// Sorted pod-selector ids each workload matches.
-    workload_sels: Vec<Box<[u32]>>,
-    /// `(port-name id, port, protocol)` of each workload.
-    workload_ports: Vec<Box<[(u32, u16, Protocol)]>>,
-    /// Sorted namespace-selector ids each namespace matches.
-    ns_sels: Vec<Box<[u32]>>,
+    /// Per workload.
+    nodes: Vec<Node>,
+    pod_sels: Vec<u32>,
+    ns_sels: Vec<u32>,
+    named_ports: Vec<NamedPort>,
     /// Overlay address to workload.
     by_addr: BTreeMap<Addr, u32>,
-    rules: Vec<CRule>,
-    /// `[ingress, egress]` tables per workload.
-    tables: [Vec<Tables>; 2],
+    /// Interned peer lists.
+    peers: Vec<CPeer>,
+    /// Interned port lists.
+    ports: Vec<CPort>,
+    /// Interned `ipBlock` and network sets.
+    ip_sets: Vec<IpSet>,
+    /// Id and action of every compiled rule.
+    rule_info: Vec<(RuleRef, AdminAction)>,
+    /// `[ingress, egress]`.
+    layouts: [Layout; 2],
 }
 
 fn dir_index(d: Direction) -> usize {

@@ -7,14 +7,17 @@
 //!   "identity": "spiffe://cluster.local/ns/shop/sa/cart",
 //!   "overlay_ip": "10.128.1.11",
 //!   "zone": "zone-a",
-//!   "workload_keys": [{"epoch": 7, "key": "<base64url>", "not_after_ms": 1790000000000}],
+//!   "workload_keys": [{"epoch": 7, "key": "<base64url>", "not_after_ms": 1790000000000},
+//!                     {"epoch": 8, "key": "<base64url>", "not_after_ms": null, "not_before_ms": 1789999990000}],
 //!   "ticket_keys":   [{"epoch": 7, "key": "<base64url>", "not_after_ms": null}],
 //!   "refresh_ms": 10000
 //! }
 //! ```
 //!
 //! During a rotation both epochs are listed; a filter seals new tokens with the newest usable
-//! workload key and accepts tickets of any listed, unexpired epoch.
+//! workload key (activated: past `not_before_ms`) and accepts tickets of any listed, unexpired
+//! epoch. Gateways seal tickets by the same activation rule, so nobody seals with an epoch that
+//! a peer may not know yet.
 
 use std::net::IpAddr;
 
@@ -36,11 +39,21 @@ pub struct EpochKey {
     /// After this instant (unix ms) the key must not be used; `None`: until replaced.
     #[serde(default)]
     pub not_after_ms: Option<u64>,
+    /// Before this instant (unix ms) the key is not used to seal: a new epoch is handed out early
+    /// so every filter and gateway knows it before anyone seals with it. `None`: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
 }
 
 impl EpochKey {
-    /// Whether the key may still be used at `now_ms`.
+    /// Whether the key may seal at `now_ms`: activated and not expired.
     pub fn usable_at(&self, now_ms: u64) -> bool {
+        self.not_before_ms.is_none_or(|t| now_ms >= t) && self.valid_at(now_ms)
+    }
+
+    /// Whether a credential sealed with this key is still accepted at `now_ms` (not expired;
+    /// activation does not matter for verifying).
+    pub fn valid_at(&self, now_ms: u64) -> bool {
         self.not_after_ms.is_none_or(|t| now_ms <= t)
     }
 }
@@ -78,11 +91,11 @@ impl KeyBundle {
             .and_then(|k| WorkloadKey::from_base64url(&k.key).ok().map(|key| (k.epoch, key)))
     }
 
-    /// The ticket key of `epoch`, when listed and usable at `now_ms`.
+    /// The ticket key of `epoch`, when listed and not expired at `now_ms`.
     pub fn ticket_key(&self, epoch: u32, now_ms: u64) -> Option<TicketKey> {
         self.ticket_keys
             .iter()
-            .find(|k| k.epoch == epoch && k.usable_at(now_ms))
+            .find(|k| k.epoch == epoch && k.valid_at(now_ms))
             .and_then(|k| TicketKey::from_base64url(&k.key).ok())
     }
 
@@ -109,10 +122,10 @@ mod tests {
             overlay_ip: "10.0.0.1".parse().unwrap(),
             zone: "z".into(),
             workload_keys: vec![
-                EpochKey { epoch: 1, key: k(1), not_after_ms: Some(1000) },
-                EpochKey { epoch: 2, key: k(2), not_after_ms: None },
+                EpochKey { epoch: 1, key: k(1), not_after_ms: Some(1000), not_before_ms: None },
+                EpochKey { epoch: 2, key: k(2), not_after_ms: None, not_before_ms: None },
             ],
-            ticket_keys: vec![EpochKey { epoch: 2, key: k(3), not_after_ms: Some(5000) }],
+            ticket_keys: vec![EpochKey { epoch: 2, key: k(3), not_after_ms: Some(5000), not_before_ms: Some(100) }],
             refresh_ms: 500,
         }
     }
@@ -126,6 +139,11 @@ mod tests {
         assert_eq!(b.signing_key(10).map(|k| k.0), Some(1));
         assert_eq!(b.signing_key(1001), None);
         assert!(b.ticket_key(2, 5000).is_some());
+        assert!(b.ticket_key(2, 50).is_some(), "verifying ignores activation");
+        let mut b2 = bundle();
+        b2.workload_keys[1].not_before_ms = Some(500);
+        assert_eq!(b2.signing_key(499).map(|k| k.0), Some(1), "not activated yet");
+        assert_eq!(b2.signing_key(500).map(|k| k.0), Some(2));
         assert!(b.ticket_key(2, 5001).is_none());
         assert!(b.ticket_key(1, 0).is_none());
     }

@@ -45,7 +45,6 @@ impl Connection {
         let mut s = self.state.borrow_mut();
         let Some(src) = s.identity.as_ref().map(|i| i.overlay_ip) else { return false };
         let action = verdict::outbound(&s.keys, src, dst, now, nonce, s.settings.fail_open);
-        let context = format!("connection to {dst:?}");
         match action {
             Verdict::Allow(token) => {
                 if let Err(status) = hostcalls::set_property(vec![TOKEN_PROPERTY], Some(token.text.as_bytes())) {
@@ -57,11 +56,11 @@ impl Connection {
                 true
             }
             Verdict::FailOpen(d) => {
-                s.metrics.refused(&d, true, &context);
+                s.metrics.refused(&d, true, &format!("connection to {dst:?}"));
                 true
             }
             Verdict::Deny(d) => {
-                s.metrics.refused(&d, false, &context);
+                s.metrics.refused(&d, false, &format!("connection to {dst:?}"));
                 false
             }
         }

@@ -31,7 +31,6 @@ impl HttpContext for Tunnel {
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
         let Some(check) = tunnel_check(s) else { return deny("no-identity") };
-        let context = format!("CONNECT {authority:?}");
         let action =
             verdict::inbound_tunnel(&check, &s.keys, s.replay.as_mut(), ticket.as_deref(), authority.as_deref(), now);
         match action {
@@ -42,11 +41,11 @@ impl HttpContext for Tunnel {
                 Action::Continue
             }
             Verdict::FailOpen(d) => {
-                s.metrics.refused(&d, true, &context);
+                s.metrics.refused(&d, true, &format!("CONNECT {authority:?}"));
                 Action::Continue
             }
             Verdict::Deny(d) => {
-                s.metrics.refused(&d, false, &context);
+                s.metrics.refused(&d, false, &format!("CONNECT {authority:?}"));
                 deny(d.reason)
             }
         }

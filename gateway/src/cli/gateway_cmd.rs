@@ -22,7 +22,7 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
     /// Check the configuration, inventory, secrets and certificates, print the effective
-    /// configuration, and exit.
+    /// configuration, and exit without opening any socket.
     #[arg(long)]
     pub check: bool,
 }
@@ -32,7 +32,8 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
@@ -46,6 +47,18 @@ pub fn run(args: GatewayArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        return match crate::app::check(&config) {
+            Ok(()) => {
+                println!("{}", serde_json::to_string_pretty(&config).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keyway: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -55,7 +68,6 @@ pub fn run(args: GatewayArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let drain = Duration::from_millis(config.drain_ms);
-        let check = args.check;
         let handle = match crate::app::build(config).await {
             Ok(h) => h,
             Err(e) => {
@@ -63,11 +75,6 @@ pub fn run(args: GatewayArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        if check {
-            println!("{}", serde_json::to_string_pretty(&*handle.ctx.config).unwrap_or_default());
-            handle.shutdown(Duration::ZERO).await;
-            return ExitCode::SUCCESS;
-        }
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         loop {

@@ -243,7 +243,7 @@ impl Overlay {
                 let certs = root.join("certs");
                 let issued = keyway_gateway::ca::issue_gateway(&ca, TD, zone, n, &certs).unwrap();
                 let text = format!(
-                    "zone: {zone}\nname: {n}\nlisten: {{tunnel: \"127.0.0.1:0\", overlay: \"127.0.0.1:{port}\", admin: \"127.0.0.1:0\"}}\ntls: {{ca: {ca}, cert: {cert}, key: {key}}}\nsecrets: {secrets}\ninventory: {inv}\ndelivery: {{sidecar_port: {sidecar_port}}}\nkeepalive_ms: 200\npeer_idle_timeout_ms: 1000\nreload_interval_ms: 100\nlimits: {{connect_timeout_ms: 3000}}\nzones:\n{zones_yaml}",
+                    "zone: {zone}\nname: {n}\nlisten: {{tunnel: \"127.0.0.1:0\", overlay: \"127.0.0.1:{port}\", admin: \"127.0.0.1:0\"}}\ntls: {{ca: {ca}, cert: {cert}, key: {key}}}\nsecrets: {secrets}\ninventory: {inv}\ndelivery: {{sidecar_port: {sidecar_port}}}\nkeepalive_ms: 200\npeer_idle_timeout_ms: 3000\nreload_interval_ms: 100\nlimits: {{connect_timeout_ms: 3000}}\nzones:\n{zones_yaml}",
                     port = overlay_ports[&(zone.to_string(), n.to_string())],
                     ca = ca.join("ca.pem").display(),
                     cert = issued.cert.display(),
@@ -314,16 +314,7 @@ impl Overlay {
 }
 
 pub fn getrandom_fill(b: &mut [u8]) {
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (now_ms() as u8).wrapping_mul(31).wrapping_add(i as u8).wrapping_add(rand_byte());
-    }
-}
-
-fn rand_byte() -> u8 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static C: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
-    let x = C.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-    (x.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 56) as u8
+    getrandom::fill(b).unwrap();
 }
 
 /// The result of a CONNECT through a gateway.

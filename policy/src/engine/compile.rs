@@ -2,13 +2,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{CNs, CPeer, CPorts, CRule, Engine, RuleRef, Tables, dir_index};
+use super::layout::{Lists, SrcRule, Tiers};
+use super::{CNs, CPeer, EVERY_POD, Engine, Layout, NamedPort, Node, RuleRef, Span, Table, WorkloadInfo, dir_index};
 use crate::error::{LoadError, Warning};
 use crate::inventory::Inventory;
 use crate::ip::addr;
 use crate::policy::netpol::Peer as NpPeer;
 use crate::policy::{AdminAction, AdminPeer, AdminRule, Direction, NamespaceMatch, PolicySet, PortSpec, Subject};
-use crate::ports::{ConnSet, PortRanges};
+use crate::ports::{ConnSet, PortRanges, Protocol};
 use crate::selector::{Labels, Selector};
 
 /// Interned selectors with the name of the first policy that used each (for error messages).
@@ -71,8 +72,17 @@ struct Builder {
     nss: Interner,
     ns_ids: BTreeMap<String, u32>,
     port_names: BTreeMap<String, u32>,
-    rules: Vec<CRule>,
+    rules: Vec<SrcRule>,
+    lists: Lists,
     warnings: Vec<Warning>,
+}
+
+/// Compiled rule ports: every port, or numeric ranges and `(required protocol, port-name id)`
+/// pairs (`None` protocol: the container port's own).
+struct CPorts {
+    all: bool,
+    numeric: ConnSet,
+    named: Vec<(Option<Protocol>, u32)>,
 }
 
 impl Builder {
@@ -105,26 +115,42 @@ impl Builder {
         }
     }
 
-    fn push(&mut self, rule: CRule) -> u32 {
-        self.rules.push(rule);
+    fn push(&mut self, id: RuleRef, action: AdminAction, peers: &[CPeer], ports: CPorts) -> u32 {
+        let peer_list = self.lists.peer_list(peers);
+        let port_list = if ports.all { Span::default() } else { self.lists.port_list(&ports.numeric, &ports.named) };
+        self.rules.push(SrcRule {
+            id,
+            action,
+            peers: peer_list.unwrap_or_default(),
+            any_peer: peer_list.is_none(),
+            no_peer: peer_list.is_some_and(|s| s.len == 0),
+            all_ports: ports.all,
+            numeric: ports.numeric,
+            named: ports.named,
+            ports: port_list,
+        });
         (self.rules.len() - 1) as u32
     }
 
+    fn pods_pred(&mut self, s: &Selector, user: &str) -> u32 {
+        self.pods.id(s, user).unwrap_or(EVERY_POD)
+    }
+
     fn admin_rule(&mut self, id: RuleRef, r: &AdminRule, user: &str) -> u32 {
-        let peers = r
+        let peers: Vec<CPeer> = r
             .peers
             .iter()
             .map(|p| match p {
-                AdminPeer::Namespaces(s) => CPeer::Pods { ns: self.ns_pred(s, user), pods: None },
+                AdminPeer::Namespaces(s) => CPeer::Pods { ns: self.ns_pred(s, user), pods: EVERY_POD },
                 AdminPeer::Pods { namespaces, pods } => {
-                    CPeer::Pods { ns: self.ns_pred(namespaces, user), pods: self.pods.id(pods, user) }
+                    CPeer::Pods { ns: self.ns_pred(namespaces, user), pods: self.pods_pred(pods, user) }
                 }
-                AdminPeer::Networks(ip) => CPeer::Ip(ip.set.clone()),
+                AdminPeer::Networks(ip) => CPeer::Ip(self.lists.ip_set(&ip.set)),
                 AdminPeer::Nodes => CPeer::Nothing,
             })
             .collect();
         let ports = self.ports(r.ports.as_deref());
-        self.push(CRule { id, action: r.action, peers, ports })
+        self.push(id, r.action, &peers, ports)
     }
 }
 
@@ -145,6 +171,7 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
         ns_ids: BTreeMap::new(),
         port_names: BTreeMap::new(),
         rules: Vec::new(),
+        lists: Lists::default(),
         warnings: Vec::new(),
     };
     for (i, name) in inventory.namespaces.keys().enumerate() {
@@ -161,25 +188,25 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
         let mut per_dir: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
         for (direction, rules) in [(Direction::Ingress, &np.ingress_rules), (Direction::Egress, &np.egress_rules)] {
             for (ri, r) in rules.iter().enumerate() {
-                let peers = match &r.peers {
+                let peers: Vec<CPeer> = match &r.peers {
                     None => vec![CPeer::Any],
                     Some(list) => list
                         .iter()
                         .map(|p| match p {
-                            NpPeer::Ip(ip) => CPeer::Ip(ip.set.clone()),
+                            NpPeer::Ip(ip) => CPeer::Ip(b.lists.ip_set(&ip.set)),
                             NpPeer::Pods(pp) => {
                                 let ns = match &pp.namespaces {
                                     NamespaceMatch::Named(n) => CNs::Id(ns_of(&b, n)),
                                     NamespaceMatch::Selected(s) => b.ns_pred(s, &user),
                                 };
-                                CPeer::Pods { ns, pods: b.pods.id(&pp.pods, &user) }
+                                CPeer::Pods { ns, pods: b.pods_pred(&pp.pods, &user) }
                             }
                         })
                         .collect(),
                 };
                 let ports = b.ports(Some(&r.ports));
                 let id = RuleRef::Network { policy: pi as u32, direction, rule: ri as u32 };
-                let idx = b.push(CRule { id, action: AdminAction::Allow, peers, ports });
+                let idx = b.push(id, AdminAction::Allow, &peers, ports);
                 if let Some(slot) = per_dir.get_mut(dir_index(direction)) {
                     slot.push(idx);
                 }
@@ -255,22 +282,35 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
     for (pi, np) in policies.network.iter().enumerate() {
         by_ns.entry(np.namespace.as_str()).or_default().push(pi);
     }
-    let n = inventory.workloads.len();
-    let mut tables: [Vec<Tables>; 2] = [vec![Tables::default(); n], vec![Tables::default(); n]];
+    // The named container ports of each workload, the first of each name (names are unique in
+    // a pod), as `(port-name id, port, protocol)`; names no rule uses are left out.
+    let mut named_ports: Vec<NamedPort> = Vec::new();
+    let mut named_spans: Vec<Span> = Vec::with_capacity(inventory.workloads.len());
+    for w in &inventory.workloads {
+        let start = named_ports.len();
+        for p in &w.ports {
+            let Some(&id) = p.name.as_ref().and_then(|n| b.port_names.get(n)) else { continue };
+            if !named_ports.get(start..).unwrap_or_default().iter().any(|(n, _, _)| *n == id) {
+                named_ports.push((id, p.port, p.protocol));
+            }
+        }
+        named_spans.push(Span { start: start as u32, len: (named_ports.len() - start) as u32 });
+    }
+
+    let mut layouts: [Layout; 2] = [Layout::default(), Layout::default()];
+    let mut tables: Vec<[Table; 2]> = vec![[Table::default(); 2]; inventory.workloads.len()];
     let mut np_selects_some = vec![[false; 2]; policies.network.len()];
     for (wi, w) in inventory.workloads.iter().enumerate() {
         let sels = workload_sels.get(wi).map(|b| &b[..]).unwrap_or_default();
         let ns = workload_ns.get(wi).copied().unwrap_or(u32::MAX);
         for direction in [Direction::Ingress, Direction::Egress] {
             let d = dir_index(direction);
-            let mut admin = Vec::new();
+            let mut tiers = Tiers::default();
             for (pi, (sns, spods)) in anp_subjects.iter().enumerate() {
                 if ns_ok(ns, *sns) && has(sels, *spods) {
-                    admin.extend(anp_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
+                    tiers.admin.extend(anp_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
                 }
             }
-            let mut network: Option<Vec<u32>> = None;
-            let mut network_policies = Vec::new();
             for &pi in by_ns.get(w.namespace.as_str()).into_iter().flatten() {
                 let Some(np) = policies.network.get(pi) else { continue };
                 let in_effect = match direction {
@@ -283,25 +323,27 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
                 if let Some(flag) = np_selects_some.get_mut(pi).and_then(|f| f.get_mut(d)) {
                     *flag = true;
                 }
-                network_policies.push(pi as u32);
-                network
+                tiers.network_policies.push(pi as u32);
+                tiers
+                    .network
                     .get_or_insert_with(Vec::new)
                     .extend(np_rules.get(pi).and_then(|r| r.get(d)).into_iter().flatten());
             }
-            let mut baseline = Vec::new();
             if let Some(((sns, spods), rules)) = &banp
                 && ns_ok(ns, *sns)
                 && has(sels, *spods)
             {
-                baseline.extend(rules.get(d).into_iter().flatten());
+                tiers.baseline.extend(rules.get(d).into_iter().flatten());
             }
-            if let Some(t) = tables.get_mut(d).and_then(|t| t.get_mut(wi)) {
-                *t = Tables {
-                    admin: admin.into(),
-                    network: network.map(Into::into),
-                    network_policies: network_policies.into(),
-                    baseline: baseline.into(),
-                };
+            // Ingress: the workload is the destination, so named ports resolve now.
+            let resolve_on = match direction {
+                Direction::Ingress => Some(named_spans.get(wi).copied().unwrap_or_default().of(&named_ports)),
+                Direction::Egress => None,
+            };
+            if let Some(layout) = layouts.get_mut(d)
+                && let Some(slot) = tables.get_mut(wi).and_then(|t| t.get_mut(d))
+            {
+                *slot = layout.push(&mut b.lists, &b.rules, tiers, resolve_on);
             }
         }
     }
@@ -331,19 +373,6 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
     }
 
     // Named ports that no workload defines (with the protocol the rule asks for) match nothing.
-    let workload_ports: Vec<Box<[(u32, u16, crate::ports::Protocol)]>> = inventory
-        .workloads
-        .iter()
-        .map(|w| {
-            w.ports
-                .iter()
-                .filter_map(|p| {
-                    let id = p.name.as_ref().and_then(|n| b.port_names.get(n))?;
-                    Some((*id, p.port, p.protocol))
-                })
-                .collect()
-        })
-        .collect();
     warn_unresolved_named_ports(&policies, &inventory, &mut b.warnings);
 
     let mut by_addr = BTreeMap::new();
@@ -361,18 +390,43 @@ pub(super) fn compile(inventory: Inventory, policies: PolicySet) -> Result<Engin
         }
     }
 
-    let Builder { rules, warnings, .. } = b;
+    // What a decision reads of the workload on the far side, in flat arrays.
+    let mut ns_sel_data: Vec<u32> = Vec::new();
+    let mut ns_spans: Vec<Span> = Vec::with_capacity(ns_sels.len());
+    for l in &ns_sels {
+        ns_spans.push(Span { start: ns_sel_data.len() as u32, len: l.len() as u32 });
+        ns_sel_data.extend_from_slice(l);
+    }
+    let mut pod_sels: Vec<u32> = Vec::new();
+    let mut nodes = Vec::with_capacity(inventory.workloads.len());
+    for wi in 0..inventory.workloads.len() {
+        let sels = workload_sels.get(wi).map(|b| &b[..]).unwrap_or_default();
+        let ns = workload_ns.get(wi).copied().unwrap_or(u32::MAX);
+        let far = WorkloadInfo {
+            ns,
+            pod_sels: Span { start: pod_sels.len() as u32, len: sels.len() as u32 },
+            ns_sels: ns_spans.get(ns as usize).copied().unwrap_or_default(),
+            named_ports: named_spans.get(wi).copied().unwrap_or_default(),
+        };
+        nodes.push(Node { tables: tables.get(wi).copied().unwrap_or_default(), far });
+        pod_sels.extend_from_slice(sels);
+    }
+
+    let Builder { rules, lists, warnings, .. } = b;
     Ok(Engine {
         inventory,
         policies,
         warnings,
-        workload_ns,
-        workload_sels,
-        workload_ports,
-        ns_sels,
+        nodes,
+        pod_sels,
+        ns_sels: ns_sel_data,
+        named_ports,
         by_addr,
-        rules,
-        tables,
+        peers: lists.peers,
+        ports: lists.ports,
+        ip_sets: lists.ip_sets,
+        rule_info: rules.iter().map(|r| (r.id, r.action)).collect(),
+        layouts,
     })
 }
 

@@ -92,9 +92,9 @@ impl Engine {
 
     fn isolating(&self, direction: Direction, workload: usize) -> Vec<String> {
         let list = self
-            .tables
+            .layouts
             .get(dir_index(direction))
-            .and_then(|t| t.get(workload))
+            .and_then(|l| l.info.get(workload))
             .map(|t| &t.network_policies[..])
             .unwrap_or_default();
         list.iter()
@@ -130,8 +130,8 @@ impl Engine {
             let _ = writeln!(text, "    {} is outside the inventory: no policy applies to it", self.peer_name(subject));
             return;
         };
-        let t = self.tables.get(dir_index(d.direction)).and_then(|t| t.get(w));
-        let admin_count = t.map_or(0, |t| t.admin.len());
+        let t = self.layouts.get(dir_index(d.direction)).and_then(|l| l.info.get(w));
+        let admin_count = t.map_or(0, |t| t.admin);
         if let Some(p) = d.passed_by {
             let _ = writeln!(text, "    1. admin tier: {} matches: Pass to NetworkPolicy", self.rule_name(p));
         } else if matches!(d.decider, Decider::Rule(RuleRef::Admin { .. })) {
@@ -183,7 +183,7 @@ impl Engine {
             }
             Decider::NotIsolated => {
                 let _ = writeln!(text, "    2. NetworkPolicy: none selects it for {}", d.direction.as_str());
-                let base = t.map_or(0, |t| t.baseline.len());
+                let base = t.map_or(0, |t| t.baseline);
                 if base > 0 {
                     let _ = writeln!(text, "    3. baseline tier: no rule matches");
                 }

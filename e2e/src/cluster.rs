@@ -1,0 +1,739 @@
+//! The whole overlay of a test or of the demo, built from `samples/shop`: three zones, two
+//! gateway replicas per zone (real `keyway gateway` processes), every workload of the sample as a
+//! pod with the sample app and a real Envoy sidecar running the real keyway filter, the impairment
+//! relay carrying the overlay between zones, and an "internet" host outside the overlay.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use keyway_policy::engine::Peer;
+use keyway_policy::{Engine, Protocol, Verdict};
+
+use crate::app::ProbeResult;
+use crate::envoy::{ENVOY_UID, HEALTH_PORT, Sidecar};
+use crate::proc::Proc;
+use crate::topology::{Pod, Topology, ns_sh, require_root, sh};
+
+/// The zones of the sample, in index order (zone-a is 1).
+pub const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+/// Gateway replicas per zone.
+pub const REPLICAS: [&str; 2] = ["gw-1", "gw-2"];
+/// The host outside the overlay (in the router namespace), inside the sample's partner range.
+pub const INTERNET: &str = "172.31.250.10";
+/// Ports the internet host serves.
+pub const INTERNET_PORTS: [u16; 2] = [443, 8443];
+const TUNNEL_PORT: u16 = 15180;
+const OVERLAY_PORT: u16 = 15443;
+const ADMIN_PORT: u16 = 15190;
+
+/// Where the pieces are.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The repository root.
+    pub repo: PathBuf,
+    /// The sample manifest directory.
+    pub samples: PathBuf,
+    /// The `keyway` binary.
+    pub keyway: PathBuf,
+    /// The `keyway-e2e` binary (app, probe, relay).
+    pub e2e: PathBuf,
+    /// The Envoy binary.
+    pub envoy: PathBuf,
+    /// The filter module.
+    pub wasm: PathBuf,
+    /// Namespace name prefix of this run.
+    pub prefix: String,
+}
+
+impl Options {
+    /// Finds everything from the environment and the build tree: `KEYWAY_BIN`, `KEYWAY_E2E_BIN`,
+    /// `KEYWAY_ENVOY`, `KEYWAY_WASM`, else the binaries beside the running one, Envoy through
+    /// `scripts/install-envoy.sh`, the module in `target/wasm32-wasip1/wasm-release/`.
+    pub fn discover(prefix: &str) -> anyhow::Result<Options> {
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
+        let exe = std::env::current_exe()?;
+        let mut bindir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if bindir.ends_with("deps") {
+            bindir.pop();
+        }
+        let find = |var: &str, name: &str| -> anyhow::Result<PathBuf> {
+            let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| bindir.join(name));
+            if !p.exists() {
+                bail!(
+                    "{} not found ({}): build it with `cargo build -p keyway-gateway -p keyway-e2e` or set {var}",
+                    name,
+                    p.display()
+                );
+            }
+            Ok(p)
+        };
+        let keyway = find("KEYWAY_BIN", "keyway")?;
+        let e2e = find("KEYWAY_E2E_BIN", "keyway-e2e")?;
+        let envoy = match std::env::var_os("KEYWAY_ENVOY") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(sh(&[repo.join("scripts/install-envoy.sh").to_str().unwrap_or_default()])?.trim()),
+        };
+        if !envoy.exists() {
+            bail!("Envoy not found at {}: run scripts/install-envoy.sh", envoy.display());
+        }
+        let wasm = std::env::var_os("KEYWAY_WASM")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join("target/wasm32-wasip1/wasm-release/keyway_filter.wasm"));
+        if !wasm.exists() {
+            bail!("the filter module {} is missing: run `make wasm`", wasm.display());
+        }
+        Ok(Options { samples: repo.join("samples/shop"), repo, keyway, e2e, envoy, wasm, prefix: prefix.to_owned() })
+    }
+}
+
+/// A workload of the sample, running.
+#[derive(Debug)]
+pub struct WorkloadPod {
+    /// Index in the engine's inventory.
+    pub index: usize,
+    /// `ns/name`.
+    pub name: String,
+    /// `ns/name[Kind]`.
+    pub display: String,
+    /// Zone.
+    pub zone: String,
+    /// Its pod.
+    pub pod: Pod,
+    /// Overlay address.
+    pub overlay: IpAddr,
+    /// App ports (from its container ports).
+    pub ports: Vec<u16>,
+    /// The app.
+    pub app: Option<Proc>,
+    /// The sidecar.
+    pub envoy: Option<Proc>,
+}
+
+/// A gateway replica.
+#[derive(Debug)]
+pub struct GatewayPod {
+    /// Zone.
+    pub zone: String,
+    /// Name.
+    pub name: String,
+    /// Its pod.
+    pub pod: Pod,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// The process, while running.
+    pub proc: Option<Proc>,
+    log_n: u32,
+}
+
+/// The running overlay. Dropping it stops every process and removes every namespace.
+#[derive(Debug)]
+pub struct Cluster {
+    // Processes first: fields drop in order, and the namespaces must outlive their processes.
+    /// Workloads.
+    pub workloads: Vec<WorkloadPod>,
+    /// Gateways.
+    pub gateways: Vec<GatewayPod>,
+    /// The impairment relay (router namespace).
+    pub relay: Option<Proc>,
+    /// The host outside the overlay (router namespace).
+    pub internet: Option<Proc>,
+    /// The namespaces.
+    pub topo: Topology,
+    /// The run directory (configs, logs, keys).
+    pub dir: PathBuf,
+    /// The expected verdicts: the engine over the same manifests.
+    pub engine: Engine,
+    /// The relay's impairment control file.
+    pub control: PathBuf,
+    /// The epoch secrets.
+    pub secrets: PathBuf,
+    /// The manifest directory the gateways watch.
+    pub inventory: PathBuf,
+    /// Where things are.
+    pub opts: Options,
+}
+
+fn zone_index(zone: &str) -> anyhow::Result<u8> {
+    ZONES.iter().position(|z| *z == zone).map(|i| i as u8 + 1).with_context(|| format!("unknown zone {zone}"))
+}
+
+fn relay_ip(zone: u8, replica: u8) -> String {
+    format!("10.62.{zone}.{replica}")
+}
+
+/// Copies the sample manifests, adding each workload's sidecar address.
+fn write_inventory(samples: &Path, out: &Path, sidecars: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    for entry in std::fs::read_dir(samples)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let mut docs = Vec::new();
+        for d in serde_yaml_ng::Deserializer::from_str(&text) {
+            let mut v = serde_yaml_ng::Value::deserialize(d)?;
+            let key = format!(
+                "{}/{}",
+                v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                v["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            if v["kind"].as_str() == Some("Deployment")
+                && let Some(ip) = sidecars.get(&key)
+                && let Some(ann) = v["spec"]["template"]["metadata"]["annotations"].as_mapping_mut()
+            {
+                ann.insert("keyway.io/sidecar-ips".into(), ip.clone().into());
+            }
+            if !v.is_null() {
+                docs.push(serde_yaml_ng::to_string(&v)?);
+            }
+        }
+        std::fs::write(out.join(path.file_name().unwrap_or_default()), docs.join("---\n"))?;
+    }
+    Ok(())
+}
+
+use serde::Deserialize as _;
+
+impl Cluster {
+    /// Builds and starts everything; fails loudly (never skips) when it cannot.
+    pub fn start(opts: Options) -> anyhow::Result<Cluster> {
+        require_root()?;
+        let dir = std::env::temp_dir().join(format!("keyway-e2e-{}", opts.prefix));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("logs"))?;
+        sh(&["chmod", "0755", dir.to_str().unwrap_or_default()])?;
+        let wasm = dir.join("keyway_filter.wasm");
+        std::fs::copy(&opts.wasm, &wasm)?;
+
+        // Expected verdicts come from the sample as written.
+        let (engine, _) = keyway_policy::fs::load_dir(&opts.samples).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut topo = Topology::new(&opts.prefix, ZONES.len() as u8)?;
+
+        // Pods: gateways at .2 and .3 of their zone, workloads from .10.
+        let mut gateway_pods = Vec::new();
+        for zone in ZONES {
+            let z = zone_index(zone)?;
+            for (i, name) in REPLICAS.iter().enumerate() {
+                let pod = topo.pod(&format!("g{}", i + 1), z, 2 + i as u8)?;
+                gateway_pods.push((zone.to_owned(), (*name).to_owned(), pod));
+            }
+        }
+        let mut next_host: BTreeMap<u8, u8> = BTreeMap::new();
+        let mut workload_pods = Vec::new();
+        let mut sidecar_ips = BTreeMap::new();
+        for (index, w) in engine.inventory().workloads.iter().enumerate() {
+            let zone = w.zone.clone().with_context(|| format!("{} has no keyway.io/zone", w.display_name()))?;
+            let z = zone_index(&zone)?;
+            let host = next_host.entry(z).or_insert(10);
+            let pod = topo.pod(&format!("w{host}"), z, *host)?;
+            *host += 1;
+            let overlay =
+                *w.overlay_ips.first().with_context(|| format!("{} has no overlay address", w.display_name()))?;
+            sidecar_ips.insert(w.short_name(), pod.ip.clone());
+            let mut ports: Vec<u16> = w.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.port).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            workload_pods.push(WorkloadPod {
+                index,
+                name: w.short_name(),
+                display: w.display_name(),
+                zone,
+                pod,
+                overlay,
+                ports,
+                app: None,
+                envoy: None,
+            });
+        }
+
+        // Keys, certificates, inventory.
+        let keyway = opts.keyway.to_str().unwrap_or_default().to_owned();
+        let ca = dir.join("ca");
+        sh(&[&keyway, "ca", "init", "--out", ca.to_str().unwrap_or_default()])?;
+        let secrets = dir.join("epochs.json");
+        sh(&[&keyway, "keys", "init", "--out", secrets.to_str().unwrap_or_default()])?;
+        let inventory = dir.join("manifests");
+        write_inventory(&opts.samples, &inventory, &sidecar_ips)?;
+
+        // The relay in the router namespace carries the overlay between zones.
+        let control = dir.join("impairment");
+        std::fs::write(&control, "0 0\n")?;
+        let mut pairs = Vec::new();
+        for zone in ZONES {
+            let z = zone_index(zone)?;
+            for i in 0..REPLICAS.len() as u8 {
+                let rip = relay_ip(z, i + 1);
+                topo.router_address(&rip)?;
+                pairs.push(format!("{rip}:{OVERLAY_PORT}=10.61.{z}.{}:{OVERLAY_PORT}", 2 + i));
+            }
+        }
+        topo.router_address(INTERNET)?;
+        let e2e = opts.e2e.to_str().unwrap_or_default().to_owned();
+        let mut relay_args = vec![e2e.clone(), "relay".into(), "--control".into(), control.display().to_string()];
+        relay_args.extend(pairs);
+        let relay = Proc::start("relay", &topo.router, None, &relay_args, &dir.join("logs/relay.log"), &[])?;
+        let ports: Vec<String> = INTERNET_PORTS.iter().map(u16::to_string).collect();
+        let internet = Proc::start(
+            "internet",
+            &topo.router,
+            None,
+            &[e2e.clone(), "app".into(), "--workload".into(), "internet".into(), "--ports".into(), ports.join(",")],
+            &dir.join("logs/internet.log"),
+            &[],
+        )?;
+
+        let mut cluster = Cluster {
+            workloads: Vec::new(),
+            gateways: Vec::new(),
+            relay: Some(relay),
+            internet: Some(internet),
+            topo,
+            dir: dir.clone(),
+            engine,
+            control,
+            secrets,
+            inventory,
+            opts: opts.clone(),
+        };
+
+        // Gateways.
+        let zones_yaml: String = ZONES
+            .iter()
+            .map(|zone| {
+                let z = zone_index(zone).unwrap_or(0);
+                let failover: Vec<&str> = match *zone {
+                    "zone-a" => vec!["zone-b", "zone-c"],
+                    "zone-b" => vec!["zone-c", "zone-a"],
+                    _ => vec!["zone-b", "zone-a"],
+                };
+                (z, zone, failover)
+            })
+            .map(|(z, zone, failover)| {
+                let gws: Vec<String> = REPLICAS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| format!("{{name: {n}, address: \"{}:{OVERLAY_PORT}\"}}", relay_ip(z, i as u8 + 1)))
+                    .collect();
+                format!("- name: {zone}\n  gateways: [{}]\n  failover: [{}]\n", gws.join(", "), failover.join(", "))
+            })
+            .collect();
+        for (zone, name, pod) in gateway_pods {
+            let certs = dir.join("certs");
+            sh(&[
+                &keyway,
+                "ca",
+                "issue",
+                "--ca",
+                ca.to_str().unwrap_or_default(),
+                "--zone",
+                &zone,
+                "--name",
+                &name,
+                "--out",
+                certs.to_str().unwrap_or_default(),
+            ])?;
+            // This gateway's own zone lists real addresses; other zones are reached through the relay.
+            let z = zone_index(&zone)?;
+            let mut zones = zones_yaml.clone();
+            for (i, n) in REPLICAS.iter().enumerate() {
+                zones = zones.replace(
+                    &format!("{{name: {n}, address: \"{}:{OVERLAY_PORT}\"}}", relay_ip(z, i as u8 + 1)),
+                    &format!("{{name: {n}, address: \"10.61.{z}.{}:{OVERLAY_PORT}\"}}", 2 + i),
+                );
+            }
+            let config = dir.join(format!("gateway-{zone}-{name}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "zone: {zone}\nname: {name}\nlisten: {{tunnel: \"0.0.0.0:{TUNNEL_PORT}\", overlay: \"{ip}:{OVERLAY_PORT}\", admin: \"0.0.0.0:{ADMIN_PORT}\"}}\ntls: {{ca: {ca}, cert: {cert}, key: {key}}}\nsecrets: {secrets}\ninventory: {inv}\nkeepalive_ms: 200\npeer_idle_timeout_ms: 1500\nreload_interval_ms: 200\nkey_service: {{refresh_ms: 1000}}\nlimits: {{connect_timeout_ms: 3000}}\nzones:\n{zones}",
+                    ip = pod.ip,
+                    ca = ca.join("ca.pem").display(),
+                    cert = certs.join(format!("{zone}-{name}.pem")).display(),
+                    key = certs.join(format!("{zone}-{name}-key.pem")).display(),
+                    secrets = cluster.secrets.display(),
+                    inv = cluster.inventory.display(),
+                ),
+            )?;
+            cluster.gateways.push(GatewayPod { zone, name, pod, config, proc: None, log_n: 0 });
+        }
+        for i in 0..cluster.gateways.len() {
+            cluster.start_gateway_at(i)?;
+        }
+        cluster.wait_gateways_ready(Duration::from_secs(30))?;
+
+        // Workloads: iptables capture, the app, the sidecar.
+        for mut w in workload_pods {
+            for rule in Sidecar::iptables() {
+                let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+                ns_sh(&w.pod.ns, &args)?;
+            }
+            let mut app_ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
+            app_ports.push(HEALTH_PORT.to_string());
+            let slug = w.name.replace('/', "-");
+            w.app = Some(Proc::start(
+                &format!("{} app", w.name),
+                &w.pod.ns,
+                None,
+                &[
+                    e2e.clone(),
+                    "app".into(),
+                    "--workload".into(),
+                    w.name.clone(),
+                    "--ports".into(),
+                    app_ports.join(","),
+                ],
+                &dir.join(format!("logs/app-{slug}.log")),
+                &[],
+            )?);
+            let wl = cluster.engine.inventory().workloads.get(w.index).context("workload")?;
+            let z = zone_index(&w.zone)?;
+            let sidecar = Sidecar {
+                namespace: wl.namespace.clone(),
+                service_account: wl.service_account.clone(),
+                overlay_ip: w.overlay.to_string(),
+                app_ports: w.ports.clone(),
+                gateways: (0..REPLICAS.len()).map(|i| format!("10.61.{z}.{}", 2 + i)).collect(),
+                tunnel_port: TUNNEL_PORT,
+                admin_port: ADMIN_PORT,
+                wasm: wasm.display().to_string(),
+            };
+            let cfg = dir.join(format!("envoy-{slug}.yaml"));
+            std::fs::write(&cfg, sidecar.bootstrap())?;
+            w.envoy = Some(Proc::start(
+                &format!("{} envoy", w.name),
+                &w.pod.ns,
+                Some(ENVOY_UID),
+                &[
+                    opts.envoy.display().to_string(),
+                    "-c".into(),
+                    cfg.display().to_string(),
+                    "--concurrency".into(),
+                    "1".into(),
+                    "--disable-hot-restart".into(),
+                    "-l".into(),
+                    "warning".into(),
+                ],
+                &dir.join(format!("logs/envoy-{slug}.log")),
+                &[],
+            )?);
+            cluster.workloads.push(w);
+        }
+        cluster.wait_sidecars_ready(Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    fn start_gateway_at(&mut self, i: usize) -> anyhow::Result<()> {
+        let keyway = self.opts.keyway.display().to_string();
+        let g = self.gateways.get_mut(i).context("gateway")?;
+        g.log_n += 1;
+        let log = self.dir.join(format!("logs/gateway-{}-{}.{}.log", g.zone, g.name, g.log_n));
+        g.proc = Some(Proc::start(
+            &format!("{}/{} gateway", g.zone, g.name),
+            &g.pod.ns,
+            None,
+            &[keyway, "gateway".into(), "--config".into(), g.config.display().to_string()],
+            &log,
+            &[("LOG_FORMAT", "json".into()), ("RUST_LOG", "info".into())],
+        )?);
+        Ok(())
+    }
+
+    fn gateway_index(&self, zone: &str, name: &str) -> anyhow::Result<usize> {
+        self.gateways
+            .iter()
+            .position(|g| g.zone == zone && g.name == name)
+            .with_context(|| format!("no gateway {zone}/{name}"))
+    }
+
+    /// Kills a gateway replica at once (SIGKILL).
+    pub fn kill_gateway(&mut self, zone: &str, name: &str) -> anyhow::Result<()> {
+        let i = self.gateway_index(zone, name)?;
+        if let Some(mut p) = self.gateways.get_mut(i).and_then(|g| g.proc.take()) {
+            p.kill();
+        }
+        Ok(())
+    }
+
+    /// Starts a gateway replica again.
+    pub fn start_gateway(&mut self, zone: &str, name: &str) -> anyhow::Result<()> {
+        let i = self.gateway_index(zone, name)?;
+        self.start_gateway_at(i)
+    }
+
+    /// An HTTP GET from inside a namespace: (status, body).
+    pub fn http_get(&self, ns: &str, url: &str) -> anyhow::Result<(u16, String)> {
+        let out = ns_sh(ns, &[self.opts.e2e.to_str().unwrap_or_default(), "get", url])?;
+        let (status, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+        Ok((status.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
+    /// The gateway's admin endpoint `path`.
+    pub fn gateway_admin(&self, zone: &str, name: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let g = self.gateways.get(self.gateway_index(zone, name)?).context("gateway")?;
+        self.http_get(&g.pod.ns, &format!("127.0.0.1:{ADMIN_PORT}{path}"))
+    }
+
+    /// Waits until every running gateway is ready and connected to every running gateway of the
+    /// other zones.
+    pub fn wait_gateways_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + deadline;
+        loop {
+            let mut missing = Vec::new();
+            let running: Vec<(String, String)> =
+                self.gateways.iter().filter(|g| g.proc.is_some()).map(|g| (g.zone.clone(), g.name.clone())).collect();
+            for (zone, name) in &running {
+                match self.gateway_admin(zone, name, "/peers") {
+                    Ok((200, body)) => {
+                        let peers: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                        for (pz, pn) in running.iter().filter(|(z, _)| z != zone) {
+                            let up = peers
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .any(|p| p["zone"] == pz.as_str() && p["name"] == pn.as_str() && p["up"] == true);
+                            if !up {
+                                missing.push(format!("{zone}/{name} → {pz}/{pn}"));
+                            }
+                        }
+                    }
+                    other => missing.push(format!("{zone}/{name} admin: {other:?}")),
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                let logs: Vec<String> = self
+                    .gateways
+                    .iter()
+                    .filter_map(|g| g.proc.as_ref().map(|p| format!("--- {}\n{}", p.name, p.tail(5))))
+                    .collect();
+                bail!("gateways not ready after {deadline:?}: {}\n{}", missing.join(", "), logs.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every sidecar is live and has fetched its keys (its stats show a successful
+    /// refresh for the outbound and the inbound plugin).
+    pub fn wait_sidecars_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + deadline;
+        for w in &mut self.workloads {
+            loop {
+                let ready = ns_sh(
+                    &w.pod.ns,
+                    &[self.opts.e2e.to_str().unwrap_or_default(), "get", "127.0.0.1:15000/stats?filter=key_refreshes"],
+                )
+                .map(|s| {
+                    s.lines()
+                        .filter(|l| l.contains("outcome=.=ok"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                        .filter(|n| *n > 0)
+                        .count()
+                        >= 1
+                })
+                .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                let alive = w.envoy.as_mut().is_some_and(Proc::running);
+                if !alive || Instant::now() > end {
+                    let tail = w.envoy.as_ref().map(|p| p.tail(20)).unwrap_or_default();
+                    bail!("sidecar of {} not ready (running: {alive}):\n{tail}", w.name);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// The workload called `ns/name`.
+    pub fn workload(&self, name: &str) -> anyhow::Result<&WorkloadPod> {
+        self.workloads.iter().find(|w| w.name == name).with_context(|| format!("no workload {name}"))
+    }
+
+    /// What `keyway policy` says about `src` → `dst`:`port` (dst: a workload or an address).
+    pub fn expected(&self, src: &WorkloadPod, dst: Peer, port: u16) -> (Verdict, String) {
+        let d = self.engine.decide(Peer::Workload(src.index), dst, Protocol::Tcp, port);
+        (d.verdict, self.engine.describe(d.deciding()))
+    }
+
+    /// Tries connections from `src` (inside its pod, so through its sidecar) to each target.
+    pub fn probe(
+        &self,
+        src: &WorkloadPod,
+        targets: &[SocketAddr],
+        bytes: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ProbeResult>> {
+        let mut args = vec![
+            self.opts.e2e.display().to_string(),
+            "probe".into(),
+            "--bytes".into(),
+            bytes.to_string(),
+            "--timeout-ms".into(),
+            timeout.as_millis().to_string(),
+        ];
+        args.extend(targets.iter().map(ToString::to_string));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ns_sh(&src.pod.ns, &argv)?;
+        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("probe output {l:?}"))).collect()
+    }
+
+    /// Tries one connection from a pod's namespace straight at an address, bypassing nothing on
+    /// the client side (used for underlay bypass attempts from a pod without a sidecar capture:
+    /// the router namespace).
+    pub fn probe_from_ns(&self, ns: &str, target: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
+        let out = ns_sh(
+            ns,
+            &[
+                self.opts.e2e.to_str().unwrap_or_default(),
+                "probe",
+                "--timeout-ms",
+                &timeout.as_millis().to_string(),
+                &target.to_string(),
+            ],
+        )?;
+        serde_json::from_str(out.trim()).context("probe output")
+    }
+
+    /// Sets the impairment of the overlay between zones (applied by the relay within 100 ms).
+    pub fn impair(&self, delay_ms: u64, loss_percent: f64) -> anyhow::Result<()> {
+        std::fs::write(&self.control, format!("{delay_ms} {loss_percent}\n"))?;
+        std::thread::sleep(Duration::from_millis(250));
+        Ok(())
+    }
+
+    /// The address a workload's sidecar and app have on the underlay.
+    pub fn underlay(&self, name: &str) -> anyhow::Result<IpAddr> {
+        Ok(self.workload(name)?.pod.ip.parse()?)
+    }
+}
+
+impl Cluster {
+    /// A token sealed for `src` (its identity and overlay address) to `dst`:`port`, with the
+    /// given epoch (default: current), as the filter would make it.
+    pub fn mint_token(&self, src: &WorkloadPod, dst: IpAddr, port: u16, epoch: Option<u32>) -> anyhow::Result<String> {
+        use keyway_gateway::secrets::EpochSecrets;
+        let now = keyway_gateway::state::now_ms();
+        let s = EpochSecrets::load(&self.secrets)?;
+        let e = match epoch {
+            Some(ep) => s.entries().iter().find(|e| e.epoch == ep).context("no such epoch")?,
+            None => s.current(now).context("no current epoch")?,
+        };
+        let wl = self.engine.inventory().workloads.get(src.index).context("workload")?;
+        let key = e.secret.workload_key(&wl.identity("cluster.local"), src.overlay, e.epoch)?;
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce)?;
+        Ok(keyway_policy::auth::TokenClaims {
+            epoch: e.epoch,
+            src: src.overlay,
+            dst,
+            dst_port: port,
+            protocol: Protocol::Tcp,
+            issued_at_ms: now,
+            nonce,
+        }
+        .seal(&key))
+    }
+
+    /// A ticket of `zone` for `dst`:`port` naming `src_identity`.
+    pub fn mint_ticket(
+        &self,
+        zone: &str,
+        src: IpAddr,
+        src_identity: &str,
+        dst: IpAddr,
+        port: u16,
+    ) -> anyhow::Result<String> {
+        use keyway_gateway::secrets::EpochSecrets;
+        let now = keyway_gateway::state::now_ms();
+        let s = EpochSecrets::load(&self.secrets)?;
+        let e = s.current(now).context("no current epoch")?;
+        let key = e.secret.ticket_key(zone, e.epoch)?;
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce)?;
+        Ok(keyway_policy::auth::TicketClaims {
+            epoch: e.epoch,
+            src,
+            dst,
+            dst_port: port,
+            protocol: Protocol::Tcp,
+            issued_at_ms: now,
+            nonce,
+            src_identity: src_identity.to_owned(),
+        }
+        .seal(&key)?)
+    }
+
+    /// Sends a raw HTTP/2 CONNECT from inside `ns` as Envoy's user (so the capture rules do not
+    /// apply): returns `status N reason R [banner B]`.
+    pub fn raw_connect(
+        &self,
+        ns: &str,
+        to: SocketAddr,
+        authority: SocketAddr,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let mut args = vec![
+            "setpriv".to_owned(),
+            format!("--reuid={ENVOY_UID}"),
+            format!("--regid={ENVOY_UID}"),
+            "--clear-groups".into(),
+            self.opts.e2e.display().to_string(),
+            "connect".into(),
+            "--to".into(),
+            to.to_string(),
+            "--authority".into(),
+            authority.to_string(),
+        ];
+        for (k, v) in headers {
+            args.push("--header".into());
+            args.push(format!("{k}={v}"));
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ok(ns_sh(ns, &argv)?.trim().to_owned())
+    }
+
+    /// The underlay address of a gateway replica.
+    pub fn gateway_ip(&self, zone: &str, name: &str) -> anyhow::Result<IpAddr> {
+        let g = self.gateways.get(self.gateway_index(zone, name)?).context("gateway")?;
+        Ok(g.pod.ip.parse()?)
+    }
+
+    /// Access-log events (JSON `fields`) of a gateway replica's current process.
+    pub fn access_log(&self, zone: &str, name: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let g = self.gateways.get(self.gateway_index(zone, name)?).context("gateway")?;
+        let Some(p) = &g.proc else { return Ok(Vec::new()) };
+        let text = std::fs::read_to_string(&p.log)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.contains("keyway::access"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["fields"].clone())
+            .collect())
+    }
+
+    /// Runs `keyway keys rotate` on the shared secrets file.
+    pub fn rotate_keys(&self, overlap: &str) -> anyhow::Result<u32> {
+        let out = sh(&[
+            self.opts.keyway.to_str().unwrap_or_default(),
+            "keys",
+            "rotate",
+            "--out",
+            self.secrets.to_str().unwrap_or_default(),
+            "--overlap",
+            overlap,
+        ])?;
+        Ok(out.trim().parse()?)
+    }
+
+    /// Cuts or restores a zone's link to the router.
+    pub fn set_zone_link(&self, zone: &str, up: bool) -> anyhow::Result<()> {
+        self.topo.set_zone_link(zone_index(zone)?, up)
+    }
+}

@@ -1,0 +1,365 @@
+//! keyway end to end: network namespaces, real gateways, real Envoy sidecars with the real
+//! filter. Needs root; fails (never skips) when it cannot build its namespaces.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use keyway_e2e::cluster::{Cluster, INTERNET, INTERNET_PORTS, Options};
+use keyway_policy::Verdict;
+use keyway_policy::engine::Peer;
+
+/// One overlay at a time: they are heavy for two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn cluster(name: &str) -> Cluster {
+    let opts = Options::discover(&format!("kw{name}")).unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
+    Cluster::start(opts).unwrap_or_else(|e| panic!("e2e setup: {e:#}"))
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const T: Duration = Duration::from_secs(3);
+
+#[test]
+fn matrix_every_pair_gets_the_verdict_of_keyway_policy() {
+    let _l = lock();
+    let c = cluster("mx");
+    let rows = keyway_e2e::matrix::run(&c, T).unwrap();
+    let table = keyway_e2e::matrix::table(&rows);
+    println!("{table}");
+    let allowed = rows.iter().filter(|r| r.observed == Verdict::Allow).count();
+    assert!(allowed >= 10 && allowed < rows.len() - 10, "the matrix exercises both verdicts: {allowed}/{}", rows.len());
+    let cross_zone_allowed = rows
+        .iter()
+        .filter(|r| r.observed == Verdict::Allow)
+        .filter(|r| {
+            let zone = |n: &str| c.workloads.iter().find(|w| w.name == n).map(|w| w.zone.clone());
+            zone(&r.src).is_some() && zone(&r.dst).is_some() && zone(&r.src) != zone(&r.dst)
+        })
+        .count();
+    assert!(cross_zone_allowed > 0, "some allowed flows cross zones");
+    let bad: Vec<_> = rows.iter().filter(|r| !r.ok()).collect();
+    assert!(bad.is_empty(), "{} flows differ from keyway policy:\n{table}", bad.len());
+}
+
+#[test]
+fn no_bypass_of_the_enforcement_points() {
+    let _l = lock();
+    let c = cluster("nb");
+    let cart = c.workload("shop/cart").unwrap();
+    let frontend = c.workload("shop/frontend").unwrap();
+    let redis = c.workload("data/redis").unwrap();
+    let cart_ip: IpAddr = cart.pod.ip.parse().unwrap();
+
+    // Straight over the underlay, from the router (no sidecar on the way): app ports and the
+    // sidecar's own ports give nothing.
+    for port in [7070, 9090, 15001, 15006] {
+        let r = c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, port), T).unwrap();
+        assert!(!r.connected, "underlay connection to cart:{port} reached the app: {r:?}");
+    }
+    // The exempt health port does answer (as a kubelet probe would).
+    assert!(c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, 15021), T).unwrap().connected);
+    // The keyway inbound port without a ticket, and with a ticket for another destination.
+    let inbound = SocketAddr::new(cart_ip, 15181);
+    let authority = SocketAddr::new(cart.overlay, 7070);
+    let out = c.raw_connect(&c.topo.router, inbound, authority, &[]).unwrap();
+    assert!(out.starts_with("status 403 reason ticket-missing"), "{out}");
+    let wrong = c
+        .mint_ticket("zone-a", frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", frontend.overlay, 8080)
+        .unwrap();
+    let out = c.raw_connect(&c.topo.router, inbound, authority, &[("x-keyway-ticket", &wrong)]).unwrap();
+    assert!(out.starts_with("status 403 reason ticket-wrong-destination"), "{out}");
+    let right = c
+        .mint_ticket("zone-a", frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", cart.overlay, 7070)
+        .unwrap();
+    let out = c.raw_connect(&c.topo.router, inbound, authority, &[("x-keyway-ticket", &right)]).unwrap();
+    assert!(
+        out.starts_with("status 200") && out.contains("keyway-app shop/cart port 7070"),
+        "a valid ticket is the only way in: {out}"
+    );
+
+    // Tokens at the gateway, sent by cart's own pod but not through its sidecar.
+    let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), 15180);
+    let dst = SocketAddr::new(redis.overlay, 6379);
+    let good = c.mint_token(cart, redis.overlay, 6379, None).unwrap();
+    let mut forged = good.clone().into_bytes();
+    let i = forged.len() - 3;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[("x-keyway-token", &forged)]).unwrap();
+    assert!(out.starts_with("status 403 reason token-mac"), "forged: {out}");
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[("x-keyway-token", &good)]).unwrap();
+    assert!(out.starts_with("status 200") && out.contains("keyway-app data/redis port 6379"), "genuine: {out}");
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[("x-keyway-token", &good)]).unwrap();
+    assert!(out.starts_with("status 403 reason token-replay"), "replayed: {out}");
+    let stolen = c.mint_token(cart, redis.overlay, 6379, None).unwrap();
+    let out = c.raw_connect(&frontend.pod.ns, gw, dst, &[("x-keyway-token", &stolen)]).unwrap();
+    assert!(out.starts_with("status 403 reason token-source-address"), "used from another address: {out}");
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[]).unwrap();
+    assert!(out.starts_with("status 403 reason token-missing"), "{out}");
+}
+
+#[test]
+fn egress_default_deny_reaches_nothing() {
+    let _l = lock();
+    let c = cluster("eg");
+    let pg = c.workload("data/postgres").unwrap();
+    let mut targets: Vec<SocketAddr> = c
+        .workloads
+        .iter()
+        .filter(|w| w.name != pg.name)
+        .flat_map(|w| w.ports.iter().map(move |p| SocketAddr::new(w.overlay, *p)))
+        .collect();
+    let internet: IpAddr = INTERNET.parse().unwrap();
+    targets.extend(INTERNET_PORTS.iter().map(|p| SocketAddr::new(internet, *p)));
+    for t in &targets {
+        let peer = c.engine.peer_for(t.ip());
+        assert_eq!(c.expected(pg, peer, t.port()).0, Verdict::Deny);
+    }
+    let results = c.probe(pg, &targets, 0, T).unwrap();
+    for r in &results {
+        assert!(!r.connected, "data/postgres reached {}: {r:?}", r.target);
+    }
+    // While payments reaches its partner range outside the overlay, and nothing else there.
+    let pay = c.workload("payments/payment-api").unwrap();
+    let r = c.probe(pay, &[SocketAddr::new(internet, 443), SocketAddr::new(internet, 8443)], 0, T).unwrap();
+    assert!(r[0].connected && !r[1].connected, "{r:?}");
+}
+
+/// New connections from frontend (zone-a) to checkout (zone-b) every 50 ms, for `secs`.
+fn stream_of_connections(c: &Cluster, secs: u64, mut at: impl FnMut(f64)) -> (usize, usize, Duration) {
+    let frontend = c.workload("shop/frontend").unwrap();
+    let checkout = c.workload("shop/checkout").unwrap();
+    let target = SocketAddr::new(checkout.overlay, 8080);
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    let mut last_ok = Instant::now();
+    let mut longest = Duration::ZERO;
+    while start.elapsed() < Duration::from_secs(secs) {
+        at(start.elapsed().as_secs_f64());
+        let r = c.probe(frontend, &[target], 0, T).unwrap().remove(0);
+        if r.connected {
+            ok += 1;
+            longest = longest.max(last_ok.elapsed());
+            last_ok = Instant::now();
+        } else {
+            failed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    longest = longest.max(last_ok.elapsed());
+    (ok, failed, longest)
+}
+
+#[test]
+fn gateway_replica_failover_keeps_new_connections_flowing() {
+    let _l = lock();
+    let mut c = cluster("gf");
+    let mut killed_local = false;
+    let mut killed_remote = false;
+    let mut kill = |t: f64, c: &mut Cluster| {
+        if t > 1.0 && !killed_local {
+            c.kill_gateway("zone-a", "gw-1").unwrap();
+            killed_local = true;
+        }
+        if t > 3.0 && !killed_remote {
+            c.kill_gateway("zone-b", "gw-1").unwrap();
+            killed_remote = true;
+        }
+    };
+    // The closure needs the cluster mutably; run the stream by hand.
+    let frontend_name = "shop/frontend";
+    let start = Instant::now();
+    let (mut ok, mut failed, mut longest, mut last_ok) = (0, 0, Duration::ZERO, Instant::now());
+    while start.elapsed() < Duration::from_secs(6) {
+        kill(start.elapsed().as_secs_f64(), &mut c);
+        let src = c.workload(frontend_name).unwrap();
+        let dst = c.workload("shop/checkout").unwrap();
+        let r = c.probe(src, &[SocketAddr::new(dst.overlay, 8080)], 0, T).unwrap().remove(0);
+        if r.connected {
+            ok += 1;
+            longest = longest.max(last_ok.elapsed());
+            last_ok = Instant::now();
+        } else {
+            failed += 1;
+            println!("  failed at {:.2}s: {}", start.elapsed().as_secs_f64(), r.error);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "gateway failover (zone-a/gw-1 killed at 1 s, zone-b/gw-1 at 3 s): {ok} ok, {failed} failed, longest gap {longest:?}"
+    );
+    assert!(ok >= 20, "new connections kept flowing: {ok} ok, {failed} failed");
+    assert!(failed <= 3, "at most the connections in flight at each kill fail: {failed}");
+    let (_, after_failed, _) = stream_of_connections(&c, 2, |_| {});
+    assert_eq!(after_failed, 0, "once the replicas are gone, no new connection fails");
+}
+
+#[test]
+fn zone_failover_by_locality_and_back() {
+    let _l = lock();
+    let mut c = cluster("zf");
+    let frontend = c.workload("shop/frontend").unwrap();
+    let vip = SocketAddr::new("10.128.9.11".parse().unwrap(), 3550);
+    let who = |c: &Cluster| -> String {
+        let r = c.probe(c.workload("shop/frontend").unwrap(), &[vip], 0, T).unwrap().remove(0);
+        assert!(r.connected, "service unreachable: {r:?}");
+        r.banner
+    };
+    let _ = frontend;
+    assert_eq!(who(&c), "keyway-app shop/catalog port 3550", "zone-b first in zone-a's locality order");
+    c.kill_gateway("zone-b", "gw-1").unwrap();
+    c.kill_gateway("zone-b", "gw-2").unwrap();
+    let start = Instant::now();
+    let mut moved = None;
+    while start.elapsed() < Duration::from_secs(15) {
+        let r = c.probe(c.workload("shop/frontend").unwrap(), &[vip], 0, T).unwrap().remove(0);
+        if r.connected && r.banner == "keyway-app shop/catalog-c port 3550" {
+            moved = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let moved = moved.expect("traffic moved to zone-c");
+    println!("zone failover: traffic in zone-c {moved:?} after zone-b's gateways died");
+    for _ in 0..3 {
+        assert_eq!(who(&c), "keyway-app shop/catalog-c port 3550");
+    }
+    c.start_gateway("zone-b", "gw-1").unwrap();
+    c.start_gateway("zone-b", "gw-2").unwrap();
+    c.wait_gateways_ready(Duration::from_secs(30)).unwrap();
+    let start = Instant::now();
+    while who(&c) != "keyway-app shop/catalog port 3550" {
+        assert!(start.elapsed() < Duration::from_secs(15), "traffic did not come back to zone-b");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("zone failback: traffic back in zone-b {:?} after its gateways were ready", start.elapsed());
+}
+
+#[test]
+fn policy_change_propagates_and_a_broken_edit_is_rejected() {
+    let _l = lock();
+    let c = cluster("pc");
+    let cart = c.workload("shop/cart").unwrap();
+    let redis = c.workload("data/redis").unwrap();
+    let to_redis = SocketAddr::new(redis.overlay, 6379);
+    assert!(c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected);
+
+    // Remove cart's egress rule: cart → redis becomes denied everywhere.
+    let file = c.inventory.join("networkpolicies.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = text.replace("port: 6379", "port: 6380");
+    assert_ne!(text, edited);
+    std::fs::write(&file, &edited).unwrap();
+    let start = Instant::now();
+    while c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected {
+        assert!(start.elapsed() < Duration::from_secs(10), "the edit was not enforced within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("policy propagation: new verdict enforced {:?} after the edit", start.elapsed());
+
+    // A broken edit is rejected; the verdicts stay.
+    std::fs::write(&file, format!("{edited}\n---\nkind: NetworkPolicy\nmetadata: {{name: broken, namespace: shop}}\nspec: {{podSelector: {{matchLabels: {{app: -x}}}}}}\n")).unwrap();
+    let start = Instant::now();
+    loop {
+        let (_, m) = c.gateway_admin("zone-a", "gw-1", "/metrics").unwrap();
+        if m.lines()
+            .any(|l| l.starts_with("keyway_gateway_reloads_total") && l.contains("rejected") && !l.ends_with(" 0"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the broken edit was never looked at");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected, "old verdicts stay after a broken edit");
+    let frontend = c.workload("shop/frontend").unwrap();
+    let cartsvc = SocketAddr::new(cart.overlay, 7070);
+    assert!(c.probe(frontend, &[cartsvc], 0, T).unwrap()[0].connected);
+}
+
+#[test]
+fn faults_loss_delay_and_a_cut_link() {
+    let _l = lock();
+    let c = cluster("ft");
+    let frontend = c.workload("shop/frontend").unwrap();
+    let checkout = c.workload("shop/checkout").unwrap();
+    let target = SocketAddr::new(checkout.overlay, 8080);
+    c.impair(20, 5.0).unwrap();
+    let start = Instant::now();
+    for r in c.probe(frontend, &[target, target, target], 1 << 20, Duration::from_secs(10)).unwrap() {
+        assert!(r.connected && r.intact, "1 MiB across a lossy, slow overlay must arrive intact: {r:?}");
+    }
+    println!("faults: 3 × 1 MiB echoed intact with 20 ms delay and 5% loss in {:?}", start.elapsed());
+    c.impair(0, 0.0).unwrap();
+
+    // Cut zone-b off for 3 s: what starts then fails cleanly, within its timeout.
+    c.set_zone_link("zone-b", false).unwrap();
+    let start = Instant::now();
+    let r = c.probe(frontend, &[target], 0, T).unwrap().remove(0);
+    let took = start.elapsed();
+    assert!(!r.connected, "zone-b is cut off");
+    assert!(took < Duration::from_secs(12), "a failing connection ends within its timeouts: {took:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    c.set_zone_link("zone-b", true).unwrap();
+    let start = Instant::now();
+    loop {
+        let r = c.probe(frontend, &[target], 1 << 16, T).unwrap().remove(0);
+        if r.connected && r.intact {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the gateways did not recover: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("faults: recovered {:?} after the link came back, without restarting anything", start.elapsed());
+}
+
+#[test]
+fn key_rotation_keeps_open_connections_and_retires_the_old_epoch() {
+    let _l = lock();
+    let c = cluster("kr");
+    let frontend = c.workload("shop/frontend").unwrap();
+    let checkout = c.workload("shop/checkout").unwrap();
+    let target = SocketAddr::new(checkout.overlay, 8080);
+    let old_epoch = 1;
+
+    // A connection that stays open through the rotation.
+    let e2e = c.opts.e2e.clone();
+    let ns = frontend.pod.ns.clone();
+    let held = std::thread::spawn(move || {
+        keyway_e2e::topology::ns_sh(&ns, &[e2e.to_str().unwrap(), "probe", "--hold-ms", "6000", &target.to_string()])
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let new_epoch = c.rotate_keys("3s").unwrap();
+    assert_eq!(new_epoch, old_epoch + 1);
+
+    // New connections move to the new epoch once the sidecars refreshed their keys.
+    let start = Instant::now();
+    loop {
+        assert!(c.probe(frontend, &[target], 0, T).unwrap()[0].connected);
+        let log = c.access_log("zone-a", "gw-1").unwrap();
+        let log2 = c.access_log("zone-a", "gw-2").unwrap();
+        if log.iter().chain(log2.iter()).any(|f| f["epoch"] == new_epoch) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "no token of the new epoch seen");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = held.join().unwrap();
+    let r: keyway_e2e::app::ProbeResult = serde_json::from_str(out.trim()).unwrap();
+    assert!(r.connected && r.intact, "the connection opened before the rotation stays open: {r:?}");
+
+    // After the overlap the old epoch is refused.
+    std::thread::sleep(Duration::from_secs(3));
+    let redis = c.workload("data/redis").unwrap();
+    let cart = c.workload("shop/cart").unwrap();
+    let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), 15180);
+    let t = c.mint_token(cart, redis.overlay, 6379, Some(old_epoch)).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, gw, SocketAddr::new(redis.overlay, 6379), &[("x-keyway-token", &t)]).unwrap();
+    assert!(out.starts_with("status 403 reason token-epoch"), "{out}");
+    let _ = Peer::Ip(INTERNET.parse().unwrap());
+}
