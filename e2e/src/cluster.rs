@@ -559,7 +559,7 @@ impl Cluster {
     /// What `keyway policy` says about `src` → `dst`:`port` (dst: a workload or an address).
     pub fn expected(&self, src: &WorkloadPod, dst: Peer, port: u16) -> (Verdict, String) {
         let d = self.engine.decide(Peer::Workload(src.index), dst, Protocol::Tcp, port);
-        (d.verdict, self.engine.describe(d.deciding()))
+        (d.verdict, self.engine.describe_decision(&d))
     }
 
     /// Tries connections from `src` (inside its pod, so through its sidecar) to each target.

@@ -63,24 +63,28 @@ fn demo() -> anyhow::Result<ExitCode> {
         println!("   {line}");
     }
 
-    say("access log (zone-b/gw-1, last flows that crossed the overlay)");
+    say("access log (zone-b/gw-1: flows that crossed the overlay, arriving from or leaving for another zone)");
     if let Some(g) = cluster.gateways.iter().find(|g| g.zone == "zone-b" && g.name == "gw-1")
         && let Some(p) = &g.proc
     {
         let text = std::fs::read_to_string(&p.log).unwrap_or_default();
-        let flows: Vec<&str> = text.lines().filter(|l| l.contains("keyway::access")).collect();
+        let flows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("keyway::access"))
+            .filter(|l| l.contains("\"entry\":\"overlay\"") || l.contains("\"next_hop\":\"zone-"))
+            .collect();
         for l in flows.iter().rev().take(4).rev() {
             let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
             let f = &v["fields"];
             println!(
-                "   {} {} {} -> {} {} ({}) via {} rule: {}",
+                "   {:<7} {} {} -> {} {} ({}) via {}\n           rule: {}",
                 f["entry"].as_str().unwrap_or_default(),
                 f["identity"].as_str().unwrap_or_default(),
                 f["src"].as_str().unwrap_or_default(),
                 f["dst"].as_str().unwrap_or_default(),
                 f["verdict"].as_str().unwrap_or_default(),
                 f["reason"].as_str().unwrap_or_default(),
-                f["next_hop"].as_str().unwrap_or_default(),
+                f["next_hop"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
                 f["rule"].as_str().unwrap_or_default()
             );
         }

@@ -77,22 +77,23 @@ fn v(v: Verdict) -> &'static str {
     }
 }
 
-/// The matrix as a table a person reads.
+/// The matrix as a person reads it: mismatches first (if any), then every allowed flow with the
+/// rule that allowed it, then the denied flows grouped by source and deciding rule.
 pub fn table(rows: &[Row]) -> String {
     let w_src = rows.iter().map(|r| r.src.len()).max().unwrap_or(6).max(6);
     let w_dst = rows.iter().map(|r| r.dst.len()).max().unwrap_or(11).max(11);
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<w_src$}  {:<w_dst$}  {:>5}  {:<8}  {:<8}  deciding rule",
-        "source", "destination", "port", "expected", "observed"
-    );
-    let _ = writeln!(s, "{}", "-".repeat(w_src + w_dst + 40));
-    for r in rows {
-        let mark = if r.ok() { "" } else { "   <-- MISMATCH" };
+    let header = |s: &mut String| {
         let _ = writeln!(
             s,
-            "{:<w_src$}  {:<w_dst$}  {:>5}  {:<8}  {:<8}  {}{mark}",
+            "  {:<w_src$}  {:<w_dst$}  {:>5}  {:<8}  {:<8}  deciding rule",
+            "source", "destination", "port", "expected", "observed"
+        );
+    };
+    let line = |s: &mut String, r: &Row| {
+        let _ = writeln!(
+            s,
+            "  {:<w_src$}  {:<w_dst$}  {:>5}  {:<8}  {:<8}  {}",
             r.src,
             r.dst,
             r.port,
@@ -100,14 +101,54 @@ pub fn table(rows: &[Row]) -> String {
             v(r.observed),
             r.rule
         );
+    };
+    let bad: Vec<&Row> = rows.iter().filter(|r| !r.ok()).collect();
+    if !bad.is_empty() {
+        let _ = writeln!(s, "MISMATCHES: the observed verdict differs from keyway policy");
+        header(&mut s);
+        for r in &bad {
+            line(&mut s, r);
+            if !r.error.is_empty() {
+                let _ = writeln!(s, "      ({})", r.error);
+            }
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "ALLOWED: the destination app answered, as keyway policy says");
+    header(&mut s);
+    for r in rows.iter().filter(|r| r.ok() && r.observed == Verdict::Allow) {
+        line(&mut s, r);
+    }
+    let _ =
+        writeln!(s, "\nDENIED: refused before reaching the app, as keyway policy says (by source and deciding rule)");
+    let mut groups: Vec<(String, String, Vec<String>)> = Vec::new();
+    for r in rows.iter().filter(|r| r.ok() && r.observed == Verdict::Deny) {
+        let dst = format!("{}:{}", r.dst.trim_start_matches("internet "), r.port);
+        match groups.iter_mut().find(|g| g.0 == r.src && g.1 == r.rule) {
+            Some(g) => g.2.push(dst),
+            None => groups.push((r.src.clone(), r.rule.clone(), vec![dst])),
+        }
+    }
+    for (src, rule, dsts) in groups {
+        let _ = writeln!(s, "  {src}: {rule}");
+        let mut cur = String::from("     ");
+        for d in &dsts {
+            if cur.len() + d.len() > 110 {
+                let _ = writeln!(s, "{cur}");
+                cur = String::from("     ");
+            }
+            cur.push(' ');
+            cur.push_str(d);
+        }
+        let _ = writeln!(s, "{cur}");
     }
     let allowed = rows.iter().filter(|r| r.observed == Verdict::Allow).count();
-    let bad = rows.iter().filter(|r| !r.ok()).count();
     let _ = writeln!(
         s,
-        "\n{} flows tried: {allowed} allowed, {} denied, {bad} mismatches",
+        "\n{} flows tried: {allowed} allowed, {} denied, {} mismatches",
         rows.len(),
-        rows.len() - allowed
+        rows.len() - allowed,
+        bad.len()
     );
     s
 }

@@ -145,7 +145,7 @@ pub fn decide_avoiding(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port:
     };
     let d = engine.decide(src, dst_peer, Protocol::Tcp, port);
     ctx.metrics.decision_seconds.observe(start.elapsed().as_secs_f64());
-    let rule = engine.describe(d.deciding());
+    let rule = engine.describe_decision(&d);
     if d.verdict == Verdict::Deny {
         return Decided { verdict: d.verdict, rule, route: None, unroutable: None, dst, service: false };
     }

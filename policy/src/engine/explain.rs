@@ -90,6 +90,21 @@ impl Engine {
         out
     }
 
+    /// What decided a whole flow, in one line: for a denial, the direction that denied; for an
+    /// allowed flow, both directions (`egress: …; ingress: …`), leaving out a side that is an
+    /// address outside the inventory.
+    pub fn describe_decision(&self, d: &Decision) -> String {
+        if d.verdict == Verdict::Deny {
+            return self.describe(d.deciding());
+        }
+        let sides: Vec<String> = [&d.egress, &d.ingress]
+            .into_iter()
+            .filter(|x| x.decider != Decider::External)
+            .map(|x| format!("{}: {}", x.direction.field(), self.describe(x)))
+            .collect();
+        if sides.is_empty() { self.describe(&d.ingress) } else { sides.join("; ") }
+    }
+
     fn isolating(&self, direction: Direction, workload: usize) -> Vec<String> {
         let list = self
             .layouts
