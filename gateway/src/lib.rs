@@ -16,7 +16,8 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod deliver;
-pub mod flow;
+/// The flow header (gateway to gateway), from `keyway-policy` where the other wire formats live.
+pub use keyway_policy::flow;
 pub mod metrics;
 pub mod overlay;
 pub mod routing;

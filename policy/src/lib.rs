@@ -14,6 +14,7 @@ pub mod auth;
 pub mod connlist;
 pub mod engine;
 pub mod error;
+pub mod flow;
 #[cfg(feature = "fs")]
 pub mod fs;
 pub mod inventory;

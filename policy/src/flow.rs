@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 
-use keyway_policy::Protocol;
+use crate::ports::Protocol;
 
 const HEADER_MAGIC: &[u8; 3] = b"KWF";
 const STATUS_MAGIC: &[u8; 3] = b"KWS";
