@@ -7,7 +7,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help setup check test test-policy conformance wasm e2e bench fuzz demo clean
+.PHONY: help setup check test test-policy manifests conformance wasm e2e bench fuzz demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,10 +21,13 @@ check: setup ## fmt, clippy for the host and for keyway-policy on wasm32-wasip1,
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
 	$(CARGO) clippy -p keyway-filter --target $(WASM_TARGET) --locked -- -D warnings
 
-test: setup wasm ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end (root)
+test: setup wasm manifests ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end (root)
 	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
+
+manifests: setup ## istio/ rendered with kustomize and validated with samples/ against shared/schemas; EnvoyFilters/WasmPlugins held to the e2e sidecar
+	KEYWAY_KUBECTL="$$(./scripts/install-kubectl.sh)" $(CARGO) test -p keyway-istio-check --locked
 
 conformance: setup ## only the golden-data conformance suites, with the pass counts
 	$(CARGO) test -p keyway-policy --test conformance --locked -- --nocapture

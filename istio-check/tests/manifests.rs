@@ -1,0 +1,337 @@
+//! Every kustomization under `istio/` renders with kustomize, and every object it renders and
+//! every manifest under `samples/` validates strictly against the real schemas in
+//! `shared/schemas/`; the rendered gateway configuration is accepted by the gateway, the
+//! inventory by the policy loader, the plugin configurations by the filter; what the objects refer
+//! to (ConfigMaps, Secrets, ServiceAccount, selectors, ports) exists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use keyway_istio_check::render::{copy_tree, kubectl, kustomizations, placeholder_secrets, render};
+use keyway_istio_check::{Object, Outcome, Schemas, load_file, yaml_files};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn schemas() -> Schemas {
+    let dir = match std::env::var("KEYWAY_SCHEMAS") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d),
+        _ => repo().join("..").join("shared").join("schemas"),
+    };
+    Schemas::load(&dir).unwrap_or_else(|e| panic!("the schemas of shared/schemas are needed (or KEYWAY_SCHEMAS): {e}"))
+}
+
+/// Kinds that `shared/schemas/` has no schema for: validated nowhere, listed here so that a new
+/// one fails this test until somebody decides about it.
+const NO_SCHEMA: [&str; 2] = [
+    "policy.networking.k8s.io/v1alpha1 AdminNetworkPolicy",
+    "policy.networking.k8s.io/v1alpha1 BaselineAdminNetworkPolicy",
+];
+
+fn validate_all(schemas: &mut Schemas, objects: &[Object], errors: &mut Vec<String>, no_schema: &mut BTreeSet<String>) {
+    for o in objects {
+        if !o.is_kubernetes_object() {
+            errors.push(format!("{}: a document without apiVersion and kind", o.file));
+            continue;
+        }
+        match schemas.validate(o) {
+            Ok(Outcome::Valid { .. }) => {}
+            Ok(Outcome::Invalid(lines)) => errors.extend(lines),
+            Ok(Outcome::NoSchema) => {
+                no_schema.insert(format!("{} {}", o.api_version(), o.kind()));
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+}
+
+struct Rendered {
+    /// Repository path of each rendered kustomization → its objects.
+    sets: BTreeMap<String, Vec<Object>>,
+}
+
+fn render_all() -> Rendered {
+    let repo = repo();
+    let kubectl = kubectl(&repo).unwrap_or_else(|e| panic!("{e}"));
+    let scratch = std::env::temp_dir().join(format!("keyway-istio-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    copy_tree(&repo.join("istio"), &scratch.join("istio")).unwrap_or_else(|e| panic!("copy istio/: {e}"));
+    let mut sets = BTreeMap::new();
+    let all = kustomizations(&scratch.join("istio"));
+    assert!(all.len() >= 5, "expected base, three zone overlays and a component under istio/, found {all:?}");
+    for (dir, component) in all {
+        let rel = dir.strip_prefix(&scratch).unwrap_or(&dir).display().to_string();
+        if component {
+            continue;
+        }
+        placeholder_secrets(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let objects = render(&kubectl, &dir, &rel).unwrap_or_else(|e| panic!("{e}"));
+        sets.insert(rel, objects);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Rendered { sets }
+}
+
+#[test]
+fn every_istio_kustomization_renders_and_validates_against_the_real_schemas() {
+    let rendered = render_all();
+    let mut schemas = schemas();
+    let mut errors = Vec::new();
+    let mut no_schema = BTreeSet::new();
+    for (dir, objects) in &rendered.sets {
+        validate_all(&mut schemas, objects, &mut errors, &mut no_schema);
+        println!("{dir}: {} objects rendered and valid", objects.len());
+    }
+    assert!(errors.is_empty(), "invalid objects:\n{}", errors.join("\n"));
+    assert!(no_schema.is_empty(), "istio/ renders kinds without a schema in shared/schemas: {no_schema:?}");
+    let expected = [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "WasmPlugin",
+        "EnvoyFilter",
+        "ConfigMap",
+        "Secret",
+    ];
+    for zone in ["zone-a", "zone-b", "zone-c"] {
+        let set = &rendered.sets[&format!("istio/overlays/{zone}")];
+        let kinds: BTreeSet<&str> = set.iter().map(Object::kind).collect();
+        for k in expected {
+            assert!(kinds.contains(k), "istio/overlays/{zone} renders no {k}");
+        }
+    }
+}
+
+#[test]
+fn every_sample_manifest_validates_and_kinds_without_schema_are_listed() {
+    let mut schemas = schemas();
+    let mut errors = Vec::new();
+    let mut no_schema = BTreeSet::new();
+    let mut gateway_configs = 0;
+    let samples = repo().join("samples");
+    for path in yaml_files(&samples) {
+        let shown = format!("samples/{}", path.strip_prefix(&samples).unwrap_or(&path).display());
+        let objects = load_file(&path, &shown).unwrap_or_else(|e| panic!("{e}"));
+        // Gateway configurations are not Kubernetes objects: the gateway's own parser checks them.
+        if objects.len() == 1 && !objects[0].is_kubernetes_object() && objects[0].value.get("zones").is_some() {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Err(e) = keyway_gateway::config::Config::parse(&text, &shown) {
+                errors.push(e.to_string());
+            }
+            gateway_configs += 1;
+            continue;
+        }
+        validate_all(&mut schemas, &objects, &mut errors, &mut no_schema);
+    }
+    assert!(errors.is_empty(), "invalid samples:\n{}", errors.join("\n"));
+    assert!(gateway_configs >= 1, "samples/gateway holds a gateway configuration");
+    let listed: BTreeSet<String> = NO_SCHEMA.iter().map(|s| (*s).to_owned()).collect();
+    assert!(
+        no_schema.is_subset(&listed),
+        "samples use kinds without a schema that are not listed: {:?}",
+        no_schema.difference(&listed).collect::<Vec<_>>()
+    );
+    println!("not validated (no schema in shared/schemas): {no_schema:?}");
+}
+
+fn find<'a>(set: &'a [Object], kind: &str, name: &str) -> Option<&'a Object> {
+    set.iter().find(|o| o.kind() == kind && o.name() == name)
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector.as_object().is_some_and(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+#[test]
+fn rendered_overlays_hang_together_and_the_gateway_accepts_their_configuration() {
+    let rendered = render_all();
+    for zone in ["zone-a", "zone-b", "zone-c"] {
+        let dir = format!("istio/overlays/{zone}");
+        let set = &rendered.sets[&dir];
+        let deploy = find(set, "Deployment", "keyway-gateway").unwrap_or_else(|| panic!("{dir}: no Deployment"));
+        let pod = &deploy.value["spec"]["template"];
+        let labels = &pod["metadata"]["labels"];
+        // Every ConfigMap and Secret a volume names is rendered (generated names included).
+        for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+            if let Some(cm) = v.pointer("/configMap/name").and_then(Value::as_str) {
+                assert!(
+                    find(set, "ConfigMap", cm).is_some(),
+                    "{dir}: volume {} names ConfigMap {cm}, not rendered",
+                    v["name"]
+                );
+            }
+            if let Some(s) = v.pointer("/secret/secretName").and_then(Value::as_str) {
+                assert!(find(set, "Secret", s).is_some(), "{dir}: volume {} names Secret {s}, not rendered", v["name"]);
+                assert_eq!(
+                    v.pointer("/secret/defaultMode"),
+                    Some(&Value::from(0o400)),
+                    "{dir}: Secret volume {s} mode 0400"
+                );
+            }
+        }
+        let sa = pod["spec"]["serviceAccountName"].as_str().unwrap_or_default();
+        assert!(find(set, "ServiceAccount", sa).is_some(), "{dir}: ServiceAccount {sa}");
+        // Selectors of the Services, the PDB and the Deployment pick the pods; the HPA scales it.
+        for o in set.iter().filter(|o| o.kind() == "Service") {
+            assert!(
+                labels_match(&o.value["spec"]["selector"], labels),
+                "{dir}: {} selects no gateway pod",
+                o.describe()
+            );
+        }
+        let pdb = find(set, "PodDisruptionBudget", "keyway-gateway").unwrap_or_else(|| panic!("{dir}: no PDB"));
+        assert!(labels_match(&pdb.value["spec"]["selector"]["matchLabels"], labels), "{dir}: PDB selector");
+        assert!(labels_match(&deploy.value["spec"]["selector"]["matchLabels"], labels), "{dir}: Deployment selector");
+        let hpa = find(set, "HorizontalPodAutoscaler", "keyway-gateway").unwrap_or_else(|| panic!("{dir}: no HPA"));
+        assert_eq!(hpa.value["spec"]["scaleTargetRef"]["name"], deploy.value["metadata"]["name"]);
+        assert!(hpa.value["spec"]["minReplicas"].as_u64() >= Some(2), "{dir}: at least two replicas");
+        // The container: the command, the probes, the hardening.
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["args"], serde_json::json!(["gateway", "--config", "/etc/keyway/gateway.yaml"]));
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        // The gateway configuration parses with the gateway's strict parser, for this zone; its
+        // files lie in the mounted volumes, under keys the ConfigMaps and Secrets have.
+        let config_cm = set
+            .iter()
+            .find(|o| o.kind() == "ConfigMap" && o.name().starts_with("keyway-gateway-config"))
+            .unwrap_or_else(|| panic!("{dir}: no gateway ConfigMap"));
+        let text = config_cm.value["data"]["gateway.yaml"].as_str().unwrap_or_default();
+        let config = keyway_gateway::config::Config::parse(text, &format!("{dir}/gateway.yaml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.zone, zone);
+        let mounts: BTreeMap<String, String> = c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["mountPath"].as_str().unwrap_or_default().to_owned(),
+                    m["name"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let volume_of = |path: &Path| -> (String, String) {
+            let dir_of = path.parent().map(|p| p.display().to_string()).unwrap_or_default();
+            let key = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            (
+                mounts
+                    .get(&dir_of)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{dir}: {} is in no mounted volume", path.display())),
+                key,
+            )
+        };
+        for file in [&config.tls.ca, &config.tls.cert, &config.tls.key, &config.secrets] {
+            let (volume, key) = volume_of(file);
+            let v = pod["spec"]["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == volume.as_str())
+                .unwrap_or_else(|| panic!("volume {volume}"));
+            let secret = v
+                .pointer("/secret/secretName")
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("{dir}: {} must come from a Secret", file.display()));
+            let s = find(set, "Secret", secret).unwrap_or_else(|| panic!("Secret {secret}"));
+            assert!(
+                s.value["data"].get(&key).is_some(),
+                "{dir}: Secret {secret} has no key {key} for {}",
+                file.display()
+            );
+        }
+        assert_eq!(mounts.get(&config.inventory.display().to_string()).map(String::as_str), Some("inventory"));
+        // The ports: container, Services and gateway configuration agree.
+        let port_of = |name: &str| {
+            c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == name)
+                .and_then(|p| p["containerPort"].as_u64())
+        };
+        assert_eq!(port_of("tunnel"), Some(u64::from(config.listen.tunnel.port())));
+        assert_eq!(port_of("overlay"), Some(u64::from(config.listen.overlay.port())));
+        assert_eq!(port_of("admin"), Some(u64::from(config.listen.admin.port())));
+        let overlay =
+            find(set, "Service", "keyway-gateway-overlay").unwrap_or_else(|| panic!("{dir}: overlay Service"));
+        assert_eq!(overlay.value["spec"]["ports"][0]["protocol"], "UDP");
+        let ty = overlay.value["spec"]["type"].as_str().unwrap_or_default();
+        assert!(ty == "LoadBalancer" || ty == "NodePort", "{dir}: overlay Service type {ty}");
+        // The inventory loads with the policy loader.
+        let inv = find(set, "ConfigMap", "keyway-inventory").unwrap_or_else(|| panic!("{dir}: inventory"));
+        let files: Vec<keyway_policy::manifest::SourceFile> = inv.value["data"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| keyway_policy::manifest::SourceFile {
+                path: format!("{dir}/inventory/{k}"),
+                text: v.as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        keyway_policy::manifest::load(&files).unwrap_or_else(|e| panic!("{e}"));
+        // Every plugin configuration is accepted by the filter's own parser.
+        for wp in set.iter().filter(|o| o.kind() == "WasmPlugin") {
+            let cfg = serde_json::to_vec(&wp.value["spec"]["pluginConfig"]).unwrap_or_default();
+            if let Err(e) = keyway_filter::config::parse(&cfg) {
+                panic!("{dir}: {}: spec.pluginConfig: {e}", wp.describe());
+            }
+            assert_eq!(wp.value["spec"]["failStrategy"], "FAIL_CLOSE", "{dir}: {}", wp.describe());
+        }
+    }
+}
+
+/// The errors name the file, the object and the field.
+#[test]
+fn errors_name_the_file_the_object_and_the_field() {
+    let mut schemas = schemas();
+    let cases = [
+        (
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {}\n  ingres: []\n",
+            "bad.yaml: NetworkPolicy a/p: spec.ingres: unknown field",
+        ),
+        (
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d, namespace: a}\nspec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers:\n      - name: c\n        image: i\n        ports: [{containerPort: \"http\"}]\n",
+            "bad.yaml: Deployment a/d: spec.template.spec.containers[0].ports[0].containerPort:",
+        ),
+        (
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: w, namespace: istio-system}\nspec:\n  url: oci://x/y:1\n  failStrategy: FAIL_CLOSED\n",
+            "bad.yaml: WasmPlugin istio-system/w: spec.failStrategy:",
+        ),
+        (
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: w, namespace: istio-system}\nspec:\n  url: oci://x/y:1\n  match: [{mode: CLIENT, port: 1}]\n",
+            "bad.yaml: WasmPlugin istio-system/w: spec.match[0].port: unknown field",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {name: e, namespace: istio-system, labelz: {}}\nspec:\n  configPatches: [{applyTo: LISTENER, patch: {operation: ADD, value: {anything: [1]}}}]\n",
+            "bad.yaml: EnvoyFilter istio-system/e: metadata.labelz: unknown field",
+        ),
+    ];
+    for (text, want) in cases {
+        let objects = keyway_istio_check::parse_yaml("bad.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+        match schemas.validate(&objects[0]) {
+            Ok(Outcome::Invalid(lines)) => {
+                assert!(lines.iter().any(|l| l.starts_with(want)), "want a line starting {want:?}, got {lines:#?}");
+            }
+            other => panic!("{want}: expected invalid, got {other:?}"),
+        }
+    }
+    // Preserved-unknown-fields (EnvoyFilter patch values, WasmPlugin pluginConfig) take anything.
+    let ok = "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: w, namespace: istio-system}\nspec:\n  url: oci://x/y:1\n  pluginConfig: {anything: {at: [all]}}\n";
+    let objects = keyway_istio_check::parse_yaml("ok.yaml", ok).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(schemas.validate(&objects[0]), Ok(Outcome::Valid { .. })));
+}
