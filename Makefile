@@ -25,6 +25,7 @@ test: setup wasm manifests ## every test layer: unit, property, conformance, com
 	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
+	$(CARGO) test -p keyway-gateway --features kubernetes --locked --lib kube_source
 
 manifests: setup ## istio/ rendered with kustomize and validated with samples/ against shared/schemas; EnvoyFilters/WasmPlugins held to the e2e sidecar
 	KEYWAY_KUBECTL="$$(./scripts/install-kubectl.sh)" $(CARGO) test -p keyway-istio-check --locked
@@ -47,10 +48,16 @@ demo: setup wasm ## the demo: a three-zone overlay from samples/shop, the traffi
 	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" ./target/debug/keyway-e2e demo
 
-bench: setup ## benchmarks: policy decision latency and compile time (results in target/bench-policy.json)
+bench: setup wasm ## benchmarks: policy engine, filter in Envoy, then the data path side by side (root; results in bench/results/)
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench: the data-path benchmarks build network namespaces, so it must run as root (sudo make bench)" >&2; exit 2; fi
+	./scripts/install-deps.sh
+	command -v iperf3 >/dev/null && command -v wg >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 wireguard-tools; }
+	command -v boringtun-cli >/dev/null || [ -x "$$HOME/.cargo/bin/boringtun-cli" ] || $(CARGO) install boringtun-cli --version 0.7.1 --locked
 	$(CARGO) bench -p keyway-policy --bench scale --locked
 	$(CARGO) bench -p keyway-policy --bench decide --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) bench -p keyway-filter --bench connections --locked
+	$(CARGO) build --release -p keyway-gateway -p keyway-e2e -p keyway-bench --locked
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" ./target/release/keyway-bench run --out bench/results
 
 fuzz: setup ## run each decoder fuzz target for FUZZ_SECONDS (default 60) on the committed corpus
 	./scripts/fuzz.sh $${FUZZ_SECONDS:-60}

@@ -41,6 +41,11 @@ impl Proc {
         Ok(Proc { name: name.to_owned(), log: log.to_owned(), child: Some(child) })
     }
 
+    /// Its process id while it runs (`ip netns exec` and `setpriv` exec, so this is the program's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keyway_policy::engine::Peer;
 use keyway_policy::{Engine, Protocol, Verdict};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
@@ -35,6 +35,8 @@ pub struct Ctx {
     next_flow: AtomicU64,
     /// Set when draining: no new flows.
     pub draining: watch::Receiver<bool>,
+    /// HTTP/2 connections to this zone's sidecars.
+    pub sidecars: crate::deliver::SidecarPool,
 }
 
 impl Ctx {
@@ -171,33 +173,23 @@ pub fn decide_avoiding(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port:
 }
 
 /// Copies bytes both ways until both directions end, with half-close: when one side finishes
-/// sending, the other side's write half is shut down. Returns (a→b, b→a) byte counts.
-pub async fn relay<A, B>(a: A, b: B, up: &AtomicU64, down: &AtomicU64)
+/// sending, the other side's write half is shut down. Buffers are 16 KiB per direction.
+pub async fn relay<A, B>(mut a: A, mut b: B, up: &AtomicU64, down: &AtomicU64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let a_to_b = async {
-        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, &mut ar);
-        let n = tokio::io::copy_buf(&mut r, &mut bw).await;
-        let _ = bw.shutdown().await;
-        up.fetch_add(n.as_ref().copied().unwrap_or(0), Ordering::Relaxed);
-        n
-    };
-    let b_to_a = async {
-        let mut r = tokio::io::BufReader::with_capacity(64 * 1024, &mut br);
-        let n = tokio::io::copy_buf(&mut r, &mut aw).await;
-        let _ = aw.shutdown().await;
-        down.fetch_add(n.as_ref().copied().unwrap_or(0), Ordering::Relaxed);
-        n
-    };
-    let (x, y) = tokio::join!(a_to_b, b_to_a);
-    if let Err(e) = x.and(y) {
-        tracing::debug!(error = %e, "relay ended with an error");
+    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER).await {
+        Ok((to_b, to_a)) => {
+            up.fetch_add(to_b, Ordering::Relaxed);
+            down.fetch_add(to_a, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(error = %e, "relay ended with an error"),
     }
 }
+
+/// The relay's buffer per direction.
+const RELAY_BUFFER: usize = 16 * 1024;
 
 /// A running gateway.
 #[derive(Debug)]
@@ -352,6 +344,7 @@ pub async fn build(config: Config) -> anyhow::Result<Handle> {
         flows: Arc::new(Semaphore::new(config.limits.max_flows)),
         next_flow: AtomicU64::new(1),
         draining,
+        sidecars: crate::deliver::SidecarPool::default(),
     });
     let admin = crate::admin::start(ctx.clone())?;
     let admin_addr = admin.addr;

@@ -178,6 +178,66 @@ fn default_key_refresh() -> u64 {
     DEFAULT_KEY_REFRESH_MS
 }
 
+/// Default namespace of the overlay address record (the gateway's own namespace).
+pub const DEFAULT_KUBERNETES_NAMESPACE: &str = "keyway-system";
+/// Default name of the ConfigMap that records the overlay address given to each pod.
+pub const DEFAULT_KUBERNETES_RECORD: &str = "keyway-overlay-addresses";
+/// Default quiet time after a change in the cluster before the engine is rebuilt (ms).
+pub const DEFAULT_KUBERNETES_DEBOUNCE_MS: u64 = 250;
+/// Default time to wait at start for the first complete list of every kind (ms).
+pub const DEFAULT_KUBERNETES_SYNC_TIMEOUT_MS: u64 = 60_000;
+
+/// The Kubernetes source (`keyway gateway --source kubernetes`): where this zone's overlay
+/// addresses come from and where they are recorded.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    /// The zone's overlay prefix (CIDR): pods of this zone without `keyway.io/overlay-ips` get an
+    /// address from it.
+    pub prefix: String,
+    /// The namespace of the address record (the gateway's namespace).
+    #[serde(default = "default_kube_namespace")]
+    pub namespace: String,
+    /// The name of the address record (a ConfigMap).
+    #[serde(default = "default_kube_record")]
+    pub record: String,
+    /// Quiet time after a change before the engine is rebuilt, ms.
+    #[serde(default = "default_kube_debounce")]
+    pub debounce_ms: u64,
+    /// How long to wait at start for the first complete list of every kind, ms.
+    #[serde(default = "default_kube_sync_timeout")]
+    pub sync_timeout_ms: u64,
+}
+
+fn default_kube_namespace() -> String {
+    DEFAULT_KUBERNETES_NAMESPACE.to_owned()
+}
+fn default_kube_record() -> String {
+    DEFAULT_KUBERNETES_RECORD.to_owned()
+}
+fn default_kube_debounce() -> u64 {
+    DEFAULT_KUBERNETES_DEBOUNCE_MS
+}
+fn default_kube_sync_timeout() -> u64 {
+    DEFAULT_KUBERNETES_SYNC_TIMEOUT_MS
+}
+
+impl Kubernetes {
+    /// The overlay prefix, parsed.
+    pub fn prefix_cidr(&self) -> Result<keyway_policy::ip::Cidr, String> {
+        keyway_policy::ip::parse_cidr(&self.prefix)
+    }
+}
+
+/// Whether `s` is a DNS label (RFC 1123: a namespace name).
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// The whole configuration of one gateway.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +284,9 @@ pub struct Config {
     /// How long open flows may finish after SIGTERM, ms.
     #[serde(default = "default_drain")]
     pub drain_ms: u64,
+    /// The Kubernetes source; needed by `--source kubernetes` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Kubernetes>,
 }
 
 fn default_td() -> String {
@@ -333,6 +396,24 @@ impl Config {
                 "must be greater than keepalive_ms (and both positive)".to_owned(),
             ));
         }
+        if let Some(k) = &self.kubernetes {
+            let cidr = k.prefix_cidr().map_err(|e| bad("kubernetes.prefix", e))?;
+            if cidr.range.last - cidr.range.first < 3 {
+                return Err(bad(
+                    "kubernetes.prefix",
+                    format!("{:?} is too small: give at least 4 addresses", k.prefix),
+                ));
+            }
+            if !is_dns_label(&k.namespace) {
+                return Err(bad("kubernetes.namespace", format!("{:?} is not a namespace name", k.namespace)));
+            }
+            if k.record.is_empty() || k.record.len() > 253 || !k.record.split('.').all(is_dns_label) {
+                return Err(bad("kubernetes.record", format!("{:?} is not a ConfigMap name", k.record)));
+            }
+            if k.sync_timeout_ms == 0 {
+                return Err(bad("kubernetes.sync_timeout_ms", "must be positive".to_owned()));
+            }
+        }
         Ok(())
     }
 
@@ -383,6 +464,14 @@ zones:
         assert_eq!(c.window_ms, DEFAULT_WINDOW_MS);
         assert_eq!(c.delivery.sidecar_port, DEFAULT_SIDECAR_INBOUND_PORT);
         assert!(!c.key_service.allow_any_source);
+        assert_eq!(c.kubernetes, None);
+        let k = Config::parse(&format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24}}\n"), "c.yaml").unwrap();
+        let k = k.kubernetes.unwrap();
+        assert_eq!((k.namespace.as_str(), k.record.as_str()), ("keyway-system", "keyway-overlay-addresses"));
+        assert_eq!(
+            (k.debounce_ms, k.sync_timeout_ms),
+            (DEFAULT_KUBERNETES_DEBOUNCE_MS, DEFAULT_KUBERNETES_SYNC_TIMEOUT_MS)
+        );
     }
 
     #[test]
@@ -394,6 +483,18 @@ zones:
             (format!("{GOOD}\nbogus: 1\n"), "unknown field `bogus`"),
             (GOOD.replace("secrets: epochs.json\n", ""), "missing field `secrets`"),
             (format!("{GOOD}\nwindow_ms: 0\n"), "window_ms: must be positive"),
+            (
+                format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/33}}\n"),
+                "kubernetes.prefix: \"10.128.1.0/33\" is not a CIDR",
+            ),
+            (
+                format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/31}}\n"),
+                "kubernetes.prefix: \"10.128.1.0/31\" is too small",
+            ),
+            (format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24, namespace: Keyway}}\n"), "kubernetes.namespace"),
+            (format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24, record: a/b}}\n"), "kubernetes.record"),
+            (format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24, bogus: 1}}\n"), "unknown field `bogus`"),
+            (format!("{GOOD}\nkubernetes: {{namespace: x}}\n"), "missing field `prefix`"),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text, "c.yaml").unwrap_err().to_string();

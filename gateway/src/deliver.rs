@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyway_policy::Protocol;
 use keyway_policy::auth::TicketClaims;
@@ -83,9 +84,58 @@ pub fn nonce() -> [u8; 12] {
     n
 }
 
+/// HTTP/2 connections to destination sidecars, one per sidecar address, shared by the flows to
+/// it (each flow is one CONNECT stream): a flow costs no TCP or HTTP/2 handshake once the
+/// connection exists.
+#[derive(Debug, Default)]
+pub struct SidecarPool {
+    conns: std::sync::Mutex<std::collections::HashMap<SocketAddr, SendRequest<Empty<Bytes>>>>,
+}
+
+impl SidecarPool {
+    fn cached(&self, addr: SocketAddr) -> Option<SendRequest<Empty<Bytes>>> {
+        let mut g = self.conns.lock().ok()?;
+        match g.get(&addr) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                g.remove(&addr);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn forget(&self, addr: SocketAddr) {
+        if let Ok(mut g) = self.conns.lock() {
+            g.remove(&addr);
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, DeliverError> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| DeliverError::Connect { addr, reason: e.to_string() })?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| DeliverError::Http { addr, reason: e.to_string() })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "sidecar HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut g) = self.conns.lock() {
+            g.insert(addr, sender.clone());
+        }
+        Ok(sender)
+    }
+}
+
 /// Opens a ticketed HTTP/2 CONNECT to the sidecar at `sidecar` for the flow to `dst`:`port`.
 #[allow(clippy::too_many_arguments)]
 pub async fn to_sidecar(
+    pool: &SidecarPool,
     state: &State,
     zone: &str,
     sidecar: SocketAddr,
@@ -114,27 +164,40 @@ pub async fn to_sidecar(
     .map_err(|e| DeliverError::Mint(e.to_string()))?;
 
     let work = async {
-        let tcp = TcpStream::connect(sidecar)
-            .await
-            .map_err(|e| DeliverError::Connect { addr: sidecar, reason: e.to_string() })?;
-        let _ = tcp.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .map_err(|e| DeliverError::Http { addr: sidecar, reason: e.to_string() })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "sidecar HTTP/2 connection ended");
-            }
-        });
         let authority = SocketAddr::new(dst, port).to_string();
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(authority)
-            .header(TICKET_HEADER, ticket)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| DeliverError::Http { addr: sidecar, reason: e.to_string() })?;
-        let resp =
-            sender.send_request(req).await.map_err(|e| DeliverError::Http { addr: sidecar, reason: e.to_string() })?;
+        // A pooled connection may have died since it was last used (the sidecar restarted): one
+        // more try on a fresh connection.
+        let mut fresh = false;
+        let resp = loop {
+            let mut sender = match pool.cached(sidecar) {
+                Some(s) => s,
+                None => {
+                    fresh = true;
+                    pool.connect(sidecar).await?
+                }
+            };
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(authority.as_str())
+                .header(TICKET_HEADER, ticket.as_str())
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| DeliverError::Http { addr: sidecar, reason: e.to_string() })?;
+            let sent = match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(resp) => break resp,
+                Err(e) if !fresh => {
+                    tracing::debug!(error = %e, sidecar = %sidecar, "pooled sidecar connection failed; reconnecting");
+                    pool.forget(sidecar);
+                }
+                Err(e) => {
+                    pool.forget(sidecar);
+                    return Err(DeliverError::Http { addr: sidecar, reason: e.to_string() });
+                }
+            }
+        };
         if resp.status() != StatusCode::OK {
             let reason =
                 resp.headers().get(DENY_REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned();

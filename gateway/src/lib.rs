@@ -16,6 +16,8 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+#[cfg(feature = "kubernetes")]
+pub mod kube_source;
 /// The flow header (gateway to gateway), from `keyway-policy` where the other wire formats live.
 pub use keyway_policy::flow;
 pub mod metrics;

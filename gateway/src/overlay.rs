@@ -219,6 +219,7 @@ async fn handle_stream(ctx: Arc<Ctx>, peer: GatewayIdentity, mut send: quinn::Se
         return;
     };
     let upstream = match to_sidecar(
+        &ctx.sidecars,
         &ctx.state,
         &ctx.config.zone,
         sidecar,

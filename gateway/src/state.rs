@@ -3,6 +3,7 @@
 //! the running one stays, and a metric and an error log say why.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,7 +20,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// A cheap fingerprint of files: paths, sizes and modification times.
-fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+pub(crate) fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut out: Vec<_> = paths
         .iter()
         .map(|p| {
@@ -31,7 +32,8 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     out
 }
 
-fn manifest_paths(dir: &Path) -> Vec<PathBuf> {
+/// The inventory directory and everything under it (for [`fingerprint`]).
+pub(crate) fn manifest_paths(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![dir.to_path_buf()];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -57,6 +59,8 @@ pub struct State {
     /// Nonces of tokens seen within the window.
     pub replay: Mutex<ReplayCache>,
     inventory_print: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    /// Set when another source (Kubernetes) owns the engine: `reload` then leaves it alone.
+    inventory_handed_over: AtomicBool,
     secrets_print: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
 }
 
@@ -100,6 +104,7 @@ impl State {
             secrets: RwLock::new(Arc::new(secrets)),
             replay: Mutex::new(replay),
             inventory_print: Mutex::new(inventory_print),
+            inventory_handed_over: AtomicBool::new(false),
             secrets_print: Mutex::new(secrets_print),
         })
     }
@@ -125,21 +130,36 @@ impl State {
         &self.config
     }
 
+    /// Installs a compiled engine in place of the running one. Flows already decided keep
+    /// going; new decisions use the new engine. Both sources install through here.
+    pub fn install(&self, engine: Engine) {
+        let engine = Arc::new(engine);
+        match self.engine.write() {
+            Ok(mut g) => *g = engine,
+            Err(poisoned) => *poisoned.into_inner() = engine,
+        }
+    }
+
+    /// Hands the inventory and policies to another source (the Kubernetes source, which reads
+    /// the inventory directory itself): from now on [`State::reload`] reloads only the secrets.
+    pub fn hand_over_inventory(&self) {
+        self.inventory_handed_over.store(true, Ordering::Release);
+    }
+
     /// Reloads what changed since the last look (`force`: reload everything). Returns whether a
     /// new engine or new secrets were installed.
     pub fn reload(&self, force: bool) -> bool {
         let mut changed = false;
-        let print = fingerprint(&manifest_paths(&self.config.inventory));
+        let handed_over = self.inventory_handed_over.load(Ordering::Acquire);
+        let print = if handed_over { Vec::new() } else { fingerprint(&manifest_paths(&self.config.inventory)) };
         let inventory_changed = self.inventory_print.lock().map(|p| *p != print).unwrap_or(true);
-        if force || inventory_changed {
+        if !handed_over && (force || inventory_changed) {
             if let Ok(mut p) = self.inventory_print.lock() {
                 *p = print;
             }
             match load_engine(&self.config.inventory) {
                 Ok(engine) => {
-                    if let Ok(mut g) = self.engine.write() {
-                        *g = Arc::new(engine);
-                    }
+                    self.install(engine);
                     self.metrics.reloads.with_label_values(&["inventory", "ok"]).inc();
                     tracing::info!(path = %self.config.inventory.display(), "inventory and policies reloaded");
                     changed = true;

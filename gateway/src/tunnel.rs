@@ -177,6 +177,7 @@ async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Resp
             Route::Local { sidecar } => {
                 log.next_hop = "local".into();
                 let delivered = to_sidecar(
+                    &ctx.sidecars,
                     &ctx.state,
                     &ctx.config.zone,
                     sidecar,

@@ -1,4 +1,5 @@
-//! `keyway gateway --config FILE`: run one gateway until SIGTERM (graceful drain) or SIGINT.
+//! `keyway gateway --config FILE [--source file|kubernetes]`: run one gateway until SIGTERM
+//! (graceful drain) or SIGINT.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,16 +16,57 @@ use crate::config::Config;
 ///
 /// Logs: RUST_LOG (default info), LOG_FORMAT=json|plain (default plain).
 ///
+/// With `--source kubernetes` (binaries built with the cargo feature `kubernetes`) the
+/// inventory and policies come from the cluster instead, merged with the inventory directory
+/// (the other zones' workloads); see gateway/KUBERNETES.md.
+///
 /// Example: keyway gateway --config /etc/keyway/gateway.yaml
 #[derive(Debug, clap::Args)]
 pub struct GatewayArgs {
     /// The configuration file.
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// Where the inventory and policies come from: `file` (the `inventory` directory) or
+    /// `kubernetes` (the cluster's Namespaces, Pods, NetworkPolicies and admin policies, plus
+    /// the `inventory` directory for other zones; needs the config's `kubernetes` section).
+    #[arg(long, value_enum, default_value_t = Source::File)]
+    pub source: Source,
     /// Check the configuration, inventory, secrets and certificates, print the effective
-    /// configuration, and exit without opening any socket.
+    /// configuration, and exit without opening any socket (with `--source kubernetes`: also
+    /// that the `kubernetes` section is there; the API server is not contacted).
     #[arg(long)]
     pub check: bool,
+}
+
+/// Where the inventory and policies come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The manifest directory named by `inventory`, reloaded when it changes.
+    File,
+    /// The cluster, watched with kube-rs (cargo feature `kubernetes`).
+    Kubernetes,
+}
+
+/// Why `--source` cannot be used with this configuration or this binary.
+fn source_error(source: Source, config: &Config) -> Option<String> {
+    if source != Source::Kubernetes {
+        return None;
+    }
+    if !cfg!(feature = "kubernetes") {
+        return Some(
+            "--source kubernetes: this keyway was built without the `kubernetes` feature; rebuild with \
+             `cargo build -p keyway-gateway --features kubernetes` (or use --source file)"
+                .to_owned(),
+        );
+    }
+    if config.kubernetes.is_none() {
+        return Some(format!(
+            "--source kubernetes: the configuration has no `kubernetes` section; add at least \
+             `kubernetes: {{prefix: <this zone's overlay prefix>}}` (zone {})",
+            config.zone
+        ));
+    }
+    None
 }
 
 /// Sets up logging from RUST_LOG and LOG_FORMAT.
@@ -47,6 +89,10 @@ pub fn run(args: GatewayArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(e) = source_error(args.source, &config) {
+        eprintln!("keyway: {e}");
+        return ExitCode::from(2);
+    }
     if args.check {
         return match crate::app::check(&config) {
             Ok(()) => {
@@ -68,7 +114,14 @@ pub fn run(args: GatewayArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let drain = Duration::from_millis(config.drain_ms);
-        let handle = match crate::app::build(config).await {
+        let built = match args.source {
+            Source::File => crate::app::build(config).await,
+            #[cfg(feature = "kubernetes")]
+            Source::Kubernetes => crate::kube_source::start_gateway(config).await,
+            #[cfg(not(feature = "kubernetes"))]
+            Source::Kubernetes => Err(anyhow::anyhow!("built without the `kubernetes` feature")),
+        };
+        let handle = match built {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("keyway: {e:#}");
@@ -97,4 +150,34 @@ pub fn run(args: GatewayArgs) -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+zone: zone-a
+name: gw-1
+tls: {ca: ca.pem, cert: gw.pem, key: gw-key.pem}
+secrets: epochs.json
+inventory: manifests/
+zones: [{name: zone-a, gateways: [{name: gw-1, address: "127.0.0.1:15443"}]}]
+"#;
+
+    #[test]
+    fn source_kubernetes_needs_the_feature_and_the_section() {
+        let plain = Config::parse(MINIMAL, "c.yaml").unwrap();
+        assert_eq!(source_error(Source::File, &plain), None);
+        let err = source_error(Source::Kubernetes, &plain).unwrap();
+        let with = Config::parse(&format!("{MINIMAL}kubernetes: {{prefix: 10.128.1.0/24}}\n"), "c.yaml").unwrap();
+        if cfg!(feature = "kubernetes") {
+            assert!(err.contains("no `kubernetes` section"), "{err}");
+            assert_eq!(source_error(Source::Kubernetes, &with), None);
+        } else {
+            assert!(err.contains("built without the `kubernetes` feature"), "{err}");
+            let err = source_error(Source::Kubernetes, &with).unwrap();
+            assert!(err.contains("--features kubernetes"), "{err}");
+        }
+    }
 }

@@ -272,7 +272,7 @@ impl Overlay {
         let zones: std::collections::BTreeSet<String> = self.gateways.keys().map(|k| k.0.clone()).collect();
         for ((zone, _), h) in &self.gateways {
             let h = &h.ctx;
-            wait_for("overlay mesh", Duration::from_secs(20), || {
+            wait_for("overlay mesh", Duration::from_secs(60), || {
                 zones.iter().filter(|z| *z != zone).all(|z| {
                     let expected = self.gateways.keys().filter(|k| &k.0 == z).count();
                     h.routing.view().iter().filter(|p| &p.zone == z && p.up).count() == expected
