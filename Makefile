@@ -6,6 +6,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 export CARGO_TERM_COLOR ?= never
+# Where cargo builds (honours CARGO_TARGET_DIR), and the filter module the tests and tools load.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+export KEYWAY_WASM ?= $(abspath $(TARGET_DIR))/wasm32-wasip1/wasm-release/keyway_filter.wasm
 
 .PHONY: help setup check test test-policy manifests conformance wasm e2e bench fuzz demo clean
 
@@ -46,7 +49,7 @@ demo: setup wasm ## the demo: a three-zone overlay from samples/shop, the traffi
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo: builds network namespaces and iptables rules, so it must run as root (sudo make demo)" >&2; exit 2; fi
 	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
-	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" ./target/debug/keyway-e2e demo
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(TARGET_DIR)/debug/keyway-e2e demo
 
 bench: setup wasm ## benchmarks: policy engine, filter in Envoy, then the data path side by side (root; results in bench/results/)
 	@if [ "$$(id -u)" != 0 ]; then echo "make bench: the data-path benchmarks build network namespaces, so it must run as root (sudo make bench)" >&2; exit 2; fi
@@ -57,7 +60,7 @@ bench: setup wasm ## benchmarks: policy engine, filter in Envoy, then the data p
 	$(CARGO) bench -p keyway-policy --bench decide --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) bench -p keyway-filter --bench connections --locked
 	$(CARGO) build --release -p keyway-gateway -p keyway-e2e -p keyway-bench --locked
-	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" ./target/release/keyway-bench run --out bench/results
+	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(TARGET_DIR)/release/keyway-bench run --out bench/results
 
 fuzz: setup ## run each decoder fuzz target for FUZZ_SECONDS (default 60) on the committed corpus
 	./scripts/fuzz.sh $${FUZZ_SECONDS:-60}

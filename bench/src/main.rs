@@ -177,7 +177,12 @@ fn tools() -> anyhow::Result<bed::Tools> {
         keyway: need(bindir.join("keyway"), "cargo build --release -p keyway-gateway")?,
         e2e: need(bindir.join("keyway-e2e"), "cargo build --release -p keyway-e2e")?,
         envoy: need(envoy, "scripts/install-envoy.sh")?,
-        wasm: need(repo.join("target/wasm32-wasip1/wasm-release/keyway_filter.wasm"), "make wasm")?,
+        wasm: need(
+            std::env::var_os("KEYWAY_WASM")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo.join("target/wasm32-wasip1/wasm-release/keyway_filter.wasm")),
+            "make wasm",
+        )?,
         iperf3: which("iperf3").context("iperf3 not found: apt-get install iperf3")?,
         boringtun,
         me,
