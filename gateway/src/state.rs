@@ -19,8 +19,24 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Paths with their sizes and modification times.
+pub(crate) type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// Whether a changed fingerprint has settled: the same as at the previous look. Remembers it
+/// otherwise.
+fn settled(pending: &Mutex<Option<Fingerprint>>, print: &[(PathBuf, u64, Option<SystemTime>)]) -> bool {
+    let Ok(mut p) = pending.lock() else { return true };
+    if p.as_deref() == Some(print) {
+        *p = None;
+        true
+    } else {
+        *p = Some(print.to_vec());
+        false
+    }
+}
+
 /// A cheap fingerprint of files: paths, sizes and modification times.
-pub(crate) fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+pub(crate) fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
     let mut out: Vec<_> = paths
         .iter()
         .map(|p| {
@@ -58,10 +74,13 @@ pub struct State {
     secrets: RwLock<Arc<EpochSecrets>>,
     /// Nonces of tokens seen within the window.
     pub replay: Mutex<ReplayCache>,
-    inventory_print: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    inventory_print: Mutex<Fingerprint>,
+    /// A changed fingerprint seen once, waiting to be seen again (settled) before it is loaded.
+    inventory_pending: Mutex<Option<Fingerprint>>,
+    secrets_pending: Mutex<Option<Fingerprint>>,
     /// Set when another source (Kubernetes) owns the engine: `reload` then leaves it alone.
     inventory_handed_over: AtomicBool,
-    secrets_print: Mutex<Vec<(PathBuf, u64, Option<SystemTime>)>>,
+    secrets_print: Mutex<Fingerprint>,
 }
 
 /// Why the initial state could not be built.
@@ -104,6 +123,8 @@ impl State {
             secrets: RwLock::new(Arc::new(secrets)),
             replay: Mutex::new(replay),
             inventory_print: Mutex::new(inventory_print),
+            inventory_pending: Mutex::new(None),
+            secrets_pending: Mutex::new(None),
             inventory_handed_over: AtomicBool::new(false),
             secrets_print: Mutex::new(secrets_print),
         })
@@ -153,7 +174,10 @@ impl State {
         let handed_over = self.inventory_handed_over.load(Ordering::Acquire);
         let print = if handed_over { Vec::new() } else { fingerprint(&manifest_paths(&self.config.inventory)) };
         let inventory_changed = self.inventory_print.lock().map(|p| *p != print).unwrap_or(true);
-        if !handed_over && (force || inventory_changed) {
+        // A file caught in the middle of a write (truncated, half written) could load as a valid,
+        // different policy set: a change is loaded only once it has been seen unchanged for one
+        // whole interval.
+        if !handed_over && (force || (inventory_changed && settled(&self.inventory_pending, &print))) {
             if let Ok(mut p) = self.inventory_print.lock() {
                 *p = print;
             }
@@ -172,7 +196,7 @@ impl State {
         }
         let print = fingerprint(std::slice::from_ref(&self.config.secrets));
         let secrets_changed = self.secrets_print.lock().map(|p| *p != print).unwrap_or(true);
-        if force || secrets_changed {
+        if force || (secrets_changed && settled(&self.secrets_pending, &print)) {
             if let Ok(mut p) = self.secrets_print.lock() {
                 *p = print;
             }
