@@ -225,27 +225,28 @@ impl Handle {
                 "drain deadline passed; closing open flows"
             );
         }
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-        self.ctx.routing.close_all();
-        self.endpoint.set_server_config(None);
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        self.close(0, b"shutdown");
         self.endpoint.wait_idle().await;
         if let Some(a) = self.admin.take() {
             a.stop();
         }
     }
 
-    /// Stops at once, as a crash would (for failover tests): no drain, connections dropped. Returns
-    /// once the overlay socket is released (at most 2 s), as a dead process would release it.
-    pub async fn kill(mut self) {
+    /// Stops every task, closes every peer connection and the overlay endpoint (no new
+    /// connections), with a QUIC close `code` and `reason`.
+    fn close(&mut self, code: u32, reason: &[u8]) {
         for t in self.tasks.drain(..) {
             t.abort();
         }
         self.ctx.routing.close_all();
         self.endpoint.set_server_config(None);
-        self.endpoint.close(quinn::VarInt::from_u32(3), b"killed");
+        self.endpoint.close(quinn::VarInt::from_u32(code), reason);
+    }
+
+    /// Stops at once, as a crash would (for failover tests): no drain, connections dropped. Returns
+    /// once the overlay socket is released (at most 2 s), as a dead process would release it.
+    pub async fn kill(mut self) {
+        self.close(3, b"killed");
         if let Some(a) = self.admin.take() {
             a.stop();
         }
@@ -306,20 +307,7 @@ pub async fn build(config: Config) -> anyhow::Result<Handle> {
     let metrics = Arc::new(Metrics::new()?);
     let state = Arc::new(State::load(config.clone(), metrics.clone())?);
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-    let identity = tls.identity()?;
-    let expected = GatewayIdentity {
-        trust_domain: config.trust_domain.clone(),
-        zone: config.zone.clone(),
-        name: config.name.clone(),
-    };
-    if identity != expected {
-        anyhow::bail!(
-            "{}: the certificate is for {} but the configuration says this gateway is {}",
-            config.tls.cert.display(),
-            identity.spiffe_id(),
-            expected.spiffe_id()
-        );
-    }
+    let identity = check_identity(&config, &tls)?;
     let mut server = crate::tls::quic_server_config(&tls)?;
     server.transport_config(transport(&config));
     let mut client = crate::tls::quic_client_config(&tls)?;

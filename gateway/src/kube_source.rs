@@ -22,9 +22,8 @@ pub mod watch;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use keyway_policy::ip::Cidr;
 use keyway_policy::manifest::SourceFile;
@@ -102,7 +101,7 @@ pub struct Built {
     pub warnings: Vec<Warning>,
 }
 
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+use crate::state::Fingerprint;
 
 /// The Kubernetes source: watchers running, ready to build engines.
 #[derive(Debug)]

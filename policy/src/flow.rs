@@ -12,6 +12,7 @@
 
 use std::net::IpAddr;
 
+use crate::auth::{ip_from16, ip16};
 use crate::ports::Protocol;
 
 const HEADER_MAGIC: &[u8; 3] = b"KWF";
@@ -74,21 +75,6 @@ impl FlowError {
             FlowError::Length => "flow-length",
             FlowError::Field(_) => "flow-field",
         }
-    }
-}
-
-fn ip16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn ip_from16(b: [u8; 16]) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(b);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
     }
 }
 
