@@ -30,7 +30,7 @@ test: setup wasm manifests ## every test layer: unit, property, conformance, com
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
 	$(CARGO) test -p keyway-gateway --features kubernetes --locked --lib kube_source
 
-manifests: setup ## istio/ rendered with kustomize and validated with samples/ against shared/schemas; EnvoyFilters/WasmPlugins held to the e2e sidecar
+manifests: setup ## istio/ rendered with kustomize and validated with samples/ against testdata/schemas; EnvoyFilters/WasmPlugins held to the e2e sidecar
 	KEYWAY_KUBECTL="$$(./scripts/install-kubectl.sh)" $(CARGO) test -p keyway-istio-check --locked
 
 conformance: setup ## only the golden-data conformance suites, with the pass counts

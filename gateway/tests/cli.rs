@@ -28,7 +28,7 @@ fn tmpdir(name: &str, files: &[(&str, &str)]) -> PathBuf {
 
 #[test]
 fn connlist_txt_is_byte_for_byte_upstreams() {
-    let scenario = root().join("../shared/conformance/netpol-analyzer/new_online_boutique");
+    let scenario = root().join("testdata/conformance/netpol-analyzer/new_online_boutique");
     let out = keyway(&["policy", "connlist", "--dir", scenario.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let expected = std::fs::read_to_string(scenario.join("expected_connlist.txt")).unwrap();

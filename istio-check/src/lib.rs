@@ -1,10 +1,10 @@
 //! Checks of keyway's Kubernetes and Istio manifests (`istio/`, `samples/`): rendering with
 //! kustomize (`kubectl kustomize`, offline), strict validation of every object against the real
-//! schemas in `shared/schemas/` (Istio CRDs' structural OpenAPI schemas, Kubernetes v1.34 JSON
+//! schemas in `testdata/schemas/` (Istio CRDs' structural OpenAPI schemas, Kubernetes v1.34 JSON
 //! schemas), and errors that name the file, the object and the field.
 //!
 //! What the schemas cannot say is said here too: the CRDs' CEL rules
-//! (`x-kubernetes-validations`) are not evaluated, and kinds without a schema in `shared/schemas/`
+//! (`x-kubernetes-validations`) are not evaluated, and kinds without a schema in `testdata/schemas/`
 //! (AdminNetworkPolicy, BaselineAdminNetworkPolicy) are reported as [`Outcome::NoSchema`] so that
 //! a test can list them explicitly instead of passing them silently.
 
@@ -156,11 +156,11 @@ pub enum Outcome {
     },
     /// Invalid: one line per error, `file: Kind ns/name: field: message`.
     Invalid(Vec<String>),
-    /// No schema for this kind in `shared/schemas/`.
+    /// No schema for this kind in `testdata/schemas/`.
     NoSchema,
 }
 
-/// The schemas of `shared/schemas/`, compiled on first use.
+/// The schemas of `testdata/schemas/`, compiled on first use.
 #[derive(Debug)]
 pub struct Schemas {
     k8s_dir: PathBuf,
@@ -190,7 +190,7 @@ fn read_json(path: &Path) -> Result<Value, CheckError> {
 }
 
 impl Schemas {
-    /// Loads `dir` (the `shared/schemas` directory): `istio-crds.yaml` and
+    /// Loads `dir` (the `testdata/schemas` directory): `istio-crds.yaml` and
     /// `k8s/v1.34.0-local-strict/`.
     pub fn load(dir: &Path) -> Result<Schemas, CheckError> {
         let k8s_dir = dir.join("k8s").join("v1.34.0-local-strict");

@@ -1,6 +1,6 @@
 //! Every kustomization under `istio/` renders with kustomize, and every object it renders and
 //! every manifest under `samples/` validates strictly against the real schemas in
-//! `shared/schemas/`; the rendered gateway configuration is accepted by the gateway, the
+//! `testdata/schemas/`; the rendered gateway configuration is accepted by the gateway, the
 //! inventory by the policy loader, the plugin configurations by the filter; what the objects refer
 //! to (ConfigMaps, Secrets, ServiceAccount, selectors, ports) exists.
 
@@ -16,14 +16,11 @@ fn repo() -> PathBuf {
 }
 
 fn schemas() -> Schemas {
-    let dir = match std::env::var("KEYWAY_SCHEMAS") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => repo().join("..").join("shared").join("schemas"),
-    };
-    Schemas::load(&dir).unwrap_or_else(|e| panic!("the schemas of shared/schemas are needed (or KEYWAY_SCHEMAS): {e}"))
+    let dir = repo().join("testdata").join("schemas");
+    Schemas::load(&dir).unwrap_or_else(|e| panic!("the schemas of testdata/schemas: {e}"))
 }
 
-/// Kinds that `shared/schemas/` has no schema for: validated nowhere, listed here so that a new
+/// Kinds that `testdata/schemas/` has no schema for: validated nowhere, listed here so that a new
 /// one fails this test until somebody decides about it.
 const NO_SCHEMA: [&str; 2] = [
     "policy.networking.k8s.io/v1alpha1 AdminNetworkPolicy",
@@ -85,7 +82,7 @@ fn every_istio_kustomization_renders_and_validates_against_the_real_schemas() {
         println!("{dir}: {} objects rendered and valid", objects.len());
     }
     assert!(errors.is_empty(), "invalid objects:\n{}", errors.join("\n"));
-    assert!(no_schema.is_empty(), "istio/ renders kinds without a schema in shared/schemas: {no_schema:?}");
+    assert!(no_schema.is_empty(), "istio/ renders kinds without a schema in testdata/schemas: {no_schema:?}");
     let expected = [
         "Namespace",
         "ServiceAccount",
@@ -140,7 +137,7 @@ fn every_sample_manifest_validates_and_kinds_without_schema_are_listed() {
         "samples use kinds without a schema that are not listed: {:?}",
         no_schema.difference(&listed).collect::<Vec<_>>()
     );
-    println!("not validated (no schema in shared/schemas): {no_schema:?}");
+    println!("not validated (no schema in testdata/schemas): {no_schema:?}");
 }
 
 fn find<'a>(set: &'a [Object], kind: &str, name: &str) -> Option<&'a Object> {

@@ -1,5 +1,5 @@
 //! The engine against public golden data: every scenario of np-guard/netpol-analyzer copied to
-//! `../shared/conformance/` must give its `expected_connlist.txt` byte for byte, and the
+//! `testdata/conformance/` must give its `expected_connlist.txt` byte for byte, and the
 //! single-flow decision function must agree with the connectivity sets at every port boundary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test harness
 
@@ -10,12 +10,12 @@ use keyway_policy::connlist::{Format, connections, render};
 use keyway_policy::engine::Peer;
 use keyway_policy::{ConnSet, Engine, Protocol, Verdict};
 
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance")
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/conformance")
 }
 
 fn scenarios(set: &str) -> Vec<PathBuf> {
-    let dir = shared().join(set);
+    let dir = testdata().join(set);
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("index.json")).unwrap_or_else(|e| panic!("{}: {e}", dir.display())),
     )
