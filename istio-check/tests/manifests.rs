@@ -52,7 +52,10 @@ struct Rendered {
 fn render_all() -> Rendered {
     let repo = repo();
     let kubectl = kubectl(&repo).unwrap_or_else(|e| panic!("{e}"));
-    let scratch = std::env::temp_dir().join(format!("keyway-istio-check-{}", std::process::id()));
+    // One scratch copy per call: the tests that render run in parallel in this process.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch = std::env::temp_dir().join(format!("keyway-istio-check-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     copy_tree(&repo.join("istio"), &scratch.join("istio")).unwrap_or_else(|e| panic!("copy istio/: {e}"));
     let mut sets = BTreeMap::new();
