@@ -10,7 +10,7 @@ export CARGO_TERM_COLOR ?= never
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 export KEYWAY_WASM ?= $(abspath $(TARGET_DIR))/wasm32-wasip1/wasm-release/keyway_filter.wasm
 
-.PHONY: help setup check test test-policy manifests conformance wasm e2e bench fuzz demo clean
+.PHONY: help setup check test manifests conformance wasm e2e bench fuzz demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,9 +18,10 @@ help: ## list the targets
 setup: ## install the Rust toolchain pieces the build needs (wasm target, rustfmt, clippy)
 	@./scripts/setup.sh
 
-check: setup ## fmt, clippy for the host and for keyway-policy on wasm32-wasip1, warnings are errors
+check: setup ## fmt, clippy for the host (the gateway with and without kubernetes) and for keyway-policy and the filter on wasm32-wasip1, warnings are errors
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p keyway-gateway --features kubernetes --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
 	$(CARGO) clippy -p keyway-filter --target $(WASM_TARGET) --locked -- -D warnings
 
@@ -36,9 +37,9 @@ manifests: setup ## istio/ rendered with kustomize and validated with samples/ a
 conformance: setup ## only the golden-data conformance suites, with the pass counts
 	$(CARGO) test -p keyway-policy --test conformance --locked -- --nocapture
 
-wasm: setup ## the proxy-wasm filter module: target/wasm32-wasip1/wasm-release/keyway_filter.wasm
+wasm: setup ## the proxy-wasm filter module: <target dir>/wasm32-wasip1/wasm-release/keyway_filter.wasm
 	$(CARGO) build -p keyway-filter --target $(WASM_TARGET) --profile wasm-release --locked
-	@stat -c '%n: %s bytes' target/$(WASM_TARGET)/wasm-release/keyway_filter.wasm
+	@stat -c '%n: %s bytes' $(TARGET_DIR)/$(WASM_TARGET)/wasm-release/keyway_filter.wasm
 
 e2e: setup wasm ## end-to-end tests only: zones as network namespaces, real gateways and Envoy sidecars (root)
 	./scripts/install-deps.sh
