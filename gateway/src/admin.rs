@@ -14,8 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keyway_policy::engine::Peer;
 
-use crate::app::Ctx;
-use crate::state::now_ms;
+use crate::proxy::Proxy;
 
 /// The running admin server.
 #[derive(Debug)]
@@ -35,7 +34,7 @@ impl AdminHandle {
 }
 
 /// Binds the admin listener and serves it on a thread of its own.
-pub fn start(ctx: Arc<Ctx>) -> anyhow::Result<AdminHandle> {
+pub fn start(ctx: Arc<Proxy>) -> anyhow::Result<AdminHandle> {
     let listener = std::net::TcpListener::bind(ctx.config.listen.admin)
         .map_err(|e| anyhow::anyhow!("admin {}: cannot bind: {e}", ctx.config.listen.admin))?;
     listener.set_nonblocking(true)?;
@@ -80,7 +79,7 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(ctx: &Proxy, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -108,10 +107,10 @@ fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<B
     }
 }
 
-fn config_dump(ctx: &Ctx) -> Response<Full<Bytes>> {
+fn config_dump(ctx: &Proxy) -> Response<Full<Bytes>> {
     let engine = ctx.state.engine();
     let secrets = ctx.state.secrets();
-    let now = now_ms();
+    let now = ctx.now_ms();
     let epochs: Vec<serde_json::Value> = secrets
         .valid_at(now)
         .iter()
@@ -136,7 +135,7 @@ fn config_dump(ctx: &Ctx) -> Response<Full<Bytes>> {
     )
 }
 
-fn keys(ctx: &Ctx, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
+fn keys(ctx: &Proxy, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
     let outcome = |o: &str| ctx.metrics.key_requests.with_label_values(&[o]).inc();
     let ip = query.split('&').find_map(|kv| kv.strip_prefix("ip=")).and_then(|v| v.parse::<IpAddr>().ok());
     let Some(ip) = ip else {
@@ -169,15 +168,9 @@ fn keys(ctx: &Ctx, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
         );
     }
     let identity = workload.identity(&ctx.config.trust_domain);
-    match crate::secrets::key_bundle_activating(
-        &ctx.state.secrets(),
-        now_ms(),
-        &identity,
-        ip,
-        &ctx.config.zone,
-        ctx.config.key_service.refresh_ms,
-        ctx.config.activation_ms(),
-    ) {
+    let holder = crate::secrets::Holder { identity: &identity, overlay_ip: ip, zone: &ctx.config.zone };
+    let (refresh_ms, activation_ms) = (ctx.config.key_service.refresh_ms, ctx.config.activation_ms());
+    match crate::secrets::key_bundle_activating(&ctx.state.secrets(), ctx.now_ms(), holder, refresh_ms, activation_ms) {
         Ok(bundle) => {
             outcome("ok");
             json(StatusCode::OK, &serde_json::to_value(bundle).unwrap_or_default())

@@ -1,195 +1,24 @@
-//! Building and running one gateway: [`build`] binds every listener, starts every task and
-//! returns a [`Handle`] with the bound addresses.
+//! Building and running one gateway: [`build_from`] takes a configuration and an inventory
+//! source, binds every listener, starts every task and returns a [`Handle`] with the bound
+//! addresses; [`build`] is the same with the configuration's inventory directory.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keyway_policy::engine::Peer;
-use keyway_policy::{Engine, Protocol, Verdict};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::proxy::{Proxy, overlay, tunnel};
 use crate::routing::Routing;
+use crate::source::{FileSource, InventorySource, Sink};
 use crate::state::State;
 use crate::tls::{GatewayIdentity, TlsMaterial};
 
-/// Everything a flow handler needs.
-#[derive(Debug)]
-pub struct Ctx {
-    /// The configuration in force.
-    pub config: Arc<Config>,
-    /// Engine, secrets, replay cache.
-    pub state: Arc<State>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Peer gateways.
-    pub routing: Arc<Routing>,
-    /// This gateway's identity.
-    pub identity: GatewayIdentity,
-    /// Permits for concurrent flows.
-    pub flows: Arc<Semaphore>,
-    next_flow: AtomicU64,
-    /// Set when draining: no new flows.
-    pub draining: watch::Receiver<bool>,
-    /// HTTP/2 connections to this zone's sidecars.
-    pub sidecars: crate::deliver::SidecarPool,
-}
-
-impl Ctx {
-    /// A new flow id.
-    pub fn flow_id(&self) -> u64 {
-        self.next_flow.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The connect timeout.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.limits.connect_timeout_ms)
-    }
-
-    /// Whether the gateway is draining.
-    pub fn is_draining(&self) -> bool {
-        *self.draining.borrow()
-    }
-}
-
-/// Where an allowed flow goes next.
-#[derive(Debug, Clone)]
-pub enum Route {
-    /// A workload of this zone: its sidecar.
-    Local {
-        /// The sidecar's keyway inbound address.
-        sidecar: SocketAddr,
-    },
-    /// A workload of another zone: through one of its gateways.
-    Zone(String),
-    /// An address outside the overlay: straight out.
-    External(SocketAddr),
-}
-
-/// A decided flow.
-#[derive(Debug)]
-pub struct Decided {
-    /// Allow or deny.
-    pub verdict: Verdict,
-    /// The deciding rule, in words (`ANP … → NetworkPolicy …: Allow`).
-    pub rule: String,
-    /// Where to send it, when allowed.
-    pub route: Option<Route>,
-    /// A fixed reason label when the flow cannot be routed.
-    pub unroutable: Option<&'static str>,
-    /// The destination address the flow goes to: the address asked for, or for a service's
-    /// overlay address the endpoint chosen by locality.
-    pub dst: IpAddr,
-    /// Whether the address asked for is a service's (another endpoint may be tried).
-    pub service: bool,
-}
-
-/// For a service's overlay address, the endpoint to use: in the nearest reachable zone in
-/// locality order (this zone, then its configured failover zones), round-robin within a zone.
-fn pick_endpoint(ctx: &Ctx, engine: &Engine, dst: IpAddr, avoid: &[String]) -> Option<Result<usize, &'static str>> {
-    let inv = engine.inventory();
-    let svc = inv.service_for(dst)?;
-    let endpoints = inv.endpoints(svc);
-    if endpoints.is_empty() {
-        return Some(Err("service-no-endpoints"));
-    }
-    for zone in ctx.routing.failover_order(&ctx.config.zone) {
-        if !ctx.routing.zone_up(&zone) || avoid.contains(&zone) {
-            continue;
-        }
-        let here: Vec<usize> = endpoints
-            .iter()
-            .copied()
-            .filter(|&w| {
-                inv.workloads
-                    .get(w)
-                    .is_some_and(|w| w.zone.as_deref() == Some(zone.as_str()) && !w.overlay_ips.is_empty())
-            })
-            .collect();
-        if !here.is_empty() {
-            let i = ctx.next_flow.load(Ordering::Relaxed) as usize % here.len();
-            return here.get(i).copied().map(Ok);
-        }
-    }
-    Some(Err("service-no-reachable-endpoint"))
-}
-
-/// Decides a flow from the workload `src` to `dst`:`port` and finds its route.
-pub fn decide(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16) -> Decided {
-    decide_avoiding(ctx, engine, src, dst, port, &[])
-}
-
-/// As [`decide`], choosing a service's endpoint outside the zones in `avoid` (zones that just
-/// failed to take the flow).
-pub fn decide_avoiding(ctx: &Ctx, engine: &Engine, src: Peer, dst: IpAddr, port: u16, avoid: &[String]) -> Decided {
-    let start = std::time::Instant::now();
-    let asked = dst;
-    let (dst, dst_peer) = match pick_endpoint(ctx, engine, dst, avoid) {
-        None => (dst, engine.peer_for(dst)),
-        Some(Ok(w)) => {
-            let ip = engine.inventory().workloads.get(w).and_then(|w| w.overlay_ips.first().copied()).unwrap_or(dst);
-            (ip, Peer::Workload(w))
-        }
-        Some(Err(reason)) => {
-            return Decided {
-                verdict: Verdict::Allow,
-                rule: String::new(),
-                route: None,
-                unroutable: Some(reason),
-                dst,
-                service: true,
-            };
-        }
-    };
-    let d = engine.decide(src, dst_peer, Protocol::Tcp, port);
-    ctx.metrics.decision_seconds.observe(start.elapsed().as_secs_f64());
-    let rule = engine.describe_decision(&d);
-    if d.verdict == Verdict::Deny {
-        return Decided { verdict: d.verdict, rule, route: None, unroutable: None, dst, service: false };
-    }
-    let (route, unroutable) = match dst_peer {
-        Peer::Ip(ip) => (Some(Route::External(SocketAddr::new(ip, port))), None),
-        Peer::Workload(w) => match engine.inventory().workloads.get(w).and_then(|w| w.zone.clone().map(|z| (w, z))) {
-            None => (None, Some("destination-zone-unknown")),
-            Some((w, zone)) if zone == ctx.config.zone => {
-                let ip = w.sidecar_ips.first().copied().unwrap_or(dst);
-                (Some(Route::Local { sidecar: SocketAddr::new(ip, ctx.config.delivery.sidecar_port) }), None)
-            }
-            Some((_, zone)) => (Some(Route::Zone(zone)), None),
-        },
-    };
-    Decided {
-        verdict: d.verdict,
-        rule,
-        route,
-        unroutable,
-        dst,
-        service: engine.inventory().service_for(asked).is_some(),
-    }
-}
-
-/// Copies bytes both ways until both directions end, with half-close: when one side finishes
-/// sending, the other side's write half is shut down. Buffers are 16 KiB per direction.
-pub async fn relay<A, B>(mut a: A, mut b: B, up: &AtomicU64, down: &AtomicU64)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER).await {
-        Ok((to_b, to_a)) => {
-            up.fetch_add(to_b, Ordering::Relaxed);
-            down.fetch_add(to_a, Ordering::Relaxed);
-        }
-        Err(e) => tracing::debug!(error = %e, "relay ended with an error"),
-    }
-}
-
-/// The relay's buffer per direction.
-const RELAY_BUFFER: usize = 16 * 1024;
+/// How long `kill` and the end of `shutdown` wait for the tasks to end once told to.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// A running gateway.
 #[derive(Debug)]
@@ -200,57 +29,62 @@ pub struct Handle {
     pub overlay_addr: SocketAddr,
     /// The admin listener's address.
     pub admin_addr: SocketAddr,
-    /// Shared context (for tests and the admin endpoint).
-    pub ctx: Arc<Ctx>,
-    drain: watch::Sender<bool>,
+    /// The data path's shared state (for tests and the admin endpoint).
+    pub proxy: Arc<Proxy>,
     endpoint: quinn::Endpoint,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
     admin: Option<crate::admin::AdminHandle>,
+    reload: watch::Sender<u64>,
 }
 
 impl Handle {
+    /// The peer gateways and their health.
+    pub fn routing(&self) -> &Routing {
+        &self.proxy.routing
+    }
+
+    /// Engine, secrets and replay cache.
+    pub fn state(&self) -> &Arc<State> {
+        &self.proxy.state
+    }
+
+    /// Asks the inventory source and the secrets to reload now (SIGHUP).
+    pub fn reload(&self) {
+        self.reload.send_modify(|n| *n += 1);
+    }
+
     /// Stops accepting new flows, waits for open flows to finish (at most `deadline`), then
-    /// stops everything.
+    /// ends every task, open flows included.
     pub async fn shutdown(mut self, deadline: Duration) {
-        let _ = self.drain.send(true);
-        let max = self.ctx.config.limits.max_flows;
-        let wait = async {
-            while self.ctx.flows.available_permits() < max {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        if tokio::time::timeout(deadline, wait).await.is_err() {
-            tracing::warn!(
-                open = max - self.ctx.flows.available_permits(),
-                "drain deadline passed; closing open flows"
-            );
+        self.proxy.drain();
+        if tokio::time::timeout(deadline, self.proxy.flows_ended()).await.is_err() {
+            tracing::warn!(open = self.proxy.open_flows(), "drain deadline passed; closing open flows");
         }
-        self.close(0, b"shutdown");
+        self.stop(0, b"shutdown").await;
         self.endpoint.wait_idle().await;
-        if let Some(a) = self.admin.take() {
-            a.stop();
-        }
     }
 
-    /// Stops every task, closes every peer connection and the overlay endpoint (no new
-    /// connections), with a QUIC close `code` and `reason`.
-    fn close(&mut self, code: u32, reason: &[u8]) {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-        self.ctx.routing.close_all();
-        self.endpoint.set_server_config(None);
-        self.endpoint.close(quinn::VarInt::from_u32(code), reason);
-    }
-
-    /// Stops at once, as a crash would (for failover tests): no drain, connections dropped. Returns
-    /// once the overlay socket is released (at most 2 s), as a dead process would release it.
+    /// Stops at once, as a crash would (for failover tests): no drain, every flow and peer
+    /// connection dropped. Returns once the overlay socket is released (at most 2 s), as a dead
+    /// process would release it.
     pub async fn kill(mut self) {
-        self.close(3, b"killed");
+        self.stop(3, b"killed").await;
+        let _ = tokio::time::timeout(STOP_WAIT, self.endpoint.wait_idle()).await;
+    }
+
+    /// Ends every task (flows included), closes every peer connection and the overlay endpoint,
+    /// with a QUIC close `code` and `reason`, and stops the admin server.
+    async fn stop(&mut self, code: u32, reason: &[u8]) {
+        self.proxy.drain();
+        self.endpoint.set_server_config(None);
+        self.proxy.routing.close_all();
+        self.endpoint.close(quinn::VarInt::from_u32(code), reason);
+        let left = self.proxy.tasks.stop(STOP_WAIT).await;
+        if left > 0 {
+            tracing::warn!(tasks = left, "tasks still running after the stop");
+        }
         if let Some(a) = self.admin.take() {
             a.stop();
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }
 
@@ -276,7 +110,8 @@ fn transport(config: &Config) -> Arc<quinn::TransportConfig> {
 /// opened and no peer is contacted.
 pub fn check(config: &Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
-    let _state = State::load(Arc::new(config.clone()), metrics)?;
+    let engine = FileSource::new(config).load()?;
+    let _state = State::load(Arc::new(config.clone()), metrics, engine)?;
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     check_identity(config, &tls)?;
     Ok(())
@@ -300,12 +135,25 @@ fn check_identity(config: &Config, tls: &TlsMaterial) -> anyhow::Result<GatewayI
     Ok(identity)
 }
 
-/// Starts a gateway: loads state and TLS material, binds the tunnel, overlay and admin
-/// listeners, and starts the tasks. Must run inside a tokio runtime.
+/// Starts a gateway with the inventory directory of its configuration (a [`FileSource`]) and
+/// the system clock.
 pub async fn build(config: Config) -> anyhow::Result<Handle> {
+    let source = FileSource::new(&config);
+    build_from(config, source, crate::clock::system()).await
+}
+
+/// Starts a gateway: takes the first engine from `source`, loads the secrets and TLS material,
+/// binds the tunnel, overlay and admin listeners, and starts the tasks (the source's among them).
+/// Must run inside a tokio runtime.
+pub async fn build_from<S: InventorySource>(
+    config: Config,
+    mut source: S,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Handle> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new()?);
-    let state = Arc::new(State::load(config.clone(), metrics.clone())?);
+    let engine = source.first().await?;
+    let state = Arc::new(State::load(config.clone(), metrics.clone(), engine)?);
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let identity = check_identity(&config, &tls)?;
     let mut server = crate::tls::quic_server_config(&tls)?;
@@ -316,44 +164,44 @@ pub async fn build(config: Config) -> anyhow::Result<Handle> {
         .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
     endpoint.set_default_client_config(client);
     let overlay_addr = endpoint.local_addr()?;
-    let tunnel = tokio::net::TcpListener::bind(config.listen.tunnel)
+    let listener = tokio::net::TcpListener::bind(config.listen.tunnel)
         .await
         .map_err(|e| anyhow::anyhow!("tunnel {}: cannot bind: {e}", config.listen.tunnel))?;
-    let tunnel_addr = tunnel.local_addr()?;
+    let tunnel_addr = listener.local_addr()?;
 
-    let routing = Arc::new(Routing::new(&config));
-    let (drain, draining) = watch::channel(false);
-    let ctx = Arc::new(Ctx {
-        config: config.clone(),
-        state: state.clone(),
-        metrics: metrics.clone(),
-        routing: routing.clone(),
-        identity,
-        flows: Arc::new(Semaphore::new(config.limits.max_flows)),
-        next_flow: AtomicU64::new(1),
-        draining,
-        sidecars: crate::deliver::SidecarPool::default(),
-    });
-    let admin = crate::admin::start(ctx.clone())?;
+    let proxy = Arc::new(Proxy::new(config.clone(), state.clone(), metrics.clone(), identity, clock));
+    let admin = crate::admin::start(proxy.clone())?;
     let admin_addr = admin.addr;
+    let (reload, reloads) = watch::channel(0u64);
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::tunnel::serve(ctx.clone(), tunnel)));
-    tasks.push(tokio::spawn(crate::overlay::serve(ctx.clone(), endpoint.clone())));
-    tasks.extend(routing.spawn_connectors(endpoint.clone(), metrics.clone()));
-    let reload_state = state.clone();
-    let interval = Duration::from_millis(config.reload_interval_ms);
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(interval).await;
-            let s = reload_state.clone();
-            let _ = tokio::task::spawn_blocking(move || s.reload(false)).await;
-        }
-    }));
+    let tasks = &proxy.tasks;
+    tasks.spawn(tunnel::serve(proxy.clone(), listener));
+    tasks.spawn(overlay::serve(proxy.clone(), endpoint.clone()));
+    proxy.routing.spawn_connectors(&endpoint, &metrics, tasks);
+    tasks.spawn(source.run(Sink { state: state.clone(), metrics: metrics.clone(), reload: reloads.clone() }));
+    tasks.spawn(reload_secrets(state, Duration::from_millis(config.reload_interval_ms.max(1)), reloads));
     tracing::info!(
         zone = %config.zone, name = %config.name, tunnel = %tunnel_addr, overlay = %overlay_addr, admin = %admin_addr,
         config = %serde_json::to_string(&*config).unwrap_or_default(),
         "keyway gateway started"
     );
-    Ok(Handle { tunnel_addr, overlay_addr, admin_addr, ctx, drain, endpoint, tasks, admin: Some(admin) })
+    Ok(Handle { tunnel_addr, overlay_addr, admin_addr, proxy, endpoint, admin: Some(admin), reload })
+}
+
+/// Reloads the epoch secrets when their file changed (checked every `interval`) and on request.
+async fn reload_secrets(state: Arc<State>, interval: Duration, mut requests: watch::Receiver<u64>) {
+    requests.borrow_and_update();
+    loop {
+        let force = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            r = requests.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                true
+            }
+        };
+        let s = state.clone();
+        let _ = tokio::task::spawn_blocking(move || s.reload_secrets(force)).await;
+    }
 }

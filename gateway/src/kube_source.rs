@@ -15,6 +15,7 @@
 //! that does not load or compile as a whole is rejected
 //! (`keyway_gateway_reloads_total{what="kubernetes",outcome="rejected"}`) and the running engine
 //! stays. A new engine is installed with [`State::install`]: open flows are not touched.
+//! [`KubeSource`] is one of the two [`InventorySource`]s (the other is the file source).
 
 pub mod addresses;
 pub mod objects;
@@ -32,6 +33,7 @@ use tokio::sync::watch as tokio_watch;
 
 use crate::config::{Config, Kubernetes};
 use crate::metrics::Metrics;
+use crate::source::{InventorySource, Sink};
 use crate::state::State;
 
 use self::addresses::{RecordError, RecordStore};
@@ -286,14 +288,16 @@ impl KubeSource {
         }
     }
 
-    /// Rebuilds after every change in the cluster (after `debounce_ms` of quiet) and in the
-    /// static directory (checked every `reload_interval_ms`); retries a failed build after a
-    /// few seconds. Runs until the watchers stop.
-    pub async fn run(mut self, state: Arc<State>, metrics: Arc<Metrics>) {
+    /// Rebuilds after every change in the cluster (after `debounce_ms` of quiet), in the static
+    /// directory (checked every `reload_interval_ms`) and on every reload request; retries a
+    /// failed build after a few seconds. Runs until the watchers stop or the gateway stops.
+    async fn keep_current(mut self, mut sink: Sink) {
         let debounce = Duration::from_millis(self.settings.debounce_ms);
         let mut statics_tick = tokio::time::interval(Duration::from_millis(self.config.reload_interval_ms.max(1)));
         statics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.changes.borrow_and_update();
+        sink.reload.borrow_and_update();
+        let mut reloads_open = true;
         let mut retry: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
@@ -312,45 +316,58 @@ impl KubeSource {
                     }
                     tracing::info!(path = %self.config.inventory.display(), "static inventory changed");
                 }
+                r = sink.reload.changed(), if reloads_open => {
+                    reloads_open = r.is_ok();
+                    if !reloads_open {
+                        continue;
+                    }
+                    tracing::info!("reload requested: rebuilding from the cluster and the static directory");
+                }
                 _ = async { match retry { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {}
             }
             if !self.stores.synced() {
                 continue;
             }
-            retry =
-                if self.apply(&state, &metrics).await { None } else { Some(tokio::time::Instant::now() + RETRY_AFTER) };
+            retry = if self.apply(&sink.state, &sink.metrics).await {
+                None
+            } else {
+                Some(tokio::time::Instant::now() + RETRY_AFTER)
+            };
         }
+    }
+
+    /// Connects with the in-cluster service account (or the kubeconfig) and starts the watchers.
+    pub async fn connect(config: &Config) -> anyhow::Result<KubeSource> {
+        let kube_config = kube::Config::infer().await.map_err(SourceError::ClientConfig)?;
+        let client = kube::Client::try_from(kube_config).map_err(SourceError::Client)?;
+        Ok(KubeSource::start(client, Arc::new(config.clone()))?)
     }
 }
 
-/// Starts a gateway fed by the cluster: connects with the in-cluster service account (or the
-/// kubeconfig), waits for the first complete list (at most `kubernetes.sync_timeout_ms`, before
-/// any listener opens), builds and installs the first engine, then keeps it current.
-pub async fn start_gateway(config: Config) -> anyhow::Result<crate::app::Handle> {
-    let kube_config = kube::Config::infer().await.map_err(SourceError::ClientConfig)?;
-    let client = kube::Client::try_from(kube_config).map_err(SourceError::Client)?;
-    start_gateway_with(client, config).await
+impl InventorySource for KubeSource {
+    /// Waits for the first complete list (at most `kubernetes.sync_timeout_ms`, before any
+    /// listener opens) and builds the first engine.
+    async fn first(&mut self) -> anyhow::Result<Engine> {
+        self.wait_synced(Duration::from_millis(self.settings.sync_timeout_ms)).await?;
+        let first = self.build().await?;
+        tracing::info!(
+            objects = first.local,
+            skipped = first.skipped,
+            from_static = first.from_static,
+            "first inventory from the cluster built"
+        );
+        Ok(first.engine)
+    }
+
+    async fn run(self, sink: Sink) {
+        self.keep_current(sink).await;
+    }
 }
 
-/// [`start_gateway`] with a given client.
-pub async fn start_gateway_with(client: kube::Client, config: Config) -> anyhow::Result<crate::app::Handle> {
-    let shared = Arc::new(config.clone());
-    let mut source = KubeSource::start(client, shared)?;
-    let settings = config.kubernetes.clone().ok_or(SourceError::NoSection)?;
-    source.wait_synced(Duration::from_millis(settings.sync_timeout_ms)).await?;
-    let first = source.build().await?;
-    tracing::info!(
-        objects = first.local,
-        skipped = first.skipped,
-        from_static = first.from_static,
-        "first inventory from the cluster built"
-    );
-    let handle = crate::app::build(config).await?;
-    handle.ctx.state.hand_over_inventory();
-    handle.ctx.state.install(first.engine);
-    handle.ctx.metrics.reloads.with_label_values(&["kubernetes", "ok"]).inc();
-    tokio::spawn(source.run(handle.ctx.state.clone(), handle.ctx.metrics.clone()));
-    Ok(handle)
+/// Starts a gateway fed by the cluster (see [`KubeSource`]).
+pub async fn start_gateway(config: Config) -> anyhow::Result<crate::app::Handle> {
+    let source = KubeSource::connect(&config).await?;
+    crate::app::build_from(config, source, crate::clock::system()).await
 }
 
 #[cfg(test)]

@@ -6,24 +6,26 @@
 //! CONNECT to destination sidecars, with tickets) and **admin** (health, metrics, config dump,
 //! peers, the key service), on its own small runtime.
 //!
-//! [`app::build`] starts one gateway and returns a handle with its bound addresses; `main` and
-//! the tests both use it.
+//! [`app::build_from`] starts one gateway from a configuration and an inventory source
+//! ([`source::FileSource`], or the cluster with the `kubernetes` feature) and returns a handle
+//! with its bound addresses; `main` and the tests both use it. The data path lives in [`proxy`].
 
-pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod config;
-pub mod deliver;
 #[cfg(feature = "kubernetes")]
 pub mod kube_source;
 /// The flow header (gateway to gateway), from `keyway-policy` where the other wire formats live.
 pub use keyway_policy::flow;
 pub mod metrics;
-pub mod overlay;
+pub mod proxy;
 pub mod routing;
 pub mod secrets;
+pub mod source;
 pub mod state;
+pub mod tasks;
 pub mod tls;
-pub mod tunnel;
+pub mod wire;

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 use crate::tls::{GatewayIdentity, server_name};
 
 /// A gateway of another zone.
@@ -68,6 +69,7 @@ pub struct PeerView {
 #[derive(Debug)]
 pub struct Routing {
     my_zone: String,
+    sidecar_port: u16,
     zones: BTreeMap<String, Vec<Arc<PeerGateway>>>,
     failover: BTreeMap<String, Vec<String>>,
     next: AtomicUsize,
@@ -100,12 +102,17 @@ impl Routing {
                 .collect();
             zones.insert(z.name.clone(), peers);
         }
-        Routing { my_zone: config.zone.clone(), zones, failover, next: AtomicUsize::new(0) }
+        Routing { my_zone: config.zone.clone(), sidecar_port: config.delivery.sidecar_port, zones, failover, next: AtomicUsize::new(0) }
     }
 
     /// This gateway's zone.
     pub fn my_zone(&self) -> &str {
         &self.my_zone
+    }
+
+    /// The keyway inbound port of this zone's sidecars.
+    pub fn sidecar_port(&self) -> u16 {
+        self.sidecar_port
     }
 
     /// Whether a zone is reachable: this zone always is; another zone when one of its gateways is
@@ -153,18 +160,10 @@ impl Routing {
     }
 
     /// Keeps a connection to every peer: connects, waits for it to close, reconnects with backoff.
-    pub fn spawn_connectors(
-        self: &Arc<Self>,
-        endpoint: quinn::Endpoint,
-        metrics: Arc<Metrics>,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut tasks = Vec::new();
-        for peers in self.zones.values() {
-            for p in peers {
-                tasks.push(tokio::spawn(maintain(p.clone(), endpoint.clone(), metrics.clone())));
-            }
+    pub fn spawn_connectors(&self, endpoint: &quinn::Endpoint, metrics: &Arc<Metrics>, tasks: &Tasks) {
+        for p in self.zones.values().flatten() {
+            tasks.spawn(maintain(p.clone(), endpoint.clone(), metrics.clone()));
         }
-        tasks
     }
 
     /// Closes every peer connection (on shutdown).

@@ -319,18 +319,27 @@ impl EpochSecrets {
     }
 }
 
-/// The keys of one workload at `now_ms`: for every epoch valid then, its workload key (for
-/// `identity` at `overlay_ip`) and its zone's ticket key, oldest first, each with the epoch's
-/// `not_after_ms`. The gateway's key service and `keyway keys issue` both answer with it.
+/// Whose keys a bundle holds: the workload's identity, its overlay address and its zone.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    /// The workload's SPIFFE identity.
+    pub identity: &'a str,
+    /// Its overlay address.
+    pub overlay_ip: IpAddr,
+    /// Its zone.
+    pub zone: &'a str,
+}
+
+/// The keys of one workload at `now_ms`: for every epoch valid then, its workload key (for the
+/// holder's identity at its overlay address) and its zone's ticket key, oldest first, each with
+/// the epoch's `not_after_ms`. The gateway's key service and `keyway keys issue` both answer with it.
 pub fn key_bundle(
     secrets: &EpochSecrets,
     now_ms: u64,
-    identity: &str,
-    overlay_ip: IpAddr,
-    zone: &str,
+    holder: Holder<'_>,
     refresh_ms: u64,
 ) -> Result<KeyBundle, SecretsError> {
-    key_bundle_activating(secrets, now_ms, identity, overlay_ip, zone, refresh_ms, 0)
+    key_bundle_activating(secrets, now_ms, holder, refresh_ms, 0)
 }
 
 /// As [`key_bundle`], with every epoch but the oldest valid one activated `activation_ms` after
@@ -339,12 +348,11 @@ pub fn key_bundle(
 pub fn key_bundle_activating(
     secrets: &EpochSecrets,
     now_ms: u64,
-    identity: &str,
-    overlay_ip: IpAddr,
-    zone: &str,
+    holder: Holder<'_>,
     refresh_ms: u64,
     activation_ms: u64,
 ) -> Result<KeyBundle, SecretsError> {
+    let Holder { identity, overlay_ip, zone } = holder;
     let valid = secrets.valid_at(now_ms);
     let oldest = valid.first().map(|e| e.epoch);
     if valid.is_empty() {
@@ -604,7 +612,7 @@ mod tests {
         let s = EpochSecrets::from_entries(vec![entry(1, 1, Some(100)), entry(2, 2, Some(2_000)), entry(3, 3, None)])
             .unwrap();
         let ip: IpAddr = "10.128.1.11".parse().unwrap();
-        let b = key_bundle(&s, 1_000, ID, ip, "zone-a", 5_000).unwrap();
+        let b = key_bundle(&s, 1_000, Holder { identity: ID, overlay_ip: ip, zone: "zone-a" }, 5_000).unwrap();
         assert_eq!((b.identity.as_str(), b.overlay_ip, b.zone.as_str(), b.refresh_ms), (ID, ip, "zone-a", 5_000));
         assert_eq!(
             b.workload_keys.iter().map(|k| (k.epoch, k.not_after_ms)).collect::<Vec<_>>(),
@@ -621,9 +629,9 @@ mod tests {
         b.validate().unwrap();
 
         let expired = EpochSecrets::from_entries(vec![entry(1, 1, Some(100))]).unwrap();
-        assert!(matches!(key_bundle(&expired, 101, ID, ip, "z", 1), Err(SecretsError::NoValidEpoch { now_ms: 101 })));
+        assert!(matches!(key_bundle(&expired, 101, Holder { identity: ID, overlay_ip: ip, zone: "z" }, 1), Err(SecretsError::NoValidEpoch { now_ms: 101 })));
         let long = "x".repeat(2_000);
-        assert!(matches!(key_bundle(&s, 0, &long, ip, "z", 1), Err(SecretsError::Derive(_))));
+        assert!(matches!(key_bundle(&s, 0, Holder { identity: &long, overlay_ip: ip, zone: "z" }, 1), Err(SecretsError::Derive(_))));
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! the running one stays, and a metric and an error log say why.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use keyway_policy::Engine;
 use keyway_policy::auth::ReplayCache;
@@ -14,17 +13,12 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::secrets::EpochSecrets;
 
-/// Milliseconds since the Unix epoch, from the wall clock (tokens carry wall-clock times).
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Paths with their sizes and modification times.
 pub(crate) type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 /// Whether a changed fingerprint has settled: the same as at the previous look. Remembers it
 /// otherwise.
-fn settled(pending: &Mutex<Option<Fingerprint>>, print: &[(PathBuf, u64, Option<SystemTime>)]) -> bool {
+pub(crate) fn settled(pending: &Mutex<Option<Fingerprint>>, print: &[(PathBuf, u64, Option<SystemTime>)]) -> bool {
     let Ok(mut p) = pending.lock() else { return true };
     if p.as_deref() == Some(print) {
         *p = None;
@@ -74,12 +68,8 @@ pub struct State {
     secrets: RwLock<Arc<EpochSecrets>>,
     /// Nonces of tokens seen within the window.
     pub replay: Mutex<ReplayCache>,
-    inventory_print: Mutex<Fingerprint>,
     /// A changed fingerprint seen once, waiting to be seen again (settled) before it is loaded.
-    inventory_pending: Mutex<Option<Fingerprint>>,
     secrets_pending: Mutex<Option<Fingerprint>>,
-    /// Set when another source (Kubernetes) owns the engine: `reload` then leaves it alone.
-    inventory_handed_over: AtomicBool,
     secrets_print: Mutex<Fingerprint>,
 }
 
@@ -99,7 +89,8 @@ pub enum StateError {
     Secrets(String),
 }
 
-fn load_engine(dir: &Path) -> Result<Engine, StateError> {
+/// Loads and compiles the inventory directory, logging the loader's warnings.
+pub fn load_engine(dir: &Path) -> Result<Engine, StateError> {
     let (engine, warnings) = keyway_policy::fs::load_dir(dir)
         .map_err(|e| StateError::Inventory { path: dir.display().to_string(), reason: e.to_string() })?;
     for w in warnings {
@@ -109,11 +100,10 @@ fn load_engine(dir: &Path) -> Result<Engine, StateError> {
 }
 
 impl State {
-    /// Loads the inventory, policies and secrets named by the configuration.
-    pub fn load(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<State, StateError> {
-        let inventory_print = fingerprint(&manifest_paths(&config.inventory));
+    /// The state of a gateway starting with `engine` (from its inventory source) and the secrets
+    /// named by the configuration.
+    pub fn load(config: Arc<Config>, metrics: Arc<Metrics>, engine: Engine) -> Result<State, StateError> {
         let secrets_print = fingerprint(std::slice::from_ref(&config.secrets));
-        let engine = load_engine(&config.inventory)?;
         let secrets = EpochSecrets::load(&config.secrets).map_err(|e| StateError::Secrets(e.to_string()))?;
         let replay = ReplayCache::new(keyway_policy::auth::Kind::Token, config.limits.replay_cache, config.window_ms);
         Ok(State {
@@ -122,10 +112,7 @@ impl State {
             engine: RwLock::new(Arc::new(engine)),
             secrets: RwLock::new(Arc::new(secrets)),
             replay: Mutex::new(replay),
-            inventory_print: Mutex::new(inventory_print),
-            inventory_pending: Mutex::new(None),
             secrets_pending: Mutex::new(None),
-            inventory_handed_over: AtomicBool::new(false),
             secrets_print: Mutex::new(secrets_print),
         })
     }
@@ -152,7 +139,7 @@ impl State {
     }
 
     /// Installs a compiled engine in place of the running one. Flows already decided keep
-    /// going; new decisions use the new engine. Both sources install through here.
+    /// going; new decisions use the new engine. Every inventory source installs through here.
     pub fn install(&self, engine: Engine) {
         let engine = Arc::new(engine);
         match self.engine.write() {
@@ -161,39 +148,10 @@ impl State {
         }
     }
 
-    /// Hands the inventory and policies to another source (the Kubernetes source, which reads
-    /// the inventory directory itself): from now on [`State::reload`] reloads only the secrets.
-    pub fn hand_over_inventory(&self) {
-        self.inventory_handed_over.store(true, Ordering::Release);
-    }
-
-    /// Reloads what changed since the last look (`force`: reload everything). Returns whether a
-    /// new engine or new secrets were installed.
-    pub fn reload(&self, force: bool) -> bool {
+    /// Reloads the epoch secrets if their file changed and has settled (`force`: reload now).
+    /// Returns whether new secrets were installed.
+    pub fn reload_secrets(&self, force: bool) -> bool {
         let mut changed = false;
-        let handed_over = self.inventory_handed_over.load(Ordering::Acquire);
-        let print = if handed_over { Vec::new() } else { fingerprint(&manifest_paths(&self.config.inventory)) };
-        let inventory_changed = self.inventory_print.lock().map(|p| *p != print).unwrap_or(true);
-        // A file caught in the middle of a write (truncated, half written) could load as a valid,
-        // different policy set: a change is loaded only once it has been seen unchanged for one
-        // whole interval.
-        if !handed_over && (force || (inventory_changed && settled(&self.inventory_pending, &print))) {
-            if let Ok(mut p) = self.inventory_print.lock() {
-                *p = print;
-            }
-            match load_engine(&self.config.inventory) {
-                Ok(engine) => {
-                    self.install(engine);
-                    self.metrics.reloads.with_label_values(&["inventory", "ok"]).inc();
-                    tracing::info!(path = %self.config.inventory.display(), "inventory and policies reloaded");
-                    changed = true;
-                }
-                Err(e) => {
-                    self.metrics.reloads.with_label_values(&["inventory", "rejected"]).inc();
-                    tracing::error!(error = %e, "new inventory or policies rejected; the running set stays in force");
-                }
-            }
-        }
         let print = fingerprint(std::slice::from_ref(&self.config.secrets));
         let secrets_changed = self.secrets_print.lock().map(|p| *p != print).unwrap_or(true);
         if force || (secrets_changed && settled(&self.secrets_pending, &print)) {

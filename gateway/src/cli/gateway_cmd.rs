@@ -133,9 +133,8 @@ pub fn run(args: GatewayArgs) -> ExitCode {
         loop {
             tokio::select! {
                 _ = async { match hup.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
-                    tracing::info!("SIGHUP: reloading inventory, policies and secrets");
-                    let state = handle.ctx.state.clone();
-                    let _ = tokio::task::spawn_blocking(move || state.reload(true)).await;
+                    tracing::info!(source = ?args.source, "SIGHUP: reloading the inventory source and the secrets");
+                    handle.reload();
                 }
                 _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
                     tracing::info!(deadline_ms = drain.as_millis() as u64, "SIGTERM: draining");

@@ -135,14 +135,9 @@ fn execute(cmd: KeysCommand) -> Result<String, String> {
             let w = find_workload(&engine.inventory().workloads, &workload)?;
             let zone = workload_zone(w, zone)?;
             let ip = workload_ip(w, ip)?;
-            let bundle = secrets::key_bundle(
-                &epoch_secrets,
-                now_ms(),
-                &w.identity(&trust_domain),
-                ip,
-                &zone,
-                DEFAULT_REFRESH_MS,
-            )
+            let identity = w.identity(&trust_domain);
+            let holder = secrets::Holder { identity: &identity, overlay_ip: ip, zone: &zone };
+            let bundle = secrets::key_bundle(&epoch_secrets, now_ms(), holder, DEFAULT_REFRESH_MS)
             .map_err(|e| format!("{}: {e}", secrets.display()))?;
             let mut text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
             text.push('\n');

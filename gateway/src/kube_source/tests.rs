@@ -65,7 +65,7 @@ fn scratch(prefix: &str) -> Scratch {
         std::env::temp_dir().join(format!("keyway-kube-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(dir.join("inventory")).unwrap();
     std::fs::write(dir.join("inventory/remote.yaml"), STATIC).unwrap();
-    crate::secrets::EpochSecrets::generate(crate::state::now_ms()).unwrap().save(&dir.join("epochs.json")).unwrap();
+    crate::secrets::EpochSecrets::generate(crate::clock::Clock::now_ms(&crate::clock::SystemClock)).unwrap().save(&dir.join("epochs.json")).unwrap();
     let text = format!(
         r#"
 zone: zone-a
@@ -153,12 +153,18 @@ async fn synced_source(api: &FakeApi, s: &Scratch) -> KubeSource {
     source
 }
 
-/// A State and Metrics as the gateway has them, with the running source feeding them.
-fn running(source: KubeSource, s: &Scratch) -> (Arc<State>, Arc<Metrics>) {
+/// A State and Metrics as the gateway has them, with the running source feeding them (as
+/// `app::build_from` starts it: first engine, then `run`).
+async fn running(mut source: KubeSource, s: &Scratch) -> (Arc<State>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new().unwrap());
-    let state = Arc::new(State::load(Arc::new(s.config.clone()), metrics.clone()).unwrap());
-    state.hand_over_inventory();
-    tokio::spawn(source.run(state.clone(), metrics.clone()));
+    let first = source.first().await.unwrap();
+    let state = Arc::new(State::load(Arc::new(s.config.clone()), metrics.clone(), first).unwrap());
+    let (requests, reload) = tokio::sync::watch::channel(0u64);
+    let sink = Sink { state: state.clone(), metrics: metrics.clone(), reload };
+    tokio::spawn(async move {
+        let _requests = requests;
+        source.run(sink).await;
+    });
     (state, metrics)
 }
 
@@ -245,7 +251,7 @@ async fn watch_events_change_the_verdicts_without_a_restart() {
     let s = scratch("10.128.1.0/24");
     let api = cluster(false).await;
     let source = synced_source(&api, &s).await;
-    let (state, metrics) = running(source, &s);
+    let (state, metrics) = running(source, &s).await;
     // The running loop installs after its first change; the initial build is the caller's.
     api.apply(PODS, pod("cache-0", "", "cache", 6379, "10.0.0.30"));
     until(&state, "cache-0 added", |e| e.inventory().find("shop", "cache-0").is_some()).await;
@@ -283,7 +289,7 @@ async fn gone_410_forces_a_relist_that_catches_up_with_lost_events() {
     let s = scratch("10.128.1.0/24");
     let api = cluster(false).await;
     let source = synced_source(&api, &s).await;
-    let (state, _metrics) = running(source, &s);
+    let (state, _metrics) = running(source, &s).await;
     api.apply(PODS, pod("cache-0", "", "cache", 6379, "10.0.0.30"));
     until(&state, "cache-0 added", |e| e.inventory().find("shop", "cache-0").is_some()).await;
     let lists_before =
@@ -334,7 +340,7 @@ async fn a_set_that_does_not_compile_is_rejected_whole_and_the_running_one_stays
     let s = scratch("10.128.1.0/24");
     let api = cluster(false).await;
     let source = synced_source(&api, &s).await;
-    let (state, metrics) = running(source, &s);
+    let (state, metrics) = running(source, &s).await;
     api.apply(PODS, pod("cache-0", "", "cache", 6379, "10.0.0.30"));
     until(&state, "cache-0 added", |e| e.inventory().find("shop", "cache-0").is_some()).await;
     // Two pods of web-a with different labels, and a policy that tells them apart: each object

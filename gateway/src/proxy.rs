@@ -1,0 +1,156 @@
+//! The data path. [`Proxy`] owns what every flow shares (configuration, state, metrics, peers,
+//! limits, the sidecar pool, the clock, the tasks); a [`Flow`] is one connection's source, verified
+//! identity and destination. Its faces are children of this module:
+//!
+//! * [`tunnel`]: HTTP/2 CONNECT from this zone's sidecars, with tokens;
+//! * [`overlay`]: QUIC streams to and from the gateways of other zones, with flow headers;
+//! * [`deliver`]: the last hop to a destination sidecar (with a ticket) or outside the overlay;
+//! * [`route`]: the decision and the route, plain functions over the engine and the peers;
+//! * [`refusal`]: the one refusal type; [`accesslog`]: one event per flow; [`relay`]: copying
+//!   bytes; [`pool`]: sidecar connections.
+
+pub mod accesslog;
+pub mod deliver;
+pub mod overlay;
+pub mod pool;
+pub mod refusal;
+pub mod relay;
+pub mod route;
+pub mod tunnel;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keyway_policy::Engine;
+use keyway_policy::engine::Peer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routing::Routing;
+use crate::state::State;
+use crate::tasks::Tasks;
+use crate::tls::GatewayIdentity;
+
+pub use self::refusal::{Entry, Limit, Refusal};
+pub use self::route::{Decision, Route};
+
+/// One flow: who sends it (overlay address and verified identity) and where it goes.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// The flow id (this gateway's for flows from sidecars, the source gateway's over the overlay).
+    pub id: u64,
+    /// The source workload's overlay address.
+    pub src: IpAddr,
+    /// The source workload's verified identity.
+    pub identity: String,
+    /// The destination (a service's overlay address resolves to the chosen endpoint's).
+    pub dst: SocketAddr,
+}
+
+/// What every flow shares.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Engine, secrets, replay cache.
+    pub state: Arc<State>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Peer gateways and their health.
+    pub routing: Arc<Routing>,
+    /// This gateway's identity.
+    pub identity: GatewayIdentity,
+    /// Wall-clock time (tokens and tickets).
+    pub clock: Arc<dyn Clock>,
+    /// Every task of the gateway.
+    pub tasks: Tasks,
+    /// HTTP/2 connections to this zone's sidecars.
+    pub sidecars: pool::SidecarPool,
+    flows: Arc<Semaphore>,
+    next_flow: AtomicU64,
+    draining: CancellationToken,
+}
+
+impl Proxy {
+    /// The shared state of a new gateway.
+    pub fn new(
+        config: Arc<Config>,
+        state: Arc<State>,
+        metrics: Arc<Metrics>,
+        identity: GatewayIdentity,
+        clock: Arc<dyn Clock>,
+    ) -> Proxy {
+        Proxy {
+            routing: Arc::new(Routing::new(&config)),
+            flows: Arc::new(Semaphore::new(config.limits.max_flows)),
+            config,
+            state,
+            metrics,
+            identity,
+            clock,
+            tasks: Tasks::new(),
+            sidecars: pool::SidecarPool::default(),
+            next_flow: AtomicU64::new(1),
+            draining: CancellationToken::new(),
+        }
+    }
+
+    /// A new flow id.
+    pub fn flow_id(&self) -> u64 {
+        self.next_flow.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The time now, Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.limits.connect_timeout_ms)
+    }
+
+    /// Whether the gateway is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Starts draining: no new flows.
+    pub fn drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Admits a new flow under the limits; the permit is held for the flow's life.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        if self.is_draining() {
+            return Err(Refusal::Draining);
+        }
+        self.flows.clone().try_acquire_owned().map_err(|_| Refusal::Limit(Limit::MaxFlows))
+    }
+
+    /// Waits until every admitted flow has ended.
+    pub async fn flows_ended(&self) {
+        let all = u32::try_from(self.config.limits.max_flows).unwrap_or(u32::MAX);
+        let _ = self.flows.acquire_many(all).await;
+    }
+
+    /// Flows open now.
+    pub fn open_flows(&self) -> usize {
+        self.config.limits.max_flows.saturating_sub(self.flows.available_permits())
+    }
+
+    /// Decides the flow from `src` (a peer of `engine`, the snapshot it was looked up in) to `dst`
+    /// and finds its route, choosing a service's endpoint outside the zones in `avoid`.
+    pub fn decide(&self, engine: &Engine, src: Peer, dst: SocketAddr, avoid: &[String]) -> Result<Decision, Refusal> {
+        let start = std::time::Instant::now();
+        let turn = self.next_flow.load(Ordering::Relaxed) as usize;
+        let d = route::decide(engine, &self.routing, src, dst, avoid, turn);
+        self.metrics.decision_seconds.observe(start.elapsed().as_secs_f64());
+        d
+    }
+}

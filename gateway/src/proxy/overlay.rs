@@ -1,0 +1,198 @@
+//! The overlay: QUIC between gateways of different zones (mutual TLS with certificates of the
+//! overlay CA only, ALPN `keyway/1`), one long-lived connection per peer gateway and one
+//! bidirectional stream per flow. A stream starts with the flow header; the receiving gateway
+//! checks that the sender is a gateway of the overlay, re-evaluates the flow, delivers it to the
+//! destination sidecar with a ticket and answers with a status before bytes flow both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyway_policy::engine::Peer;
+use keyway_policy::flow::{FlowHeader, Status, StatusCode as FlowStatus};
+
+use super::accesslog::FlowLog;
+use super::relay::{BoxIo, relay};
+use super::{Entry, Flow, Proxy, Refusal, Route, deliver};
+use crate::tls::{GatewayIdentity, peer_identity};
+
+/// How long the first bytes of a stream (header, status) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens `flow` to a gateway of `zone`: tries the connected replicas until one answers, so a
+/// replica lost a moment ago costs no flow. Returns the stream once the far side is connected.
+pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> Result<BoxIo, Refusal> {
+    let header = FlowHeader {
+        flow_id: flow.id,
+        src: flow.src,
+        dst: flow.dst.ip(),
+        dst_port: flow.dst.port(),
+        protocol: keyway_policy::Protocol::Tcp,
+        identity: flow.identity.clone(),
+        src_zone: proxy.config.zone.clone(),
+        src_gateway: proxy.config.name.clone(),
+        verdict: log.rule.clone(),
+    }
+    .encode();
+    let replicas = proxy.config.zone(zone).map_or(1, |z| z.gateways.len());
+    for _ in 0..replicas.max(1) {
+        let Some((peer, conn)) = proxy.routing.pick(zone) else { break };
+        log.next_hop = format!("{}/{}", peer.id.zone, peer.id.name);
+        let attempt = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&header).await.map_err(|e| e.to_string())?;
+            let mut prefix = [0u8; 6];
+            recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+            let (code, n) = Status::decode_prefix(&prefix).map_err(|e| e.to_string())?;
+            let mut reason = vec![0u8; n];
+            recv.read_exact(&mut reason).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((send, recv, code, String::from_utf8_lossy(&reason).into_owned()))
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+            Ok(Ok((send, recv, FlowStatus::Connected, _))) => return Ok(Box::new(tokio::io::join(recv, send))),
+            Ok(Ok((_, _, FlowStatus::Denied, reason))) => {
+                tracing::info!(peer = %log.next_hop, rule = %reason, "destination zone denied the flow");
+                log.rule = format!("{} | destination zone: {reason}", log.rule);
+                return Err(Refusal::RemotePolicy { rule: log.rule.clone() });
+            }
+            Ok(Ok((_, _, FlowStatus::Unreachable, reason))) => {
+                tracing::warn!(peer = %log.next_hop, reason = %reason, "destination unreachable from its zone");
+                return Err(Refusal::RemoteUnreachable(reason));
+            }
+            Ok(Ok((_, _, FlowStatus::Overloaded, _))) => continue,
+            Ok(Ok((_, _, FlowStatus::Refused, reason))) => {
+                tracing::error!(peer = %log.next_hop, reason = %reason, "peer gateway refused the flow header");
+                return Err(Refusal::RemoteRefused(reason));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %log.next_hop, error = %e, "overlay stream failed; trying another replica");
+                peer.mark_down();
+            }
+            Err(_) => {
+                tracing::warn!(peer = %log.next_hop, "overlay stream timed out; trying another replica");
+                peer.mark_down();
+            }
+        }
+    }
+    Err(Refusal::ZoneUnreachable)
+}
+
+/// Accepts overlay connections until the endpoint closes.
+pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let p = proxy.clone();
+        proxy.tasks.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "overlay handshake failed");
+                    return;
+                }
+            };
+            let peer = match peer_identity(&conn) {
+                Ok(id) if is_overlay_gateway(&p, &id) => id,
+                Ok(id) => {
+                    tracing::error!(presented = %id.spiffe_id(), remote = %conn.remote_address(),
+                        "overlay connection from a certificate that is not a configured gateway; closed");
+                    conn.close(quinn::VarInt::from_u32(2), b"not a gateway of this overlay");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, remote = %conn.remote_address(), "overlay peer identity unreadable; closed");
+                    conn.close(quinn::VarInt::from_u32(2), b"bad identity");
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                p.tasks.spawn(handle_stream(p.clone(), peer.clone(), send, recv));
+            }
+        });
+    }
+}
+
+fn is_overlay_gateway(proxy: &Proxy, id: &GatewayIdentity) -> bool {
+    id.trust_domain == proxy.config.trust_domain
+        && proxy.config.zone(&id.zone).is_some_and(|z| z.gateways.iter().any(|g| g.name == id.name))
+}
+
+async fn answer(send: &mut quinn::SendStream, code: FlowStatus, reason: &str) {
+    let _ = send.write_all(&Status { code, reason: reason.to_owned() }.encode()).await;
+}
+
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, Refusal> {
+    let read = async {
+        let mut prefix = [0u8; 6];
+        recv.read_exact(&mut prefix).await.map_err(|_| "flow-length")?;
+        let n = FlowHeader::body_len(&prefix).map_err(|e| e.reason())?;
+        let mut all = prefix.to_vec();
+        all.resize(6 + n, 0);
+        recv.read_exact(all.get_mut(6..).unwrap_or_default()).await.map_err(|_| "flow-length")?;
+        FlowHeader::decode(&all).map_err(|e| e.reason())
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
+        Ok(r) => r.map_err(Refusal::Header),
+        Err(_) => Err(Refusal::Header("header-timeout")),
+    }
+}
+
+async fn handle_stream(proxy: Arc<Proxy>, peer: GatewayIdentity, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut log = FlowLog::new(proxy.metrics.clone(), 0, Entry::Overlay, String::new(), String::new());
+    log.next_hop = "local".into();
+    match accept(&proxy, &peer, &mut recv, &mut log).await {
+        Ok((upstream, permit)) => {
+            answer(&mut send, FlowStatus::Connected, "").await;
+            log.finish(Ok(()));
+            log.set_active();
+            let (up, down) = (log.bytes_up.clone(), log.bytes_down.clone());
+            log.relayed(relay(tokio::io::join(recv, send), upstream, &up, &down).await);
+            drop(permit);
+        }
+        Err(r) => {
+            // A stream that never sent a whole header gets no answer.
+            if !matches!(r, Refusal::Header("header-timeout")) {
+                let (code, reason) = r.flow_status();
+                answer(&mut send, code, reason).await;
+                let _ = send.finish();
+            }
+            log.finish(Err(r));
+        }
+    }
+}
+
+/// Reads and checks a peer's flow header, decides the flow again and delivers it.
+async fn accept(
+    proxy: &Proxy,
+    peer: &GatewayIdentity,
+    recv: &mut quinn::RecvStream,
+    log: &mut FlowLog,
+) -> Result<(BoxIo, tokio::sync::OwnedSemaphorePermit), Refusal> {
+    let header = read_header(recv).await?;
+    let dst = SocketAddr::new(header.dst, header.dst_port);
+    log.flow_id = header.flow_id;
+    log.src = header.src.to_string();
+    log.dst = dst.to_string();
+    log.identity.clone_from(&header.identity);
+    if header.src_zone != peer.zone || header.src_gateway != peer.name {
+        return Err(Refusal::Header("flow-sender-mismatch"));
+    }
+    let permit = proxy.admit()?;
+    let engine = proxy.state.engine();
+    let src = engine.peer_for(header.src);
+    let identity_ok = match src {
+        Peer::Workload(w) => {
+            engine.inventory().workloads.get(w).is_some_and(|w| w.identity(&proxy.config.trust_domain) == header.identity)
+        }
+        Peer::Ip(_) => false,
+    };
+    if !identity_ok {
+        return Err(Refusal::Header("flow-identity-mismatch"));
+    }
+    let decided = proxy.decide(&engine, src, dst, &[]);
+    log.note_rule(&decided);
+    let Route::Local { sidecar } = decided?.route else {
+        return Err(Refusal::Unroutable(super::refusal::Unroutable::NotInZone));
+    };
+    let flow = Flow { id: header.flow_id, src: header.src, identity: header.identity, dst };
+    let upstream = deliver::to_sidecar(proxy, &flow, sidecar).await?;
+    Ok((upstream, permit))
+}

@@ -1,0 +1,116 @@
+//! The decision and the route of one flow, as plain functions over the compiled engine and the
+//! peers' health: a service's overlay address resolves to an endpoint by locality (this zone,
+//! then the configured failover zones, round-robin within a zone), the engine decides, and the
+//! route follows from the destination's zone.
+
+use std::net::{IpAddr, SocketAddr};
+
+use keyway_policy::engine::Peer;
+use keyway_policy::{Engine, Protocol, Verdict};
+
+use super::refusal::{Refusal, Unroutable};
+use crate::routing::Routing;
+
+/// Where an allowed flow goes next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A workload of this zone: its sidecar's keyway inbound address.
+    Local {
+        /// The sidecar's address and keyway inbound port.
+        sidecar: SocketAddr,
+    },
+    /// A workload of another zone: through one of its gateways.
+    Zone(String),
+    /// An address outside the overlay: straight out.
+    External(SocketAddr),
+}
+
+/// An allowed flow: the rule that allowed it and where it goes.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The deciding rule, in words (`ANP … → NetworkPolicy …: Allow`).
+    pub rule: String,
+    /// Where to send it.
+    pub route: Route,
+    /// The destination: the address asked for or, for a service's overlay address, the chosen
+    /// endpoint's.
+    pub dst: SocketAddr,
+    /// Whether the address asked for is a service's (another endpoint may be tried).
+    pub service: bool,
+}
+
+/// For a service's overlay address, the endpoint to use: the nearest reachable zone in locality
+/// order, outside `avoid`, the `turn`-th endpoint there (round-robin). `None` when `dst` is not a
+/// service's address.
+pub fn pick_endpoint(
+    engine: &Engine,
+    routing: &Routing,
+    dst: IpAddr,
+    avoid: &[String],
+    turn: usize,
+) -> Option<Result<usize, Unroutable>> {
+    let inv = engine.inventory();
+    let svc = inv.service_for(dst)?;
+    let endpoints = inv.endpoints(svc);
+    if endpoints.is_empty() {
+        return Some(Err(Unroutable::ServiceNoEndpoints));
+    }
+    for zone in routing.failover_order(routing.my_zone()) {
+        if !routing.zone_up(&zone) || avoid.contains(&zone) {
+            continue;
+        }
+        let here: Vec<usize> = endpoints
+            .iter()
+            .copied()
+            .filter(|&w| {
+                inv.workloads
+                    .get(w)
+                    .is_some_and(|w| w.zone.as_deref() == Some(zone.as_str()) && !w.overlay_ips.is_empty())
+            })
+            .collect();
+        if !here.is_empty() {
+            return here.get(turn % here.len()).copied().map(Ok);
+        }
+    }
+    Some(Err(Unroutable::ServiceNoReachableEndpoint))
+}
+
+/// Decides the flow from `src` to `dst` and finds its route (see [`pick_endpoint`] for services).
+pub fn decide(
+    engine: &Engine,
+    routing: &Routing,
+    src: Peer,
+    dst: SocketAddr,
+    avoid: &[String],
+    turn: usize,
+) -> Result<Decision, Refusal> {
+    let service = engine.inventory().service_for(dst.ip()).is_some();
+    let (ip, dst_peer) = match pick_endpoint(engine, routing, dst.ip(), avoid, turn) {
+        None => (dst.ip(), engine.peer_for(dst.ip())),
+        Some(Ok(w)) => {
+            let ip = engine.inventory().workloads.get(w).and_then(|w| w.overlay_ips.first().copied()).unwrap_or(dst.ip());
+            (ip, Peer::Workload(w))
+        }
+        Some(Err(u)) => return Err(Refusal::Unroutable(u)),
+    };
+    let d = engine.decide(src, dst_peer, Protocol::Tcp, dst.port());
+    let rule = engine.describe_decision(&d);
+    if d.verdict == Verdict::Deny {
+        return Err(Refusal::Policy { rule });
+    }
+    let route = match dst_peer {
+        Peer::Ip(ip) => Route::External(SocketAddr::new(ip, dst.port())),
+        Peer::Workload(w) => {
+            let w = engine.inventory().workloads.get(w);
+            match w.and_then(|w| w.zone.as_deref().map(|z| (w, z))) {
+                None => return Err(Refusal::Unroutable(Unroutable::DestinationZoneUnknown)),
+                Some((w, zone)) if zone == routing.my_zone() => {
+                    let sidecar = w.sidecar_ips.first().copied().unwrap_or(ip);
+                    Route::Local { sidecar: SocketAddr::new(sidecar, routing.sidecar_port()) }
+                }
+                Some((_, zone)) => Route::Zone(zone.to_owned()),
+            }
+        }
+    };
+    Ok(Decision { rule, route, dst: SocketAddr::new(ip, dst.port()), service })
+}
