@@ -1,0 +1,544 @@
+package xds
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"sort"
+	"strings"
+	"testing"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
+	httpwasm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/wasm/v3"
+	networkrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	networkwasm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/wasm/v3"
+	wasmext "github.com/envoyproxy/go-control-plane/envoy/extensions/wasm/v3"
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/testing/protocmp"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"istio.io/istio/pilot/pkg/simulation"
+	"istio.io/istio/pkg/wasm"
+)
+
+// The keyway filter's modes (filter/src/config.rs) and what keyway's Istio configuration names.
+const (
+	modeOutbound      = "outbound"
+	modeInboundPlain  = "inbound_plain"
+	modeInboundTunnel = "inbound_tunnel"
+	gatewayCluster    = "keyway_gateway"
+	keyServiceCluster = "keyway_keyservice"
+	inboundListener   = "keyway_inbound"
+	inboundPort       = 15181
+	// unknownIP: an address outside the mesh and the overlay (TEST-NET-3); nothing is sent to it,
+	// the simulation only walks the generated configuration.
+	unknownIP = "203.0.113.7"
+	// unknownPort: a port no Service of the mesh uses.
+	unknownPort = 12345
+)
+
+// world is one zone overlay loaded into pilot, with the baseline (the mesh without keyway).
+type world struct {
+	release, proxyVersion string
+	mesh                  *mesh
+	zone                  overlay
+	sidecars              []*sidecar
+	baseline              map[string]*sidecar // non-enforced pods, generated without keyway
+}
+
+// worlds loads every zone overlay; the sidecars of every pod, enforced ones with and without
+// Istio's HBONE inbound (ENABLE_HBONE), so that 15008 is covered where Istio builds it.
+func worlds(t *testing.T) []*world {
+	t.Helper()
+	module, version := release(t)
+	t.Logf("istio.io/istio %s (proxy %s)", module, version)
+	m := loadShop(t)
+	base := server(t, m, nil, nil)
+	baseline := map[string]*sidecar{}
+	for _, p := range m.pods {
+		if !p.enforced {
+			baseline[p.key()] = generate(t, base, p, version, false)
+		}
+	}
+	var out []*world
+	for _, o := range overlays(t) {
+		w := &world{release: version, mesh: m, zone: o, baseline: baseline}
+		s := server(t, m, o.istio, o.kube)
+		for _, p := range m.pods {
+			variants := []bool{false}
+			if p.enforced {
+				variants = append(variants, true)
+			}
+			for _, hbone := range variants {
+				sc := generate(t, s, p, version, hbone)
+				suffix := ""
+				if hbone {
+					suffix = "+hbone"
+				}
+				sc.dump(t, "istio-"+version, o.zone, suffix)
+				w.sidecars = append(w.sidecars, sc)
+			}
+		}
+		out = append(out, w)
+	}
+	return out
+}
+
+var loaded []*world
+
+// each runs f for every zone overlay and every sidecar that pass keep.
+func each(t *testing.T, keep func(*sidecar) bool, f func(t *testing.T, w *world, sc *sidecar)) {
+	if loaded == nil {
+		loaded = worlds(t)
+	}
+	for _, w := range loaded {
+		for _, sc := range w.sidecars {
+			if !keep(sc) {
+				continue
+			}
+			name := fmt.Sprintf("istio-%s/%s/%s", w.release, w.zone.zone, sc.pod.key())
+			if sc.proxy.Metadata.EnableHBONE {
+				name += "+hbone"
+			}
+			t.Run(name, func(t *testing.T) { f(t, w, sc) })
+		}
+	}
+}
+
+func enforced(sc *sidecar) bool       { return sc.pod.enforced }
+func notEnforcedPod(sc *sidecar) bool { return !sc.pod.enforced }
+
+// served returns the ECDS configuration pilot serves under name, if any.
+func (sc *sidecar) served(name string) *core.TypedExtensionConfig {
+	for _, e := range sc.ecds {
+		if e.GetName() == name {
+			return e
+		}
+	}
+	return nil
+}
+
+// pluginMode reads the keyway mode out of a served wasm configuration ("" if it is not keyway's).
+func pluginMode(t *testing.T, ec *core.TypedExtensionConfig) string {
+	t.Helper()
+	if ec == nil {
+		return ""
+	}
+	var cfg *wasmext.PluginConfig
+	switch ec.GetTypedConfig().GetTypeUrl() {
+	case typeURL(&networkwasm.Wasm{}):
+		w := &networkwasm.Wasm{}
+		if err := ec.GetTypedConfig().UnmarshalTo(w); err != nil {
+			t.Fatal(err)
+		}
+		cfg = w.GetConfig()
+	case typeURL(&httpwasm.Wasm{}):
+		w := &httpwasm.Wasm{}
+		if err := ec.GetTypedConfig().UnmarshalTo(w); err != nil {
+			t.Fatal(err)
+		}
+		cfg = w.GetConfig()
+	default:
+		return ""
+	}
+	var text []byte
+	switch c := cfg.GetConfiguration(); c.GetTypeUrl() {
+	case typeURL(&wrapperspb.StringValue{}):
+		s := &wrapperspb.StringValue{}
+		if err := c.UnmarshalTo(s); err != nil {
+			t.Fatal(err)
+		}
+		text = []byte(s.GetValue())
+	case typeURL(&structpb.Struct{}):
+		s := &structpb.Struct{}
+		if err := c.UnmarshalTo(s); err != nil {
+			t.Fatal(err)
+		}
+		text, _ = s.MarshalJSON()
+	default:
+		return ""
+	}
+	var settings struct {
+		Mode string `json:"mode"`
+	}
+	if json.Unmarshal(text, &settings) != nil {
+		return ""
+	}
+	return settings.Mode
+}
+
+func typeURL(m proto.Message) string { return "type.googleapis.com/" + string(proto.MessageName(m)) }
+
+// keywayFirst reports whether a filter chain's first filter is the keyway filter in mode, as
+// pilot serves it over ECDS.
+func (sc *sidecar) keywayFirst(t *testing.T, fc *listener.FilterChain, mode string) bool {
+	t.Helper()
+	filters := fc.GetFilters()
+	if len(filters) == 0 || filters[0].GetConfigDiscovery() == nil {
+		return false
+	}
+	return pluginMode(t, sc.served(filters[0].GetName())) == mode
+}
+
+// Every ECDS name a listener references is served, with a type the reference accepts; and so
+// is what Istio's agent substitutes when the module cannot be fetched (an RBAC filter: deny for
+// FAIL_CLOSE, allow for FAIL_OPEN; pkg/wasm MaybeConvertWasmExtensionConfig), and what it sends
+// when the fetch succeeds (the module as a local file).
+func TestEveryReferencedExtensionIsServedWithAnAcceptedType(t *testing.T) {
+	each(t, func(*sidecar) bool { return true }, func(t *testing.T, w *world, sc *sidecar) {
+		for _, r := range sc.refs {
+			ec := sc.served(r.name)
+			if ec == nil {
+				t.Errorf("listener %s chain %q references ECDS %q, which istiod does not serve (served: %v): the listener would stay warming",
+					r.listener, r.chain, r.name, names(sc.ecds))
+				continue
+			}
+			accepts := func(what string, got string) {
+				if !contains(r.typeURLs, got) {
+					t.Errorf("ECDS %q (%s) has type %s, which the reference in listener %s does not accept (type_urls %v): Envoy rejects it",
+						r.name, what, got, r.listener, r.typeURLs)
+				}
+			}
+			accepts("as served", ec.GetTypedConfig().GetTypeUrl())
+			for _, c := range []struct {
+				what  string
+				cache wasm.Cache
+			}{{"module fetch failed", failingCache{}}, {"module fetched", fetchedCache{}}} {
+				converted := []*anypb.Any{anyOf(t, ec)}
+				if err := wasm.MaybeConvertWasmExtensionConfig(converted, c.cache); err != nil {
+					t.Errorf("ECDS %q: Istio's agent cannot convert it (%s): %v", r.name, c.what, err)
+					continue
+				}
+				out := &core.TypedExtensionConfig{}
+				if err := converted[0].UnmarshalTo(out); err != nil {
+					t.Fatal(err)
+				}
+				accepts(c.what, out.GetTypedConfig().GetTypeUrl())
+				if c.what == "module fetch failed" && pluginMode(t, ec) != "" {
+					if prefix := rbacStatPrefix(t, out); prefix != wasm.DefaultDenyStatPrefix {
+						t.Errorf("ECDS %q: a failed fetch of keyway's module gives %q, not the deny-all filter (FAIL_CLOSE)", r.name, prefix)
+					}
+				}
+			}
+		}
+	})
+}
+
+// failingCache: the module cannot be fetched.
+type failingCache struct{}
+
+func (failingCache) Get(url string, _ wasm.GetOptions) (string, error) {
+	return "", fmt.Errorf("fetch of %s failed (simulated)", url)
+}
+func (failingCache) Cleanup() {}
+
+// fetchedCache: the module is in the agent's cache.
+type fetchedCache struct{}
+
+func (fetchedCache) Get(string, wasm.GetOptions) (string, error) {
+	return "/var/lib/istio/data/keyway.wasm", nil
+}
+func (fetchedCache) Cleanup() {}
+
+func rbacStatPrefix(t *testing.T, ec *core.TypedExtensionConfig) string {
+	t.Helper()
+	switch ec.GetTypedConfig().GetTypeUrl() {
+	case typeURL(&networkrbac.RBAC{}):
+		r := &networkrbac.RBAC{}
+		if err := ec.GetTypedConfig().UnmarshalTo(r); err != nil {
+			t.Fatal(err)
+		}
+		return r.GetStatPrefix()
+	case typeURL(&httprbac.RBAC{}):
+		// The HTTP RBAC filter has no stat prefix of its own: deny-all is rules with no policy.
+		r := &httprbac.RBAC{}
+		if err := ec.GetTypedConfig().UnmarshalTo(r); err != nil {
+			t.Fatal(err)
+		}
+		if r.GetRules() != nil && len(r.GetRules().GetPolicies()) == 0 {
+			return wasm.DefaultDenyStatPrefix
+		}
+		return wasm.DefaultAllowStatPrefix
+	}
+	return ec.GetTypedConfig().GetTypeUrl()
+}
+
+func names(ecs []*core.TypedExtensionConfig) []string {
+	var out []string
+	for _, e := range ecs {
+		out = append(out, e.GetName())
+	}
+	return out
+}
+
+func contains(l []string, s string) bool {
+	for _, x := range l {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Every outbound filter chain of an enforced pod starts with keyway's outbound filter; and the
+// simulation of Istio's capture (iptables to 15001, then the listener of the original
+// destination) takes every kind of outbound connection through it: overlay addresses to the
+// gateway tunnel, mesh Service VIPs on HTTP and TCP ports, unknown addresses (passthrough).
+func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
+	each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
+		for _, l := range sc.listeners {
+			if l.GetTrafficDirection() != core.TrafficDirection_OUTBOUND {
+				continue
+			}
+			for _, fc := range chains(l) {
+				if !sc.keywayFirst(t, fc, modeOutbound) {
+					t.Errorf("outbound listener %s: %s does not start with keyway's outbound filter", l.GetName(), describeFilters(fc))
+				}
+			}
+		}
+		for _, c := range outboundCalls(w.mesh) {
+			var matched *listener.FilterChain
+			c.call.CallMode = simulation.CallModeOutbound
+			c.call.CustomListenerValidations = []simulation.CustomFilterChainValidation{func(fc *listener.FilterChain) error {
+				matched = fc
+				return nil
+			}}
+			r := sc.sim.Run(c.call)
+			what := fmt.Sprintf("%s %s:%d (%s)", c.what, c.call.Address, c.call.Port, c.call.Protocol)
+			switch {
+			case r.Error != nil:
+				t.Errorf("%s: %v (listener %q)", what, r.Error, r.ListenerMatched)
+			case matched == nil || !sc.keywayFirst(t, matched, modeOutbound):
+				t.Errorf("%s: listener %s, %s: does not reach keyway's outbound filter", what, r.ListenerMatched, describeFilters(matched))
+			case c.overlay && r.ClusterMatched != gatewayCluster:
+				t.Errorf("%s: listener %s chain %q goes to %q, not the keyway tunnel %s", what, r.ListenerMatched, r.FilterChainMatched, r.ClusterMatched, gatewayCluster)
+			case !c.overlay && r.ClusterMatched == gatewayCluster:
+				t.Errorf("%s: goes to the keyway tunnel", what)
+			}
+		}
+	})
+}
+
+type outboundCall struct {
+	what    string
+	call    simulation.Call
+	overlay bool
+}
+
+func outboundCalls(m *mesh) []outboundCall {
+	var out []outboundCall
+	ports := map[int]string{443: "tcp", unknownPort: "tcp"}
+	for _, s := range m.services {
+		for _, p := range s.ports {
+			ports[p.port] = p.protocol
+			proto, host := simulation.TCP, ""
+			if p.protocol == "http" {
+				proto, host = simulation.HTTP, s.name+"."+s.namespace+".svc.cluster.local"
+			}
+			out = append(out, outboundCall{
+				what: "mesh Service " + s.namespace + "/" + s.name,
+				call: simulation.Call{Address: s.vip, Port: p.port, Protocol: proto, HostHeader: host},
+			})
+		}
+	}
+	var overlayIPs []string
+	for _, p := range m.pods {
+		overlayIPs = append(overlayIPs, strings.Split(p.annotations["keyway.io/overlay-ips"], ",")...)
+	}
+	for _, s := range m.services {
+		overlayIPs = append(overlayIPs, s.overlayIPs...)
+	}
+	sortedPorts := make([]int, 0, len(ports))
+	for p := range ports {
+		sortedPorts = append(sortedPorts, p)
+	}
+	sort.Ints(sortedPorts)
+	for _, port := range sortedPorts {
+		protos := []simulation.Protocol{simulation.TCP}
+		if ports[port] == "http" {
+			protos = append(protos, simulation.HTTP)
+		}
+		for _, proto := range protos {
+			for _, ip := range overlayIPs {
+				if _, err := netip.ParseAddr(ip); err != nil || ip == "" {
+					continue
+				}
+				out = append(out, outboundCall{what: "overlay address", call: simulation.Call{Address: ip, Port: port, Protocol: proto}, overlay: true})
+			}
+			out = append(out, outboundCall{what: "unknown address", call: simulation.Call{Address: unknownIP, Port: port, Protocol: proto}})
+		}
+	}
+	return out
+}
+
+// Every inbound filter chain of an enforced pod Istio captures (15006: per port, passthrough;
+// 15008 where Istio builds it) starts with keyway's inbound_plain filter, which closes plain
+// connections; the simulation of Istio's inbound capture on every port of the pod agrees. The
+// keyway inbound listener (15181) is there, with the ticket filter first and a CONNECT route to
+// every application port of the pod.
+func TestEveryCapturedInboundChainOfAnEnforcedPodClosesPlainConnections(t *testing.T) {
+	each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
+		for _, l := range sc.listeners {
+			if l.GetTrafficDirection() != core.TrafficDirection_INBOUND || l.GetName() == inboundListener {
+				continue
+			}
+			for _, fc := range chains(l) {
+				if !sc.keywayFirst(t, fc, modeInboundPlain) {
+					t.Errorf("inbound listener %s: %s does not start with keyway's inbound_plain filter", l.GetName(), describeFilters(fc))
+				}
+			}
+		}
+		for _, l := range sc.listeners {
+			if l.GetTrafficDirection() == core.TrafficDirection_UNSPECIFIED {
+				t.Errorf("listener %s has no traffic direction: the harness does not know whether it is captured", l.GetName())
+			}
+		}
+		ports := append(appPorts(sc.pod, w.mesh), unknownPort)
+		for _, port := range ports {
+			for _, c := range []simulation.Call{
+				{Address: sc.pod.ip, Port: port, Protocol: simulation.TCP},
+				{Address: sc.pod.ip, Port: port, Protocol: simulation.HTTP},
+				{Address: sc.pod.ip, Port: port, Protocol: simulation.TCP, TLS: simulation.MTLS},
+			} {
+				var matched *listener.FilterChain
+				c.CallMode = simulation.CallModeInbound
+				c.CustomListenerValidations = []simulation.CustomFilterChainValidation{func(fc *listener.FilterChain) error {
+					matched = fc
+					return nil
+				}}
+				r := sc.sim.Run(c)
+				what := fmt.Sprintf("inbound %s:%d (%s, %s)", c.Address, port, c.Protocol, c.TLS)
+				if r.Error != nil && matched == nil {
+					t.Errorf("%s: %v", what, r.Error)
+				} else if !sc.keywayFirst(t, matched, modeInboundPlain) {
+					t.Errorf("%s: listener %s, %s: does not reach keyway's inbound_plain filter", what, r.ListenerMatched, describeFilters(matched))
+				}
+			}
+		}
+		checkInboundListener(t, sc, appPorts(sc.pod, w.mesh))
+	})
+}
+
+// appPorts: the container ports of the pod's workload.
+func appPorts(p pod, m *mesh) []int {
+	var out []int
+	for _, o := range m.objects {
+		if str(o, "kind") != "Pod" || str(o, "metadata", "name") != p.name || str(o, "metadata", "namespace") != p.namespace {
+			continue
+		}
+		for _, c := range list(o, "spec", "containers") {
+			for _, cp := range list(c, "ports") {
+				out = append(out, intOf(get(cp, "containerPort")))
+			}
+		}
+	}
+	return out
+}
+
+func checkInboundListener(t *testing.T, sc *sidecar, ports []int) {
+	t.Helper()
+	var l *listener.Listener
+	for _, x := range sc.listeners {
+		if x.GetName() == inboundListener {
+			l = x
+		}
+	}
+	if l == nil {
+		t.Errorf("no listener %s", inboundListener)
+		return
+	}
+	if a := l.GetAddress().GetSocketAddress(); a.GetPortValue() != inboundPort {
+		t.Errorf("%s listens on %v", inboundListener, a)
+	}
+	fcs := chains(l)
+	if len(fcs) != 1 || len(fcs[0].GetFilters()) != 1 {
+		t.Errorf("%s: want one chain with one filter (the connection manager), got %d chains", inboundListener, len(fcs))
+		return
+	}
+	m := connectionManager(t, fcs[0].GetFilters()[0])
+	if m == nil {
+		t.Errorf("%s: the filter is not an HTTP connection manager", inboundListener)
+		return
+	}
+	hf := m.GetHttpFilters()
+	if len(hf) < 2 || hf[0].GetConfigDiscovery() == nil || pluginMode(t, sc.served(hf[0].GetName())) != modeInboundTunnel {
+		t.Errorf("%s: the first HTTP filter is not keyway's inbound_tunnel (ticket) filter: %v", inboundListener, hf)
+	}
+	if hf[len(hf)-1].GetName() != "envoy.filters.http.router" {
+		t.Errorf("%s: the last HTTP filter is %s, not the router", inboundListener, hf[len(hf)-1].GetName())
+	}
+	if d := m.GetStreamIdleTimeout(); d == nil || d.AsDuration() != 0 {
+		t.Errorf("%s: stream_idle_timeout is %v: Envoy's default (5 min) resets idle tunnels; want 0s", inboundListener, d)
+	}
+	clusters := map[string]bool{}
+	for _, c := range sc.clusters {
+		clusters[c.GetName()] = true
+	}
+	hosts := map[string]string{}
+	for _, vh := range m.GetRouteConfig().GetVirtualHosts() {
+		for _, r := range vh.GetRoutes() {
+			if r.GetMatch().GetConnectMatcher() == nil {
+				continue
+			}
+			for _, d := range vh.GetDomains() {
+				hosts[d] = r.GetRoute().GetCluster()
+			}
+		}
+	}
+	for _, p := range ports {
+		c, ok := hosts[fmt.Sprintf("*:%d", p)]
+		switch {
+		case !ok:
+			t.Errorf("%s: no CONNECT route for the pod's port %d", inboundListener, p)
+		case !clusters[c]:
+			t.Errorf("%s: port %d routes to cluster %q, which CDS does not have", inboundListener, p, c)
+		}
+	}
+	for _, c := range []string{gatewayCluster, keyServiceCluster} {
+		if !clusters[c] {
+			t.Errorf("no cluster %s", c)
+		}
+	}
+}
+
+// A pod without the enforce label gets exactly the listeners and clusters Istio generates for it
+// without keyway.
+func TestPodsNotEnforcedAreUnchanged(t *testing.T) {
+	each(t, notEnforcedPod, func(t *testing.T, w *world, sc *sidecar) {
+		want := w.baseline[sc.pod.key()]
+		if d := cmp.Diff(byName(want.listeners), byName(sc.listeners), protocmp.Transform()); d != "" {
+			t.Errorf("listeners differ from Istio's without keyway (-without +with):\n%s", clip(d))
+		}
+		if d := cmp.Diff(byName(want.clusters), byName(sc.clusters), protocmp.Transform()); d != "" {
+			t.Errorf("clusters differ from Istio's without keyway (-without +with):\n%s", clip(d))
+		}
+		if len(sc.refs) != 0 {
+			t.Errorf("references ECDS: %v", sc.refs)
+		}
+	})
+}
+
+type named interface {
+	proto.Message
+	GetName() string
+}
+
+func byName[T named](in []T) map[string]T {
+	out := map[string]T{}
+	for _, x := range in {
+		out[x.GetName()] = x
+	}
+	return out
+}
+
+func clip(s string) string {
+	if len(s) > 4000 {
+		return s[:4000] + "\n..."
+	}
+	return s
+}
