@@ -1,8 +1,9 @@
 //! `keyway-policy`: the pure core of keyway.
 //!
-//! * [`manifest`] loads Kubernetes manifests (YAML and JSON, `*List` flattening) into an
-//!   [`inventory::Inventory`] of namespaces and workloads and a [`policy::PolicySet`] of
-//!   NetworkPolicies and admin tiers.
+//! * [`manifest`] loads Kubernetes manifests (YAML and JSON text, or parsed objects; `*List`
+//!   flattening) into an [`inventory::Inventory`] of namespaces and workloads and a
+//!   [`policy::PolicySet`] of NetworkPolicies and admin tiers; the Kubernetes decoding beneath it
+//!   (`k8s`, private) is a leaf that the inventory and policy types do not depend on.
 //! * [`engine::Engine`] compiles them once into tables; [`engine::Engine::decide`] answers one flow
 //!   with its verdict and the rule that decided it, [`connlist`] computes the full connectivity.
 //! * [`auth`] derives workload and ticket keys and encodes, decodes and verifies tokens and tickets.
@@ -19,6 +20,7 @@ pub mod flow;
 pub mod fs;
 pub mod inventory;
 pub mod ip;
+mod k8s;
 pub mod keyservice;
 pub mod manifest;
 pub mod policy;

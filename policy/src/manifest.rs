@@ -1,21 +1,18 @@
-//! The one loader for Kubernetes manifests: YAML (multi-document) and JSON, `*List` flattening
-//! with inherited kind, lenient decoding of the kinds that count, defaults, owners and workload
-//! peers. The conformance harness, `keyway policy` and the gateway all load through here.
+//! The one loader for Kubernetes manifests: YAML (multi-document) and JSON text, or objects
+//! already parsed (the gateway's Kubernetes source); `*List` flattening with inherited kind; then
+//! the kinds that count, decoded leniently by the private `k8s` module, into an inventory and a
+//! policy set, with defaults, owners and workload peers. The conformance harness, `keyway policy`
+//! and the gateway all load through here.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{LoadError, Origin, Warning};
-use crate::inventory::{
-    ContainerPort, Inventory, NAMESPACE_NAME_LABEL, Namespace, OVERLAY_IPS_ANNOTATION, SIDECAR_IPS_ANNOTATION, Service,
-    Workload, ZONE_ANNOTATION, ZONE_LABEL,
-};
-use crate::policy::{self, PolicySet};
-use crate::ports::Protocol;
+use crate::inventory::{Inventory, NAMESPACE_NAME_LABEL, Namespace, Workload};
+use crate::k8s;
+use crate::policy::PolicySet;
 use crate::selector::Labels;
 
 /// One input file: its path (for messages) and its text.
@@ -38,47 +35,58 @@ pub struct Manifests {
     pub warnings: Vec<Warning>,
 }
 
-/// The workload kinds whose pod template becomes a workload.
-const WORKLOAD_KINDS: [&str; 7] =
-    ["Deployment", "ReplicaSet", "ReplicationController", "StatefulSet", "DaemonSet", "Job", "CronJob"];
-
-/// One Kubernetes object, flattened out of its file and lists.
-#[derive(Debug)]
-struct Object {
-    file: String,
-    value: Value,
+/// One parsed document: a Kubernetes object or a `List` of them, with where it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object {
+    /// Its source, as it should appear in messages: a file path, or a name such as
+    /// `kubernetes:pods/shop/cart-1`.
+    pub source: String,
+    /// Its 1-based document number within the source (1 for a JSON file or a single object).
+    pub document: usize,
+    /// The parsed document.
+    pub value: Value,
 }
 
-/// Splits the files into objects: documents of YAML files, the object of a JSON file, and the items
-/// of every `List`/`*List`, which inherit the list's kind (without `List`) and apiVersion.
-fn objects(files: &[SourceFile]) -> Result<Vec<Object>, LoadError> {
-    let mut out = Vec::new();
-    for f in files {
-        let is_json = f.path.ends_with(".json");
-        let docs: Vec<Value> = if is_json {
-            let v: Value = serde_json::from_str(&f.text).map_err(|e| LoadError::Syntax {
-                file: f.path.clone(),
-                document: 1,
-                format: "JSON",
-                reason: e.to_string(),
-            })?;
-            vec![v]
-        } else {
-            let mut docs = Vec::new();
-            for (i, d) in serde_yaml_ng::Deserializer::from_str(&f.text).enumerate() {
-                let v = Value::deserialize(d).map_err(|e| LoadError::Syntax {
-                    file: f.path.clone(),
-                    document: i + 1,
-                    format: "YAML",
-                    reason: e.to_string(),
-                })?;
-                docs.push(v);
-            }
-            docs
-        };
-        for (i, v) in docs.into_iter().enumerate() {
-            flatten(&f.path, i + 1, v, &mut out)?;
+impl Object {
+    /// The only document of `source`.
+    pub fn new(source: impl Into<String>, value: Value) -> Object {
+        Object { source: source.into(), document: 1, value }
+    }
+}
+
+/// Parses a file into its documents: the value of a `.json` file, the documents of YAML (empty
+/// documents left out).
+pub fn documents(file: &SourceFile) -> Result<Vec<Object>, LoadError> {
+    let syntax = |document: usize, format: &'static str, reason: String| LoadError::Syntax {
+        file: file.path.clone(),
+        document,
+        format,
+        reason,
+    };
+    let values = if file.path.ends_with(".json") {
+        vec![serde_json::from_str::<Value>(&file.text).map_err(|e| syntax(1, "JSON", e.to_string()))?]
+    } else {
+        let mut docs = Vec::new();
+        for (i, d) in serde_yaml_ng::Deserializer::from_str(&file.text).enumerate() {
+            docs.push(Value::deserialize(d).map_err(|e| syntax(i + 1, "YAML", e.to_string()))?);
         }
+        docs
+    };
+    Ok(values
+        .into_iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(i, value)| Object { source: file.path.clone(), document: i + 1, value })
+        .collect())
+}
+
+/// The Kubernetes objects of parsed documents: the items of every `List`/`*List`, which inherit
+/// the list's kind (without `List`) and apiVersion, in place of the list. A document that is not
+/// a Kubernetes object (not a mapping, no `kind`) is an error naming its source and document.
+pub fn objects(documents: Vec<Object>) -> Result<Vec<Object>, LoadError> {
+    let mut out = Vec::new();
+    for d in documents {
+        flatten(&d.source, d.document, d.value, &mut out)?;
     }
     Ok(out)
 }
@@ -123,116 +131,8 @@ fn flatten(file: &str, document: usize, v: Value, out: &mut Vec<Object>) -> Resu
         }
         return Ok(());
     }
-    out.push(Object { file: file.to_owned(), value: Value::Object(map) });
+    out.push(Object { source: file.to_owned(), document, value: Value::Object(map) });
     Ok(())
-}
-
-/// Metadata as far as keyway reads it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub(crate) struct RawMeta {
-    pub(crate) name: String,
-    pub(crate) namespace: Option<String>,
-    pub(crate) labels: Option<Labels>,
-    pub(crate) annotations: Option<BTreeMap<String, String>>,
-    owner_references: Option<Vec<RawOwner>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawOwner {
-    kind: Option<String>,
-    name: String,
-    controller: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct RawPodSpec {
-    containers: Option<Vec<RawContainer>>,
-    service_account_name: Option<String>,
-    service_account: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawContainer {
-    ports: Option<Vec<RawContainerPort>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct RawContainerPort {
-    name: Option<String>,
-    container_port: Option<i64>,
-    protocol: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawPod {
-    metadata: RawMeta,
-    spec: RawPodSpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawTemplate {
-    metadata: RawMeta,
-    spec: RawPodSpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct RawWorkloadSpec {
-    template: Option<RawTemplate>,
-    job_template: Option<RawJobTemplate>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawJobTemplate {
-    spec: RawJobSpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawJobSpec {
-    template: Option<RawTemplate>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawWorkloadObject {
-    metadata: RawMeta,
-    spec: RawWorkloadSpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawService {
-    metadata: RawMeta,
-    spec: RawServiceSpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawServiceSpec {
-    selector: Option<Labels>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawNamespace {
-    metadata: RawMeta,
-}
-
-/// Decodes `value` leniently (unknown fields ignored); a type error names the field.
-pub(crate) fn decode<T: DeserializeOwned>(value: Value, origin: &Origin) -> Result<T, LoadError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = e.path().to_string();
-        origin.invalid(if field == "." { "(object)".to_owned() } else { field }, e.into_inner().to_string())
-    })
 }
 
 /// The name and namespace of an object, read before decoding so errors can name it.
@@ -250,107 +150,63 @@ fn namespace_or_default(ns: Option<&str>) -> String {
     }
 }
 
-/// Loads manifests into an inventory and a policy set.
+/// Loads manifest files into an inventory and a policy set.
 pub fn load(files: &[SourceFile]) -> Result<Manifests, LoadError> {
+    let mut docs = Vec::new();
+    for f in files {
+        docs.extend(documents(f)?);
+    }
+    load_objects(docs)
+}
+
+/// Loads already-parsed objects (or `List`s of them) into an inventory and a policy set: what
+/// [`load`] does after parsing text. Errors name each object's source.
+pub fn load_objects(input: Vec<Object>) -> Result<Manifests, LoadError> {
     let mut warnings = Vec::new();
     let mut namespaces: BTreeMap<String, (Namespace, String)> = BTreeMap::new();
     let mut workloads: BTreeMap<(String, String, String), Workload> = BTreeMap::new();
     let mut policies = PolicySet::default();
     let mut services = Vec::new();
 
-    for obj in objects(files)? {
+    for obj in objects(input)? {
         let kind = obj.value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
         let (name, ns) = ident(&obj.value);
         let namespaced = kind != "Namespace" && kind != "AdminNetworkPolicy" && kind != "BaselineAdminNetworkPolicy";
         let ns_name = namespace_or_default(ns.as_deref());
-        let origin = Origin::object(&obj.file, &kind, if namespaced { Some(ns_name.as_str()) } else { None }, &name);
+        let origin = Origin::object(&obj.source, &kind, if namespaced { Some(ns_name.as_str()) } else { None }, &name);
         match kind.as_str() {
             "Namespace" => {
-                let raw: RawNamespace = decode(obj.value, &origin)?;
-                let mut labels = raw.metadata.labels.unwrap_or_default();
-                labels.entry(NAMESPACE_NAME_LABEL.to_owned()).or_insert_with(|| raw.metadata.name.clone());
-                if let Some(zone) = raw.metadata.annotations.as_ref().and_then(|a| a.get(ZONE_ANNOTATION)) {
-                    labels.insert(ZONE_LABEL.to_owned(), zone.clone());
-                }
-                let n = Namespace { name: raw.metadata.name.clone(), labels };
+                let n = k8s::workload::namespace(obj.value, &origin)?;
                 if let Some((_, other)) = namespaces.get(&n.name) {
                     return Err(LoadError::Duplicate {
-                        file: obj.file,
+                        file: obj.source,
                         object: origin.object,
                         other_file: other.clone(),
                         scope: "in the cluster",
                     });
                 }
-                namespaces.insert(n.name.clone(), (n, obj.file));
+                namespaces.insert(n.name.clone(), (n, obj.source));
             }
             "Pod" => {
-                let raw: RawPod = decode(obj.value, &origin)?;
-                if raw.metadata.name.starts_with("virt-launcher-") {
-                    continue;
-                }
-                let owner = raw.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true));
-                let (wname, wkind) = match owner {
-                    Some(o) if o.kind.as_deref() != Some("Node") => {
-                        (o.name.clone(), o.kind.clone().unwrap_or_else(|| "Pod".to_owned()))
-                    }
-                    _ => (raw.metadata.name.clone(), "Pod".to_owned()),
-                };
-                let pod_name = raw.metadata.name.clone();
-                let w = workload_from(&origin, &ns_name, wname, wkind, &raw.metadata, &raw.metadata, &raw.spec)?;
-                merge(&mut workloads, w, &pod_name);
-            }
-            k if WORKLOAD_KINDS.contains(&k) => {
-                let raw: RawWorkloadObject = decode(obj.value, &origin)?;
-                let template = if k == "CronJob" {
-                    raw.spec.job_template.and_then(|j| j.spec.template)
-                } else {
-                    raw.spec.template
-                };
-                let template = template.unwrap_or_default();
-                let w = workload_from(
-                    &origin,
-                    &ns_name,
-                    raw.metadata.name.clone(),
-                    k.to_owned(),
-                    &template.metadata,
-                    &raw.metadata,
-                    &template.spec,
-                )?;
-                let pod_name = format!("{}/{} (template)", k, raw.metadata.name);
-                merge(&mut workloads, w, &pod_name);
-            }
-            "Service" if obj.value.pointer("/metadata/annotations/keyway.io~1overlay-ips").is_some() => {
-                let raw: RawService = decode(obj.value, &origin)?;
-                let ips = raw.metadata.annotations.as_ref().and_then(|a| a.get(OVERLAY_IPS_ANNOTATION));
-                if let Some(list) = ips {
-                    let mut overlay_ips = Vec::new();
-                    for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                        overlay_ips.push(part.parse::<IpAddr>().map_err(|_| {
-                            origin.invalid(
-                                format!("metadata.annotations.{OVERLAY_IPS_ANNOTATION}"),
-                                format!("{part:?} is not an IP address"),
-                            )
-                        })?);
-                    }
-                    services.push(Service {
-                        namespace: ns_name.clone(),
-                        name: raw.metadata.name,
-                        overlay_ips,
-                        selector: raw.spec.selector.unwrap_or_default(),
-                        file: obj.file,
-                    });
+                if let Some((w, pod_name)) = k8s::workload::pod(obj.value, &origin, &ns_name)? {
+                    merge(&mut workloads, w, &pod_name);
                 }
             }
+            k if k8s::workload::WORKLOAD_KINDS.contains(&k) => {
+                let (w, template_name) = k8s::workload::workload(k, obj.value, &origin, &ns_name)?;
+                merge(&mut workloads, w, &template_name);
+            }
+            "Service" => services.extend(k8s::workload::service(obj.value, &origin, &ns_name)?),
             "NetworkPolicy" => {
-                let np = policy::netpol::parse(obj.value, &origin, &ns_name, &mut warnings)?;
+                let np = k8s::netpol::parse(obj.value, &origin, &ns_name, &mut warnings)?;
                 policies.add_network(np, &origin)?;
             }
             "AdminNetworkPolicy" => {
-                let anp = policy::admin::parse_admin(obj.value, &origin, &mut warnings)?;
+                let anp = k8s::admin::parse_admin(obj.value, &origin, &mut warnings)?;
                 policies.add_admin(anp, &origin)?;
             }
             "BaselineAdminNetworkPolicy" => {
-                let banp = policy::admin::parse_baseline(obj.value, &origin, &mut warnings)?;
+                let banp = k8s::admin::parse_baseline(obj.value, &origin, &mut warnings)?;
                 policies.set_baseline(banp, &origin)?;
             }
             _ => {}
@@ -406,87 +262,10 @@ fn merge(map: &mut BTreeMap<(String, String, String), Workload>, w: Workload, po
     }
 }
 
-fn workload_from(
-    origin: &Origin,
-    namespace: &str,
-    name: String,
-    kind: String,
-    pod_meta: &RawMeta,
-    object_meta: &RawMeta,
-    spec: &RawPodSpec,
-) -> Result<Workload, LoadError> {
-    let mut ports = Vec::new();
-    for (ci, c) in spec.containers.iter().flatten().enumerate() {
-        for (pi, p) in c.ports.iter().flatten().enumerate() {
-            let field = format!("spec.containers[{ci}].ports[{pi}]");
-            // A port without a number (a misspelt `containerPort`) does not exist, as upstream.
-            let Some(number) = p.container_port else { continue };
-            let port = u16::try_from(number).ok().filter(|n| *n >= 1).ok_or_else(|| {
-                origin.invalid(format!("{field}.containerPort"), format!("{number} is not a port (1-65535)"))
-            })?;
-            let protocol = match p.protocol.as_deref() {
-                None | Some("") => Protocol::Tcp,
-                Some(s) => Protocol::parse(s).ok_or_else(|| {
-                    origin.invalid(
-                        format!("{field}.protocol"),
-                        format!("unknown protocol {s:?}; expected TCP, UDP or SCTP"),
-                    )
-                })?,
-            };
-            ports.push(ContainerPort { name: p.name.clone().filter(|n| !n.is_empty()), port, protocol });
-        }
-    }
-    let annotation = |key: &str| {
-        pod_meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(key))
-            .or_else(|| object_meta.annotations.as_ref().and_then(|a| a.get(key)))
-            .cloned()
-    };
-    let ip_list = |key: &str| -> Result<Vec<IpAddr>, LoadError> {
-        let mut out = Vec::new();
-        if let Some(list) = annotation(key) {
-            for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let ip: IpAddr = part.parse().map_err(|_| {
-                    origin.invalid(
-                        format!("metadata.annotations.{key}"),
-                        format!(
-                            "{part:?} is not an IP address; expected a comma-separated list such as 10.10.1.5,fd00::5"
-                        ),
-                    )
-                })?;
-                out.push(ip);
-            }
-        }
-        Ok(out)
-    };
-    let overlay_ips = ip_list(OVERLAY_IPS_ANNOTATION)?;
-    let sidecar_ips = ip_list(SIDECAR_IPS_ANNOTATION)?;
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .or_else(|| spec.service_account.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
-    Ok(Workload {
-        namespace: namespace.to_owned(),
-        name,
-        kind,
-        labels: pod_meta.labels.clone().unwrap_or_default(),
-        ports,
-        service_account,
-        zone: annotation(ZONE_ANNOTATION),
-        overlay_ips,
-        sidecar_ips,
-        file: origin.file.clone(),
-        label_variants: Vec::new(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ports::Protocol;
 
     fn file(path: &str, text: &str) -> SourceFile {
         SourceFile { path: path.to_owned(), text: text.to_owned() }
@@ -575,5 +354,29 @@ items:
             let err = load(&[file(path, text)]).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}\n got: {err}\nwant: {want}");
         }
+    }
+
+    #[test]
+    fn parsed_objects_load_as_their_text_does() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+                    apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: cart, namespace: shop}\n\
+                    spec: {template: {metadata: {labels: {app: cart}}}}\n";
+        let from_text = load(&[file("a.yaml", text)]).unwrap();
+        let values = documents(&file("a.yaml", text)).unwrap();
+        assert_eq!(values.iter().map(|o| o.document).collect::<Vec<_>>(), [1, 2]);
+        let from_objects = load_objects(values).unwrap();
+        assert_eq!(from_objects.inventory, from_text.inventory);
+        assert_eq!(from_objects.inventory.workloads[0].display_name(), "shop/cart[Deployment]");
+
+        // An object from the API, named by its source; a list's items inherit its kind.
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "PodList",
+            "items": [{"metadata": {"name": "p", "namespace": "shop", "labels": {"app": [1]}}}]});
+        let err = load_objects(vec![Object::new("kubernetes:pods/shop", list)]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "kubernetes:pods/shop: Pod shop/p: metadata.labels.app: invalid type: sequence, expected a string"
+        );
+        let err = load_objects(vec![Object::new("api", serde_json::json!([1]))]).unwrap_err().to_string();
+        assert!(err.starts_with("api: document 1: expected a Kubernetes object"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Policies: Kubernetes NetworkPolicy v1 ([`netpol`]) and the admin tiers AdminNetworkPolicy and
-//! BaselineAdminNetworkPolicy ([`admin`]), validated as the API server and the reference analyzer
-//! validate them.
+//! BaselineAdminNetworkPolicy ([`admin`]), as the engine reads them. The loader
+//! ([`crate::manifest`]) decodes them from manifests and validates them as the API server and the
+//! reference analyzer validate them.
 
 pub mod admin;
 pub mod netpol;
