@@ -4,6 +4,7 @@ import (
 	"os"
 	"testing"
 
+	"istio.io/istio/pilot/pkg/features"
 	"istio.io/istio/pkg/log"
 )
 
@@ -13,5 +14,9 @@ func TestMain(m *testing.M) {
 	for _, s := range log.Scopes() {
 		s.SetOutputLevel(log.NoneLevel)
 	}
+	// Istio builds a sidecar's HBONE inbound listeners (15008 and the internal listener behind it)
+	// when this is on (it is with ambient installed) and the proxy asks (ENABLE_HBONE, which the
+	// harness's "+hbone" sidecars set): the inbound assertions then cover them too.
+	features.EnableSidecarHBONEListening = true
 	os.Exit(m.Run())
 }
