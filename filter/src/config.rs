@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use keyway_policy::auth::DEFAULT_WINDOW_MS;
 use keyway_policy::ip::{Cidr, parse_cidr};
 use keyway_policy::keyservice::KeyBundle;
+use keyway_policy::wire;
 use serde::Deserialize;
 
 /// Default trust domain of SPIFFE identities built from Istio node metadata.
@@ -13,7 +14,7 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Default capacity of the inbound ticket replay cache (nonces per worker thread).
 pub const DEFAULT_REPLAY_CACHE_CAPACITY: usize = 65_536;
 /// Default path of the gateway's key service.
-pub const DEFAULT_KEY_SERVICE_PATH: &str = "/v1/keys";
+pub const DEFAULT_KEY_SERVICE_PATH: &str = wire::KEY_SERVICE_PATH;
 /// Default `:authority` of key service requests.
 pub const DEFAULT_KEY_SERVICE_AUTHORITY: &str = "keyway-gateway";
 /// Default timeout of one key service request.
@@ -351,7 +352,7 @@ mod tests {
     fn key_service_with_defaults() {
         let s = parse(br#"{"mode":"inbound_tunnel","key_service":{"cluster":"gw"}}"#).unwrap();
         let KeySource::Service(ks) = s.keys else { panic!("{:?}", s.keys) };
-        assert_eq!(ks.path, "/v1/keys");
+        assert_eq!(ks.path, wire::KEY_SERVICE_PATH);
         assert_eq!(ks.authority, "keyway-gateway");
         assert_eq!((ks.timeout_ms, ks.grace_ms, ks.retry_ms), (2_000, 120_000, 1_000));
     }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use crate::config::{KeySource, Settings};
 
 /// The pod annotation that carries a workload's overlay addresses (comma-separated).
-pub const OVERLAY_IPS_ANNOTATION: &str = "keyway.io/overlay-ips";
+pub use keyway_policy::inventory::OVERLAY_IPS_ANNOTATION;
 
 /// What the host tells about the node (Istio: `node.metadata.*`); each field as read, if present.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

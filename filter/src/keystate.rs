@@ -8,6 +8,7 @@ use std::net::IpAddr;
 
 use keyway_policy::auth::{TicketKey, WorkloadKey};
 use keyway_policy::keyservice::KeyBundle;
+use keyway_policy::wire::KEY_SERVICE_IP_PARAM;
 
 use crate::config::{KeyServiceConfig, MAX_RETRY_MS, MIN_REFRESH_MS};
 use crate::identity::Identity;
@@ -198,7 +199,7 @@ impl KeyState {
 pub fn request_headers(config: &KeyServiceConfig, overlay_ip: IpAddr) -> Vec<(&'static str, String)> {
     vec![
         (":method", "GET".to_owned()),
-        (":path", format!("{}?ip={overlay_ip}", config.path)),
+        (":path", format!("{}?{KEY_SERVICE_IP_PARAM}={overlay_ip}", config.path)),
         (":authority", config.authority.clone()),
         ("accept", "application/json".to_owned()),
     ]

@@ -10,6 +10,7 @@ use keyway_policy::Protocol;
 use keyway_policy::auth::token::NONCE_LEN;
 use keyway_policy::auth::{AuthError, Kind, ReplayCache, TicketClaims, TokenClaims, decode_ticket};
 use keyway_policy::ip::{Cidr, addr};
+use keyway_policy::wire::TICKET_HEADER;
 
 use crate::keystate::{KeyState, NoKey};
 
@@ -164,7 +165,7 @@ pub fn inbound_tunnel(
         let text = header.ok_or_else(|| Denial {
             reason: TICKET_MISSING,
             internal: false,
-            detail: "no x-keyway-ticket".into(),
+            detail: format!("no {TICKET_HEADER}"),
         })?;
         let port = authority.and_then(authority_port).ok_or_else(|| Denial {
             reason: AUTHORITY_MALFORMED,

@@ -19,6 +19,7 @@ use harness::*;
 use keyway_policy::Protocol;
 use keyway_policy::auth::{EpochSecret, TicketClaims, WorkloadKey, decode_token};
 use keyway_policy::keyservice::{EpochKey, KeyBundle};
+use keyway_policy::wire::{KEY_SERVICE_IP_PARAM, KEY_SERVICE_PATH, TOKEN_HEADER};
 
 const OUTBOUND: &str = include_str!("envoy/outbound.yaml");
 const INBOUND: &str = include_str!("envoy/inbound.yaml");
@@ -219,7 +220,7 @@ async fn outbound_attaches_a_verifiable_token_and_closes_without_key() -> Result
     assert_eq!(echo, b"hello through keyway");
     let connect = gateway.next_connect().await?;
     assert_eq!(connect.authority, format!("127.0.0.1:{port}"));
-    let token = connect.headers.get("x-keyway-token").expect("x-keyway-token header").to_str()?;
+    let token = connect.headers.get(TOKEN_HEADER).expect("token header").to_str()?;
     let sealed = decode_token(token)?;
     // Sealed with the newest usable epoch, and it verifies with the workload's key.
     assert_eq!(sealed.claims().epoch, 7);
@@ -233,7 +234,7 @@ async fn outbound_attaches_a_verifiable_token_and_closes_without_key() -> Result
     // Every connection gets a fresh nonce.
     echo_through(port, b"again").await?;
     let second = gateway.next_connect().await?;
-    let second = decode_token(second.headers["x-keyway-token"].to_str()?)?;
+    let second = decode_token(second.headers[TOKEN_HEADER].to_str()?)?;
     assert_ne!(second.claims().nonce, claims.nonce);
     assert_eq!(stat(&envoy, &conn_stat("outbound", "allow")), 2);
 
@@ -340,7 +341,11 @@ async fn key_refresh_and_rotation_through_the_key_service() -> Result<()> {
     let ks_port = out.port("OUT_KS_PORT");
     envoy.wait_until("failed refreshes to be counted", || stat(&envoy, &refresh_stat("http_status")) >= 1)?;
     assert!(closed_without_data(ks_port, None).await?, "a connection got through before any key arrived");
-    assert!(ks.paths.lock().unwrap().iter().all(|p| p == &format!("/v1/keys?ip={CART_IP}")), "{:?}", ks.paths);
+    assert!(
+        ks.paths.lock().unwrap().iter().all(|p| p == &format!("{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={CART_IP}")),
+        "{:?}",
+        ks.paths
+    );
 
     // Epoch 1 arrives (short refresh interval so the test sees rotations quickly).
     ks.set(200, json(&bundle(CART, CART_IP, &[(1, None)], 200)));
@@ -357,7 +362,7 @@ async fn key_refresh_and_rotation_through_the_key_service() -> Result<()> {
     }
     let mut open = open.unwrap();
     let first = gateway.next_connect().await?;
-    let t = decode_token(first.headers["x-keyway-token"].to_str()?)?;
+    let t = decode_token(first.headers[TOKEN_HEADER].to_str()?)?;
     assert_eq!(t.claims().epoch, 1);
     t.verify(&SECRET.workload_key(CART, ip(CART_IP), 1)?, now_ms(), WINDOW_MS)?;
 
@@ -367,7 +372,7 @@ async fn key_refresh_and_rotation_through_the_key_service() -> Result<()> {
     loop {
         echo_through(ks_port, b"x").await?;
         let c = gateway.next_connect().await?;
-        let t = decode_token(c.headers["x-keyway-token"].to_str()?)?;
+        let t = decode_token(c.headers[TOKEN_HEADER].to_str()?)?;
         if t.claims().epoch == 2 {
             t.verify(&SECRET.workload_key(CART, ip(CART_IP), 2)?, now_ms(), WINDOW_MS)?;
             break;

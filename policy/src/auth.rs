@@ -67,7 +67,7 @@ impl fmt::Display for Kind {
 /// Why a key could not be derived or a token or ticket was refused.
 ///
 /// [`AuthError::reason`] maps each error to the fixed token used as metric label and as the
-/// `x-keyway-deny-reason` value.
+/// [`crate::wire::DENY_REASON_HEADER`] value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// The text or bytes are not a well-formed credential.
@@ -217,7 +217,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// The short fixed token naming the error: a bounded metric label and the
-    /// `x-keyway-deny-reason` value.
+    /// [`crate::wire::DENY_REASON_HEADER`] value.
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::Malformed { kind, .. }

@@ -1,6 +1,7 @@
 //! What a filter needs to know about keys, in one JSON shape shared by the gateway's key service
-//! (`GET /v1/keys?ip=<overlay address>` on the gateway's admin port), the filter's static
-//! configuration (written by `keyway keys issue`) and the filter itself.
+//! (`GET /v1/keys?ip=<overlay address>` on the gateway's admin port; the names are in
+//! [`crate::wire`]), the filter's static configuration (written by `keyway keys issue`) and the
+//! filter itself.
 //!
 //! ```json
 //! {

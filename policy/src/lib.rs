@@ -6,6 +6,7 @@
 //!   (`k8s`, private) is a leaf that the inventory and policy types do not depend on.
 //! * [`engine::Engine`] compiles them once into tables; [`engine::Engine::decide`] answers one flow
 //!   with its verdict and the rule that decided it, [`connlist`] computes the full connectivity.
+//! * [`wire`] names the headers, filter state, paths and TLS names keyway speaks.
 //! * [`auth`] derives workload and ticket keys and encodes, decodes and verifies tokens and tickets.
 //!
 //! Nothing in this crate performs I/O (except the optional directory reader behind the `fs`
@@ -26,6 +27,7 @@ pub mod manifest;
 pub mod policy;
 pub mod ports;
 pub mod selector;
+pub mod wire;
 
 pub use engine::{Decision, Engine, Verdict};
 pub use error::{LoadError, Warning};

@@ -6,12 +6,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, LogLevel};
 
+use keyway_policy::wire::TOKEN_PROPERTY;
+
 use super::{Shared, log, now_ms, property};
 use crate::config::Mode;
 use crate::verdict::{self, Action as Verdict, parse_address};
-
-/// The filter state key `tcp_proxy` reads as `%FILTER_STATE(wasm.keyway_token:PLAIN)%`.
-pub(super) const TOKEN_PROPERTY: &str = "keyway_token";
 
 pub(super) struct Connection {
     pub(super) state: Shared,

@@ -6,15 +6,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
+use keyway_policy::wire::{DENY_REASON_HEADER, SOURCE_IDENTITY_PROPERTY, TICKET_HEADER};
+
 use super::{Shared, now_ms, tunnel_check};
 use crate::verdict::{self, Action as Verdict};
-
-/// The header the destination gateway puts the ticket in.
-pub(super) const TICKET_HEADER: &str = "x-keyway-ticket";
-/// The header naming the refusal reason on a 403.
-pub(super) const DENY_REASON_HEADER: &str = "x-keyway-deny-reason";
-/// Filter state with the verified source identity (for access logs).
-pub(super) const SOURCE_IDENTITY_PROPERTY: &str = "keyway_source_identity";
 
 pub(super) struct Tunnel {
     pub(super) state: Shared,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
+use keyway_policy::wire::{DENY_REASON_HEADER, TICKET_HEADER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -436,7 +437,7 @@ pub(crate) struct TunnelReply {
 impl TunnelReply {
     /// The `x-keyway-deny-reason` header.
     pub(crate) fn reason(&self) -> Option<&str> {
-        self.headers.get("x-keyway-deny-reason").and_then(|v| v.to_str().ok())
+        self.headers.get(DENY_REASON_HEADER).and_then(|v| v.to_str().ok())
     }
 }
 
@@ -451,7 +452,7 @@ pub(crate) async fn connect_tunnel(port: u16, authority: &str, ticket: Option<&s
     let mut client = client.ready().await?;
     let mut req = Request::builder().method(Method::CONNECT).uri(authority);
     if let Some(t) = ticket {
-        req = req.header("x-keyway-ticket", t);
+        req = req.header(TICKET_HEADER, t);
     }
     let (resp, mut send) = client.send_request(req.body(())?, false)?;
     let resp = tokio::time::timeout(DEADLINE, resp).await??;
