@@ -1,13 +1,18 @@
 //! The Envoy configuration the end-to-end tests give their sidecars (`e2e/src/envoy.rs`,
-//! `Sidecar::bootstrap`) is the one the EnvoyFilters and WasmPlugins of `istio/base` make Istio
-//! produce, field for field: the outbound `tcp_proxy` with its tunnelling, the filter order, the
-//! keyway inbound CONNECT listener, the clusters, and each mode's plugin configuration. A change
-//! to one side without the other fails here.
+//! `Sidecar::bootstrap`) is the one the EnvoyFilters of `istio/base` make Istio produce, field for
+//! field: the outbound `tcp_proxy` with its tunnelling, the filter order, the keyway inbound
+//! CONNECT listener, the clusters, and each mode's plugin configuration. A change to one side
+//! without the other fails here. (What Istio generates from them is checked by Istio's own code:
+//! istio-check/xds, `make istio-xds`.)
 //!
 //! What legitimately differs, and is checked to differ only so: Istio delivers the wasm module
-//! over ECDS (a `config_discovery` reference to the WasmPlugin) where the e2e bootstrap inlines it;
-//! Istio reaches the gateways through their Service name (STRICT_DNS) where the e2e lists addresses
-//! (STATIC); Istio's plain-inbound filter also exempts Istio's own ports 15020 and 15090.
+//! over ECDS (a `config_discovery` reference to an `EXTENSION_CONFIG` of the EnvoyFilter
+//! `keyway-extensions`, accepting the RBAC filter Istio's agent substitutes when the module cannot
+//! be fetched) where the e2e bootstrap inlines it; Istio reaches the gateways through their
+//! headless Service (STRICT_DNS) where the e2e lists addresses (STATIC); Istio's plain-inbound
+//! filter exempts no port (Istio never captures its own ports; the e2e exempts its apps' health
+//! port, which its capture does take); Istio's keyway inbound listener sets `stream_idle_timeout:
+//! 0s` (long-lived quiet tunnels; the e2e's flows are short).
 
 use std::path::{Path, PathBuf};
 
@@ -52,13 +57,20 @@ fn patches<'a>(objects: &'a [Object], filter: &str, apply_to: &str) -> Vec<&'a V
     ef.value["spec"]["configPatches"].as_array().into_iter().flatten().filter(|p| p["applyTo"] == apply_to).collect()
 }
 
-fn wasm_plugin<'a>(objects: &'a [Object], ecds_name: &str) -> &'a Object {
-    let (ns, name) =
-        ecds_name.split_once('.').unwrap_or_else(|| panic!("ECDS name {ecds_name} is not <namespace>.<name>"));
-    objects
-        .iter()
-        .find(|o| o.kind() == "WasmPlugin" && o.name() == name && o.namespace() == Some(ns))
-        .unwrap_or_else(|| panic!("the ECDS reference {ecds_name} names no WasmPlugin"))
+/// The extension configuration (EnvoyFilter `keyway-extensions`, `EXTENSION_CONFIG`) that istiod
+/// serves over ECDS under `name`.
+fn extension<'a>(objects: &'a [Object], name: &str) -> &'a Value {
+    patches(objects, "keyway-extensions", "EXTENSION_CONFIG")
+        .into_iter()
+        .map(|p| &p["patch"]["value"])
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("the ECDS reference {name} names no extension configuration of keyway-extensions"))
+}
+
+/// The plugin configuration of an extension configuration, as JSON.
+fn extension_config(ext: &Value) -> Value {
+    let text = ext["typed_config"]["config"]["configuration"]["value"].as_str().unwrap_or_default();
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{}: plugin configuration: {e}", ext["name"]))
 }
 
 /// The e2e wasm filter's plugin configuration, as JSON.
@@ -69,15 +81,22 @@ fn inline_config(filter: &Value) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("e2e plugin configuration: {e}"))
 }
 
-/// An ECDS reference of the Istio side: the WasmPlugin it names, checked for type and module.
-fn ecds_plugin<'a>(objects: &'a [Object], filter: &Value, wasm_type: &str, type_url: &str) -> &'a Object {
+/// An ECDS reference of the Istio side: the extension configuration it names, checked for type
+/// (the wasm filter, or the RBAC filter Istio's agent sends in its place when the module cannot be
+/// fetched) and module.
+fn ecds_extension<'a>(objects: &'a [Object], filter: &Value, kind: &str) -> &'a Value {
     let name = filter["name"].as_str().unwrap_or_default();
-    assert_eq!(filter["config_discovery"]["type_urls"], json!([type_url]), "{name}");
+    let wasm = format!("type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm");
+    let rbac = format!("type.googleapis.com/envoy.extensions.filters.{kind}.rbac.v3.RBAC");
+    assert_eq!(filter["config_discovery"]["type_urls"], json!([wasm, rbac]), "{name}");
     assert_eq!(filter["config_discovery"]["config_source"]["ads"], json!({}), "{name}: from Istio (ADS)");
-    let wp = wasm_plugin(objects, name);
-    assert_eq!(wp.value["spec"]["type"], wasm_type, "{}", wp.describe());
-    assert_eq!(wp.value["spec"]["pluginName"], "keyway", "{}: root id as the e2e's", wp.describe());
-    wp
+    let ext = extension(objects, name);
+    assert_eq!(ext["typed_config"]["@type"], wasm.as_str(), "{name}");
+    let config = &ext["typed_config"]["config"];
+    assert_eq!(config["root_id"], "keyway", "{name}: root id as the e2e's");
+    assert_eq!(config["vm_config"]["vm_id"], "keyway", "{name}: one VM as the e2e's");
+    assert_eq!(config["failure_policy"], "FAIL_CLOSED", "{name}");
+    ext
 }
 
 #[test]
@@ -94,14 +113,14 @@ fn outbound_tunnel_matches_the_e2e_sidecar() {
     let e2e_filters = e2e_chain["filters"].as_array().cloned().unwrap_or_default();
     assert_eq!(istio_filters.len(), e2e_filters.len(), "same filters: keyway outbound, then tcp_proxy");
     // 1. the keyway outbound filter, same plugin configuration
-    let wp = ecds_plugin(
-        &objects,
-        &istio_filters[0],
-        "NETWORK",
-        "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
-    );
-    assert_eq!(wp.value["spec"]["match"], json!([{"mode": "CLIENT"}]));
-    assert_eq!(wp.value["spec"]["pluginConfig"], inline_config(&e2e_filters[0]), "outbound pluginConfig");
+    let ext = ecds_extension(&objects, &istio_filters[0], "network");
+    assert_eq!(extension_config(ext), inline_config(&e2e_filters[0]), "outbound plugin configuration");
+    // The same filter leads every other outbound chain (INSERT_FIRST), by the same reference.
+    let first = patches(&objects, "keyway-outbound", "NETWORK_FILTER");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["match"], json!({"context": "SIDECAR_OUTBOUND"}));
+    assert_eq!(first[0]["patch"]["operation"], "INSERT_FIRST");
+    assert_eq!(first[0]["patch"]["value"], istio_filters[0], "the outbound filter of every chain");
     // 2. tcp_proxy, identical: cluster, retries, tunneling_config (hostname, x-keyway-token)
     assert_eq!(istio_filters[1], e2e_filters[1], "tcp_proxy of the overlay chain");
     let tunneling = &istio_filters[1]["typed_config"]["tunneling_config"];
@@ -158,17 +177,23 @@ fn gateway_clusters_match_the_e2e_sidecar() {
         assert_eq!(ours["type"], "STRICT_DNS");
         let ep = &ours["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
         assert_eq!(ep["address"], "keyway-gateway.keyway-system.svc.cluster.local");
+        assert_eq!(ours["dns_refresh_rate"], "5s", "cluster {name}: new replicas found within seconds");
         assert_eq!(ep["port_value"], u64::from(port), "cluster {name}");
         let e2e_port = &e2e["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
             ["port_value"];
         assert_eq!(ep["port_value"], *e2e_port, "cluster {name}: port as the e2e's");
     }
-    // The key service cluster is the one the plugin configurations name.
-    for wp in objects.iter().filter(|o| o.kind() == "WasmPlugin") {
-        if let Some(c) = wp.value["spec"]["pluginConfig"]["key_service"]["cluster"].as_str() {
-            assert_eq!(c, "keyway_keyservice", "{}", wp.describe());
+    // The key service cluster is the one the plugin configurations name; the Service is headless.
+    for ext in patches(&objects, "keyway-extensions", "EXTENSION_CONFIG") {
+        if let Some(c) = extension_config(&ext["patch"]["value"])["key_service"]["cluster"].as_str() {
+            assert_eq!(c, "keyway_keyservice", "{}", ext["patch"]["value"]["name"]);
         }
     }
+    let svc = objects
+        .iter()
+        .find(|o| o.kind() == "Service" && o.name() == "keyway-gateway")
+        .unwrap_or_else(|| panic!("no Service keyway-gateway"));
+    assert_eq!(svc.value["spec"]["clusterIP"], "None", "headless: STRICT_DNS sees every replica");
 }
 
 #[test]
@@ -188,6 +213,7 @@ fn keyway_inbound_listener_matches_the_e2e_sidecar() {
     for field in ["@type", "stat_prefix", "codec_type", "http2_protocol_options", "upgrade_configs"] {
         assert_eq!(hcm_ours["typed_config"][field], hcm_e2e["typed_config"][field], "HCM {field}");
     }
+    assert_eq!(hcm_ours["typed_config"]["stream_idle_timeout"], "0s", "tunnels are not reset when idle");
     // Every e2e virtual host (one per app port) is in the Istio listener, identical.
     let vh_ours = &hcm_ours["typed_config"]["route_config"]["virtual_hosts"];
     for vh in hcm_e2e["typed_config"]["route_config"]["virtual_hosts"].as_array().into_iter().flatten() {
@@ -214,10 +240,8 @@ fn keyway_inbound_listener_matches_the_e2e_sidecar() {
     let f_ours = hcm_ours["typed_config"]["http_filters"].as_array().cloned().unwrap_or_default();
     let f_e2e = hcm_e2e["typed_config"]["http_filters"].as_array().cloned().unwrap_or_default();
     assert_eq!(f_ours.len(), f_e2e.len());
-    let wp =
-        ecds_plugin(&objects, &f_ours[0], "HTTP", "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm");
-    assert_eq!(wp.value["spec"]["pluginConfig"], inline_config(&f_e2e[0]), "inbound_tunnel pluginConfig");
-    assert_eq!(wp.value["spec"]["match"], json!([{"mode": "SERVER", "ports": [{"number": KEYWAY_INBOUND_PORT}]}]));
+    let ext = ecds_extension(&objects, &f_ours[0], "http");
+    assert_eq!(extension_config(ext), inline_config(&f_e2e[0]), "inbound_tunnel plugin configuration");
     assert_eq!(f_ours[1], f_e2e[1], "router");
 }
 
@@ -227,38 +251,31 @@ fn plain_inbound_matches_the_e2e_sidecar() {
     let boot = e2e_bootstrap();
     let e2e = named(&boot["static_resources"]["listeners"], "inbound_plain");
     let e2e_cfg = inline_config(&e2e["filter_chains"][0]["filters"][0]);
-    let wp = objects
-        .iter()
-        .find(|o| o.kind() == "WasmPlugin" && o.value["spec"]["pluginConfig"]["mode"] == "inbound_plain")
-        .unwrap_or_else(|| panic!("no inbound_plain WasmPlugin"));
-    assert_eq!(wp.value["spec"]["type"], "NETWORK");
-    assert_eq!(wp.value["spec"]["match"], json!([{"mode": "SERVER"}]));
-    let ours = &wp.value["spec"]["pluginConfig"];
-    let mut extra: Vec<u64> = ours["exempt_ports"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
-    for p in e2e_cfg["exempt_ports"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
-        assert!(extra.contains(&p), "the e2e exempts port {p}, Istio does not");
-        extra.retain(|x| *x != p);
-    }
-    assert_eq!(extra, vec![15020, 15090], "Istio exempts exactly its own ports beyond the e2e's");
-    let mut rest = ours.clone();
+    // First in every chain of every inbound listener Istio builds (INSERT_FIRST).
+    let first = patches(&objects, "keyway-inbound", "NETWORK_FILTER");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["match"], json!({"context": "SIDECAR_INBOUND"}));
+    assert_eq!(first[0]["patch"]["operation"], "INSERT_FIRST");
+    let ext = ecds_extension(&objects, &first[0]["patch"]["value"], "network");
+    let ours = extension_config(ext);
+    assert!(ours.get("exempt_ports").is_none(), "Istio never captures its own ports: nothing to exempt");
     let mut e2e_rest = e2e_cfg.clone();
-    for v in [&mut rest, &mut e2e_rest] {
-        if let Some(m) = v.as_object_mut() {
-            m.remove("exempt_ports");
-        }
+    if let Some(m) = e2e_rest.as_object_mut() {
+        m.remove("exempt_ports");
     }
-    assert_eq!(rest, e2e_rest, "inbound_plain pluginConfig apart from exempt_ports");
+    assert_eq!(ours, e2e_rest, "inbound_plain plugin configuration apart from the e2e's exempt health port");
     // Every mode of the filter is deployed, each once, all from one module.
-    let modes: Vec<&str> = objects
-        .iter()
-        .filter(|o| o.kind() == "WasmPlugin")
-        .filter_map(|o| o.value["spec"]["pluginConfig"]["mode"].as_str())
-        .collect();
+    let exts: Vec<&Value> =
+        patches(&objects, "keyway-extensions", "EXTENSION_CONFIG").into_iter().map(|p| &p["patch"]["value"]).collect();
+    let modes: Vec<String> =
+        exts.iter().filter_map(|e| extension_config(e)["mode"].as_str().map(str::to_owned)).collect();
     assert_eq!(modes.len(), 3);
     for m in ["outbound", "inbound_tunnel", "inbound_plain"] {
-        assert!(modes.contains(&m), "no WasmPlugin of mode {m}");
+        assert!(modes.iter().any(|x| x == m), "no extension configuration of mode {m}");
     }
-    let urls: std::collections::BTreeSet<&str> =
-        objects.iter().filter(|o| o.kind() == "WasmPlugin").filter_map(|o| o.value["spec"]["url"].as_str()).collect();
+    let urls: std::collections::BTreeSet<&str> = exts
+        .iter()
+        .filter_map(|e| e["typed_config"]["config"]["vm_config"]["code"]["remote"]["http_uri"]["uri"].as_str())
+        .collect();
     assert_eq!(urls.len(), 1, "one module for the three filters: {urls:?}");
 }

@@ -97,7 +97,7 @@ fn every_istio_kustomization_renders_and_validates_against_the_real_schemas() {
         "Service",
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
-        "WasmPlugin",
+        "NetworkPolicy",
         "EnvoyFilter",
         "ConfigMap",
         "Secret",
@@ -171,10 +171,12 @@ fn rendered_overlays_hang_together_and_the_gateway_accepts_their_configuration()
             }
             if let Some(s) = v.pointer("/secret/secretName").and_then(Value::as_str) {
                 assert!(find(set, "Secret", s).is_some(), "{dir}: volume {} names Secret {s}, not rendered", v["name"]);
+                // 0440: what kubelet makes of any mode once fsGroup gives the non-root gateway
+                // the files' group (istio/base/deployment.yaml).
                 assert_eq!(
                     v.pointer("/secret/defaultMode"),
-                    Some(&Value::from(0o400)),
-                    "{dir}: Secret volume {s} mode 0400"
+                    Some(&Value::from(0o440)),
+                    "{dir}: Secret volume {s} mode 0440"
                 );
             }
         }
@@ -284,14 +286,26 @@ fn rendered_overlays_hang_together_and_the_gateway_accepts_their_configuration()
             })
             .collect();
         keyway_policy::manifest::load(&files).unwrap_or_else(|e| panic!("{e}"));
-        // Every plugin configuration is accepted by the filter's own parser.
-        for wp in set.iter().filter(|o| o.kind() == "WasmPlugin") {
-            let cfg = serde_json::to_vec(&wp.value["spec"]["pluginConfig"]).unwrap_or_default();
-            if let Err(e) = keyway_filter::config::parse(&cfg) {
-                panic!("{dir}: {}: spec.pluginConfig: {e}", wp.describe());
+        // Every plugin configuration (the EnvoyFilters' extension configurations) is accepted by
+        // the filter's own parser, and a module that cannot be fetched fails closed.
+        let mut extensions = 0;
+        for ef in set.iter().filter(|o| o.kind() == "EnvoyFilter") {
+            for p in ef.value["spec"]["configPatches"].as_array().into_iter().flatten() {
+                if p["applyTo"] != "EXTENSION_CONFIG" {
+                    continue;
+                }
+                extensions += 1;
+                let config = &p["patch"]["value"]["typed_config"]["config"];
+                let text = config["configuration"]["value"].as_str().unwrap_or_default();
+                if let Err(e) = keyway_filter::config::parse(text.as_bytes()) {
+                    panic!("{dir}: {}: {}: configuration: {e}", ef.describe(), p["patch"]["value"]["name"]);
+                }
+                assert_eq!(config["failure_policy"], "FAIL_CLOSED", "{dir}: {}", ef.describe());
             }
-            assert_eq!(wp.value["spec"]["failStrategy"], "FAIL_CLOSE", "{dir}: {}", wp.describe());
         }
+        assert_eq!(extensions, 3, "{dir}: one extension configuration per filter mode");
+        assert!(deploy.value["spec"].get("replicas").is_none(), "{dir}: the HPA owns the replica count");
+        assert_eq!(c["startupProbe"]["httpGet"]["path"], "/healthz", "{dir}: startup probe");
     }
 }
 
