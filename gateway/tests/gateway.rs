@@ -228,7 +228,7 @@ async fn a_killed_replica_is_taken_out_and_new_flows_use_the_other() {
     println!("replica failover: 40 new flows in {:?}, longest gap {longest_gap:?}", start.elapsed());
     let admin = o.gw("zone-a", "a1").admin_addr;
     wait_for("b1 taken out", Duration::from_secs(5), || {
-        o.gw("zone-a", "a1").ctx.routing.view().iter().filter(|p| p.zone == "zone-b" && p.up).count() == 1
+        o.gw("zone-a", "a1").routing().view().iter().filter(|p| p.zone == "zone-b" && p.up).count() == 1
     })
     .await;
     assert_eq!(metric(admin, "keyway_gateway_peers_up", "zone=\"zone-b\"").await, 1.0);
@@ -369,7 +369,7 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
     b1.kill().await;
     b2.kill().await;
     let start = tokio::time::Instant::now();
-    wait_for("zone-b down", Duration::from_secs(10), || !o.gw("zone-a", "a1").ctx.routing.zone_up("zone-b")).await;
+    wait_for("zone-b down", Duration::from_secs(10), || !o.gw("zone-a", "a1").routing().zone_up("zone-b")).await;
     for _ in 0..3 {
         assert_eq!(echo(flow(&o).await.open(), b"c").await, b"c");
     }
@@ -391,7 +391,7 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
         let h = keyway_gateway::app::build(cfg).await.unwrap();
         o.gateways.insert(("zone-b".into(), name.into()), h);
     }
-    wait_for("zone-b back", Duration::from_secs(15), || o.gw("zone-a", "a1").ctx.routing.zone_up("zone-b")).await;
+    wait_for("zone-b back", Duration::from_secs(15), || o.gw("zone-a", "a1").routing().zone_up("zone-b")).await;
     assert_eq!(echo(flow(&o).await.open(), b"back").await, b"back");
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (4, 3));
 }

@@ -41,7 +41,7 @@ impl Drop for Scratch {
 }
 
 pub fn now_ms() -> u64 {
-    keyway_gateway::state::now_ms()
+    keyway_gateway::clock::Clock::now_ms(&keyway_gateway::clock::SystemClock)
 }
 
 /// A free UDP port on 127.0.0.1.
@@ -271,7 +271,7 @@ impl Overlay {
     pub async fn wait_mesh(&self) {
         let zones: std::collections::BTreeSet<String> = self.gateways.keys().map(|k| k.0.clone()).collect();
         for ((zone, _), h) in &self.gateways {
-            let h = &h.ctx;
+            let h = &h.proxy;
             wait_for("overlay mesh", Duration::from_secs(60), || {
                 zones.iter().filter(|z| *z != zone).all(|z| {
                     let expected = self.gateways.keys().filter(|k| &k.0 == z).count();
