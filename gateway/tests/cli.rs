@@ -166,6 +166,42 @@ fn warnings_go_to_stderr_and_do_not_fail() {
 }
 
 #[test]
+fn connlist_skips_files_that_are_not_manifests() {
+    // The analysis itself, saved next to the manifests as JSON and as YAML: skipped with a warning.
+    let shop = root().join("samples/shop");
+    let expected = keyway(&["policy", "connlist", "--dir", shop.to_str().unwrap()]);
+    assert!(expected.status.success(), "{}", text(&expected.stderr));
+    let json = keyway(&["policy", "connlist", "--dir", shop.to_str().unwrap(), "-o", "json"]).stdout;
+    let manifests = ["namespaces.yaml", "workloads.yaml", "services.yaml", "admin.yaml", "networkpolicies.yaml"];
+    let mut files: Vec<(String, String)> =
+        manifests.iter().map(|f| ((*f).to_owned(), std::fs::read_to_string(shop.join(f)).unwrap())).collect();
+    files.push(("connlist_output.json".to_owned(), text(&json)));
+    files.push(("summary.yaml".to_owned(), "workloads: 9\nreviewed: [cart, redis]\n".to_owned()));
+    let refs: Vec<(&str, &str)> = files.iter().map(|(f, t)| (f.as_str(), t.as_str())).collect();
+    let dir = tmpdir("analysis", &refs);
+    let out = keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), text(&expected.stdout));
+    let skipped: Vec<String> = text(&out.stderr).lines().filter(|l| l.contains("skipped")).map(str::to_owned).collect();
+    let note = "skipped: not a Kubernetes manifest (no document has apiVersion or kind)";
+    assert_eq!(
+        skipped,
+        [
+            format!("warning: {}: {note}", dir.join("connlist_output.json").display()),
+            format!("warning: {}: {note}", dir.join("summary.yaml").display()),
+        ]
+    );
+
+    // A malformed object of a Kubernetes kind beside them still fails, naming file, object and field.
+    let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: shop}\nspec: {podSelector: 3}\n";
+    std::fs::write(dir.join("bad.yaml"), bad).unwrap();
+    let out = keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.yaml: NetworkPolicy shop/p: spec.podSelector: invalid type"), "{err}");
+}
+
+#[test]
 fn gateway_check_verifies_everything_and_opens_nothing() {
     let dir = tmpdir("gwcheck", &[]);
     let d = |p: &str| dir.join(p).to_str().unwrap().to_owned();

@@ -145,6 +145,12 @@ pub struct Warning {
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "warning: {}: {}: {}: {}", self.file, self.object, self.field, self.message)
+        write!(f, "warning: {}: ", self.file)?;
+        for part in [&self.object, &self.field] {
+            if !part.is_empty() {
+                write!(f, "{part}: ")?;
+            }
+        }
+        f.write_str(&self.message)
     }
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::LoadError;
-use crate::manifest::SourceFile;
+use crate::manifest::{self, SourceFile};
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file under `dir`, recursively, sorted by path.
 pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
@@ -43,12 +43,14 @@ fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<(), LoadError> 
     Ok(())
 }
 
-/// Loads and compiles a directory of manifests.
+/// Loads and compiles a directory of manifests. JSON and YAML files that are not Kubernetes
+/// manifests are skipped with a warning ([`manifest::kubernetes_documents`]).
 pub fn load_dir(dir: &Path) -> Result<(crate::Engine, Vec<crate::Warning>), LoadError> {
     let files = read_dir(dir)?;
-    let m = crate::manifest::load(&files)?;
+    let (documents, mut warnings) = manifest::kubernetes_documents(&files)?;
+    let m = manifest::load_objects(documents)?;
     let engine = crate::Engine::compile(m.inventory, m.policies)?;
-    let mut warnings = m.warnings;
+    warnings.extend(m.warnings);
     warnings.extend(engine.warnings().iter().cloned());
     Ok((engine, warnings))
 }

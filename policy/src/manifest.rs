@@ -52,6 +52,12 @@ impl Object {
     pub fn new(source: impl Into<String>, value: Value) -> Object {
         Object { source: source.into(), document: 1, value }
     }
+
+    /// Whether the document looks like a Kubernetes object or list: a mapping with `apiVersion` or
+    /// `kind`. Other JSON and YAML (an analysis output saved next to the manifests, say) does not.
+    pub fn is_kubernetes(&self) -> bool {
+        self.value.as_object().is_some_and(|m| m.contains_key("apiVersion") || m.contains_key("kind"))
+    }
 }
 
 /// Parses a file into its documents: the value of a `.json` file, the documents of YAML (empty
@@ -78,6 +84,30 @@ pub fn documents(file: &SourceFile) -> Result<Vec<Object>, LoadError> {
         .filter(|(_, v)| !v.is_null())
         .map(|(i, value)| Object { source: file.path.clone(), document: i + 1, value })
         .collect())
+}
+
+/// The documents of manifest files, leaving out each file none of whose documents is a Kubernetes
+/// object or list (JSON or YAML that is something else: an analysis output saved next to the
+/// manifests, say), with a warning naming it; upstream's analyzer skips such files too. A file
+/// that is not valid JSON or YAML is still an error, and so is a file that mixes Kubernetes objects
+/// with other documents.
+pub fn kubernetes_documents(files: &[SourceFile]) -> Result<(Vec<Object>, Vec<Warning>), LoadError> {
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    for f in files {
+        let docs = documents(f)?;
+        if !docs.is_empty() && !docs.iter().any(Object::is_kubernetes) {
+            warnings.push(Warning {
+                file: f.path.clone(),
+                object: String::new(),
+                field: String::new(),
+                message: "skipped: not a Kubernetes manifest (no document has apiVersion or kind)".to_owned(),
+            });
+            continue;
+        }
+        out.extend(docs);
+    }
+    Ok((out, warnings))
 }
 
 /// The Kubernetes objects of parsed documents: the items of every `List`/`*List`, which inherit
@@ -378,5 +408,60 @@ items:
         );
         let err = load_objects(vec![Object::new("api", serde_json::json!([1]))]).unwrap_err().to_string();
         assert!(err.starts_with("api: document 1: expected a Kubernetes object"), "{err}");
+    }
+
+    #[test]
+    fn what_counts_as_a_kubernetes_document() {
+        let is_k8s = |v: Value| Object::new("f", v).is_kubernetes();
+        assert!(is_k8s(serde_json::json!({"apiVersion": "v1", "kind": "Pod"})));
+        assert!(is_k8s(serde_json::json!({"kind": "Pod"})));
+        assert!(is_k8s(serde_json::json!({"apiVersion": "v1", "metadata": {}})));
+        assert!(!is_k8s(serde_json::json!([{"src": "a", "dst": "b", "conn": "All Connections"}])));
+        assert!(!is_k8s(serde_json::json!({"src": "a"})));
+        assert!(!is_k8s(serde_json::json!("text")));
+    }
+
+    #[test]
+    fn files_that_are_not_manifests_are_skipped_with_a_warning() {
+        let connlist = r#"[{"src":"a/b[Pod]","dst":"c/d[Pod]","conn":"All Connections"}]"#;
+        let files = [
+            file("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"),
+            file("connlist_output.json", connlist),
+            file("notes.yaml", "summary: three workloads\nchecked: true\n---\n- a\n"),
+            file("empty.yaml", "---\n"),
+        ];
+        let (docs, warnings) = kubernetes_documents(&files).unwrap();
+        assert_eq!(docs.iter().map(|d| d.source.as_str()).collect::<Vec<_>>(), ["ns.yaml"]);
+        let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "warning: connlist_output.json: skipped: not a Kubernetes manifest (no document has apiVersion or kind)",
+                "warning: notes.yaml: skipped: not a Kubernetes manifest (no document has apiVersion or kind)",
+            ]
+        );
+
+        // Still errors: text that is not JSON or YAML, a Kubernetes object that is malformed, and a
+        // file that mixes objects with something else.
+        let bad = [
+            ("x.json", "{", "x.json: document 1: not valid JSON"),
+            (
+                "np.yaml",
+                "kind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: 3}\n",
+                "np.yaml: NetworkPolicy default/p: spec.podSelector: invalid type",
+            ),
+            (
+                "mixed.yaml",
+                "kind: Namespace\nmetadata: {name: a}\n---\nsummary: x\n",
+                "mixed.yaml: document 2: expected a Kubernetes object: `kind` is missing",
+            ),
+        ];
+        for (path, text, want) in bad {
+            let err = kubernetes_documents(&[file(path, text)])
+                .and_then(|(docs, _)| load_objects(docs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{path}\n got: {err}\nwant: {want}");
+        }
     }
 }
