@@ -99,7 +99,7 @@ fn route(ctx: &Proxy, peer: SocketAddr, req: Request<Incoming>) -> Response<Full
         }
         "/config_dump" => config_dump(ctx),
         "/peers" => json(StatusCode::OK, &serde_json::to_value(ctx.routing.view()).unwrap_or_default()),
-        "/v1/keys" => keys(ctx, peer, req.uri().query().unwrap_or_default()),
+        keyway_policy::wire::KEY_SERVICE_PATH => keys(ctx, peer, req.uri().query().unwrap_or_default()),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /healthz, /readyz, /metrics, /config_dump, /peers, /v1/keys?ip=ADDRESS\n",
@@ -137,7 +137,7 @@ fn config_dump(ctx: &Proxy) -> Response<Full<Bytes>> {
 
 fn keys(ctx: &Proxy, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
     let outcome = |o: &str| ctx.metrics.key_requests.with_label_values(&[o]).inc();
-    let ip = query.split('&').find_map(|kv| kv.strip_prefix("ip=")).and_then(|v| v.parse::<IpAddr>().ok());
+    let ip = query.split('&').find_map(|kv| kv.strip_prefix(keyway_policy::wire::KEY_SERVICE_IP_PARAM).and_then(|r| r.strip_prefix('='))).and_then(|v| v.parse::<IpAddr>().ok());
     let Some(ip) = ip else {
         outcome("bad-request");
         return text(StatusCode::BAD_REQUEST, "expected ?ip=<the workload's overlay address>\n");

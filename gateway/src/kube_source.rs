@@ -9,7 +9,7 @@
 //! * [`addresses`]: overlay addresses for pods without `keyway.io/overlay-ips`, stable per pod and
 //!   recorded in a ConfigMap.
 //!
-//! Every build feeds all objects to [`keyway_policy::manifest::load`], the one loader, and
+//! Every build feeds all objects, parsed once, to [`keyway_policy::manifest::load_objects`], the one loader, and
 //! compiles the result. An object that does not load on its own is reported (its source name,
 //! the field and the reason, once per `resourceVersion`) and left out; the rest applies. A set
 //! that does not load or compile as a whole is rejected
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_policy::ip::Cidr;
-use keyway_policy::manifest::SourceFile;
+use keyway_policy::manifest::Object;
 use keyway_policy::{Engine, LoadError, Warning};
 use tokio::sync::watch as tokio_watch;
 
@@ -203,7 +203,7 @@ impl KubeSource {
         let mut skipped = 0;
         let mut reported = BTreeSet::new();
         for obj in objects::local_objects(snapshot, &self.config.zone) {
-            match objects::check(&obj.file()) {
+            match objects::check(&obj.object()) {
                 Ok(m) => {
                     taken.extend(objects::claimed(&m));
                     local.push(obj);
@@ -244,9 +244,9 @@ impl KubeSource {
             }
         }
 
-        let mut files: Vec<SourceFile> = local.iter().map(LocalObject::file).collect();
-        files.extend(kept.iter().map(|s| s.file.clone()));
-        let m = keyway_policy::manifest::load(&files).map_err(SourceError::Load)?;
+        let mut all: Vec<Object> = local.iter().map(LocalObject::object).collect();
+        all.extend(kept.iter().map(|s| s.object.clone()));
+        let m = keyway_policy::manifest::load_objects(all).map_err(SourceError::Load)?;
         let engine = Engine::compile(m.inventory, m.policies).map_err(SourceError::Load)?;
         let mut warnings = m.warnings;
         warnings.extend(engine.warnings().iter().cloned());

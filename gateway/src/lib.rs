@@ -28,4 +28,4 @@ pub mod source;
 pub mod state;
 pub mod tasks;
 pub mod tls;
-pub mod wire;
+

@@ -28,10 +28,10 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// The ALPN protocol of the overlay.
-pub const ALPN: &[u8] = b"keyway/1";
+pub use keyway_policy::wire::ALPN;
 
-/// The DNS suffix of gateway server names (see [`server_name`]).
-pub const SERVER_NAME_SUFFIX: &str = "gateway.keyway";
+/// The suffix of every gateway's DNS name.
+pub use keyway_policy::wire::SERVER_NAME_SUFFIX;
 
 /// The longest trust domain keyway accepts (SPIFFE: 255 bytes).
 const MAX_TRUST_DOMAIN_LEN: usize = 255;

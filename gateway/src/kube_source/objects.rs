@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use keyway_policy::LoadError;
 use keyway_policy::inventory::{OVERLAY_IPS_ANNOTATION, SIDECAR_IPS_ANNOTATION, ZONE_ANNOTATION};
-use keyway_policy::manifest::{self, Manifests, SourceFile};
+use keyway_policy::manifest::{self, Manifests, Object, SourceFile};
 use kube::api::DynamicObject;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -65,8 +65,8 @@ pub struct LocalObject {
 
 impl LocalObject {
     /// The loader's input.
-    pub fn file(&self) -> SourceFile {
-        SourceFile { path: self.source.clone(), text: self.value.to_string() }
+    pub fn object(&self) -> Object {
+        Object::new(self.source.clone(), self.value.clone())
     }
 
     /// Sets the pod's overlay address.
@@ -185,9 +185,9 @@ fn local_object(kind: Kind, obj: DynamicObject, zone: &str) -> Option<LocalObjec
     Some(LocalObject { ident: ident_of(&value), source, resource_version, value, wants_address })
 }
 
-/// Loads one input on its own: what it describes, or why it is malformed.
-pub fn check(file: &SourceFile) -> Result<Manifests, LoadError> {
-    manifest::load(std::slice::from_ref(file))
+/// Loads one object on its own: what it describes, or why it is malformed.
+pub fn check(object: &Object) -> Result<Manifests, LoadError> {
+    manifest::load_objects(vec![object.clone()])
 }
 
 /// The overlay addresses a loaded input claims (workloads' and services').
@@ -204,8 +204,8 @@ pub fn claimed(m: &Manifests) -> impl Iterator<Item = IpAddr> + '_ {
 pub struct StaticObject {
     /// Its identity.
     pub ident: Ident,
-    /// The loader's input: the object as JSON, named by its file.
-    pub file: SourceFile,
+    /// The loader's input, named by its file and document.
+    pub object: Object,
     /// Whether it is a workload of this gateway's zone.
     pub own_zone_workload: bool,
     /// The overlay addresses it claims.
@@ -213,91 +213,20 @@ pub struct StaticObject {
 }
 
 /// Splits the static directory's files into objects and loads each on its own (an error in the
-/// directory rejects it whole, as with the file source).
+/// directory rejects it whole, as with the file source; files that are not Kubernetes manifests
+/// are skipped with a warning, as the file source does).
 pub fn static_objects(files: &[SourceFile], zone: &str) -> Result<Vec<StaticObject>, LoadError> {
+    let (documents, warnings) = manifest::kubernetes_documents(files)?;
+    for w in warnings {
+        tracing::warn!(warning = %w, "static inventory");
+    }
     let mut out = Vec::new();
-    for f in files {
-        for value in split(f)? {
-            // YAML reads JSON, so the object's JSON keeps the file's name (and its `.yaml`).
-            let file = SourceFile { path: f.path.clone(), text: value.to_string() };
-            let m = check(&file)?;
-            let own_zone_workload = m.inventory.workloads.iter().any(|w| w.zone.as_deref() == Some(zone));
-            out.push(StaticObject { ident: ident_of(&value), file, own_zone_workload, claimed: claimed(&m).collect() });
-        }
+    for object in manifest::objects(documents)? {
+        let m = check(&object)?;
+        let own_zone_workload = m.inventory.workloads.iter().any(|w| w.zone.as_deref() == Some(zone));
+        out.push(StaticObject { ident: ident_of(&object.value), object, own_zone_workload, claimed: claimed(&m).collect() });
     }
     Ok(out)
-}
-
-/// The objects of one file: YAML documents or the JSON value, `*List` items flattened with the
-/// list's kind (without `List`) and apiVersion. What is not an object is left to the loader.
-fn split(f: &SourceFile) -> Result<Vec<Value>, LoadError> {
-    let docs: Vec<Value> = if f.path.ends_with(".json") {
-        vec![serde_json::from_str(&f.text).map_err(|e| LoadError::Syntax {
-            file: f.path.clone(),
-            document: 1,
-            format: "JSON",
-            reason: e.to_string(),
-        })?]
-    } else {
-        let mut docs = Vec::new();
-        for (i, d) in serde_yaml_ng::Deserializer::from_str(&f.text).enumerate() {
-            docs.push(Value::deserialize(d).map_err(|e| LoadError::Syntax {
-                file: f.path.clone(),
-                document: i + 1,
-                format: "YAML",
-                reason: e.to_string(),
-            })?);
-        }
-        docs
-    };
-    let mut out = Vec::new();
-    for d in docs {
-        flatten(d, &mut out);
-    }
-    Ok(out)
-}
-
-fn flatten(v: Value, out: &mut Vec<Value>) {
-    let Value::Object(mut map) = v else {
-        if !v.is_null() {
-            out.push(v);
-        }
-        return;
-    };
-    let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
-    if !kind.ends_with("List") {
-        out.push(Value::Object(map));
-        return;
-    }
-    let item_kind = kind.strip_suffix("List").unwrap_or_default().to_owned();
-    let api_version = map.get("apiVersion").cloned();
-    let items = match map.remove("items") {
-        Some(Value::Array(items)) => items,
-        Some(Value::Null) | None => Vec::new(),
-        Some(other) => {
-            // Not a list of items: give it back whole, the loader reports it.
-            map.insert("items".to_owned(), other);
-            out.push(Value::Object(map));
-            return;
-        }
-    };
-    for item in items {
-        let item = match item {
-            Value::Object(mut m) => {
-                if !m.contains_key("kind") && !item_kind.is_empty() {
-                    m.insert("kind".to_owned(), Value::String(item_kind.clone()));
-                }
-                if !m.contains_key("apiVersion")
-                    && let Some(a) = &api_version
-                {
-                    m.insert("apiVersion".to_owned(), a.clone());
-                }
-                Value::Object(m)
-            }
-            other => other,
-        };
-        flatten(item, out);
-    }
 }
 
 /// The static objects that stay beside the cluster's (the merge rule in the module docs), with

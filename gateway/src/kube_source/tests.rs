@@ -325,13 +325,13 @@ async fn a_malformed_object_is_reported_and_skipped_while_the_rest_applies() {
     // The error names the object and the field (what the log line carries).
     let objs = objects::local_objects(source.stores.snapshot().unwrap(), "zone-a");
     let broken = objs.iter().find(|o| o.source == "kubernetes:pods/shop/broken-0").unwrap();
-    let err = objects::check(&broken.file()).unwrap_err().to_string();
+    let err = objects::check(&broken.object()).unwrap_err().to_string();
     assert!(
         err.starts_with("kubernetes:pods/shop/broken-0: Pod shop/broken-0: metadata.annotations.keyway.io/overlay-ips"),
         "{err}"
     );
     let np = objs.iter().find(|o| o.source == "kubernetes:networkpolicies/shop/bad-cidr").unwrap();
-    let err = objects::check(&np.file()).unwrap_err().to_string();
+    let err = objects::check(&np.object()).unwrap_err().to_string();
     assert!(err.contains("NetworkPolicy shop/bad-cidr: spec.ingress[0].from[0].ipBlock.cidr"), "{err}");
 }
 

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use super::refusal::{DeliverError, Refusal};
 use super::relay::BoxIo;
 use super::{Flow, Proxy};
-use crate::wire::{DENY_REASON_HEADER, TICKET_HEADER};
+use keyway_policy::wire::{DENY_REASON_HEADER, TICKET_HEADER};
 
 /// A fresh 12-byte nonce.
 pub fn nonce() -> [u8; 12] {

@@ -23,7 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::accesslog::FlowLog;
 use super::relay::{BoxIo, relay};
 use super::{Decision, Entry, Flow, Proxy, Refusal, Route, deliver, overlay};
-use crate::wire::{DENY_REASON_HEADER, RULE_HEADER, TOKEN_HEADER};
+use keyway_policy::wire::{DENY_REASON_HEADER, RULE_HEADER, TOKEN_HEADER};
 
 type Resp = Response<Empty<Bytes>>;
 
