@@ -13,14 +13,18 @@
 //! Each server pod runs the 1 KiB HTTP server on 8080 and `iperf3 -s` on 5201. Every Envoy runs
 //! with one worker (`--concurrency 1`), as the end-to-end sidecars do.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
-use keyway_e2e::envoy::{ENVOY_UID, Sidecar};
+use anyhow::Context;
+use keyway_e2e::envoy::{ENVOY_UID, Ready, Sidecar};
+use keyway_e2e::gateway::{
+    self as gwconfig, DEFAULT_ADMIN_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Files, Listen, ZoneLayout,
+};
 use keyway_e2e::proc::Proc;
-use keyway_e2e::topology::{Topology, ns_sh, require_root, sh};
+use keyway_e2e::topology::{Topology, ns_get, ns_sh, require_root, sh};
+use keyway_e2e::wait::wait_until;
 
 use crate::envoycfg;
 
@@ -28,9 +32,6 @@ use crate::envoycfg;
 pub const HTTP_PORT: u16 = 8080;
 /// iperf3's port in every server pod.
 pub const IPERF_PORT: u16 = 5201;
-const TUNNEL_PORT: u16 = 15180;
-const OVERLAY_PORT: u16 = 15443;
-const ADMIN_PORT: u16 = 15190;
 const WG_PORT: u16 = 51820;
 
 /// The programs the bed runs.
@@ -120,20 +121,19 @@ impl Bed {
 
     /// HTTP GET inside a namespace with the harness's tiny client: (status, body).
     pub fn get(&self, ns: &str, url: &str) -> anyhow::Result<(u16, String)> {
-        let out = ns_sh(ns, &[self.tools.e2e.to_str().unwrap_or_default(), "get", url])?;
-        let (status, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
-        Ok((status.trim().parse().unwrap_or(0), body.to_owned()))
+        ns_get(ns, &self.tools.e2e, url)
     }
 
-    fn wait(&self, what: &str, role: &str, deadline: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
-        let end = Instant::now() + deadline;
-        while !ok() {
-            if Instant::now() > end {
-                bail!("{what} not ready after {deadline:?}; log of {role}:\n{}", self.tail(role));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(())
+    fn wait(&self, what: &str, role: &str, deadline: Duration, ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+        wait_until(deadline, what, ok).map(drop).with_context(|| format!("log of {role}:\n{}", self.tail(role)))
+    }
+
+    /// Waits until the Envoy of pod `name` in `ns` is ready.
+    fn wait_envoy(&mut self, ready: Ready, ns: &str, name: &str, deadline: Duration) -> anyhow::Result<()> {
+        let role = format!("envoy-{name}");
+        let e2e = self.tools.e2e.clone();
+        let envoy = self.procs.iter_mut().find(|(r, _)| *r == role).map(|(_, p)| p).context("no such Envoy")?;
+        ready.wait(ns, &e2e, deadline, envoy)
     }
 
     /// Builds the namespaces and starts every process; fails loudly when anything is missing.
@@ -195,24 +195,12 @@ impl Bed {
         }
 
         // Plain Envoy pair.
-        let capture = Sidecar::iptables();
-        let envoy_args = |cfg: &Path| -> Vec<String> {
-            vec![
-                tools.envoy.display().to_string(),
-                "-c".into(),
-                cfg.display().to_string(),
-                "--concurrency".into(),
-                "1".into(),
-                "--disable-hot-restart".into(),
-                "-l".into(),
-                "warning".into(),
-            ]
-        };
+        let envoy = |cfg: &Path| keyway_e2e::envoy::command(&tools.envoy, cfg);
         let base_cfg = dir.join("envoy-baseline.yaml");
         std::fs::write(&base_cfg, envoycfg::baseline())?;
         for (zone, name) in [(1, "cbase"), (2, "sbase")] {
-            apply(&ns(zone, name), &capture, &[])?;
-            bed.start(&format!("envoy-{name}"), &ns(zone, name), Some(ENVOY_UID), &envoy_args(&base_cfg), &[])?;
+            Sidecar::capture(&ns(zone, name), &[])?;
+            bed.start(&format!("envoy-{name}"), &ns(zone, name), Some(ENVOY_UID), &envoy(&base_cfg), &[])?;
         }
 
         // HBONE-shaped Envoy pair.
@@ -225,12 +213,12 @@ impl Bed {
         let hs = dir.join("envoy-hbone-server.yaml");
         std::fs::write(&hs, envoycfg::hbone_server(&[HTTP_PORT, IPERF_PORT], &certs.display().to_string()))?;
         for (zone, name, cfg) in [(1, "chbone", &hc), (2, "shbone", &hs)] {
-            apply(&ns(zone, name), &capture, &[hbone_return.as_str()])?;
-            bed.start(&format!("envoy-{name}"), &ns(zone, name), Some(ENVOY_UID), &envoy_args(cfg), &[])?;
+            Sidecar::capture(&ns(zone, name), &[hbone_return.as_str()])?;
+            bed.start(&format!("envoy-{name}"), &ns(zone, name), Some(ENVOY_UID), &envoy(cfg), &[])?;
         }
 
         // keyway: one gateway per zone, three sidecars with the filter.
-        bed.start_keyway(prefix, &capture, &envoy_args)?;
+        bed.start_keyway(prefix)?;
 
         // boringtun.
         if tools.boringtun.is_some() {
@@ -239,64 +227,49 @@ impl Bed {
 
         // Every Envoy live.
         for (zone, name) in [(1, "cbase"), (2, "sbase"), (1, "chbone"), (2, "shbone")] {
-            let n = ns(zone, name);
-            bed.wait(&format!("envoy in {n}"), &format!("envoy-{name}"), Duration::from_secs(30), || {
-                matches!(bed.get(&n, "127.0.0.1:15000/ready"), Ok((200, _)))
-            })?;
+            bed.wait_envoy(Ready::Live, &ns(zone, name), name, Duration::from_secs(30))?;
         }
         Ok(bed)
     }
 
-    fn start_keyway(
-        &mut self,
-        prefix: &str,
-        capture: &[Vec<String>],
-        envoy_args: &dyn Fn(&Path) -> Vec<String>,
-    ) -> anyhow::Result<()> {
+    fn start_keyway(&mut self, prefix: &str) -> anyhow::Result<()> {
         let dir = self.dir.clone();
         let keyway = self.tools.keyway.display().to_string();
-        let ca = dir.join("ca");
-        sh(&[&keyway, "ca", "init", "--out", ca.to_str().unwrap_or_default()])?;
-        let secrets = dir.join("epochs.json");
-        sh(&[&keyway, "keys", "init", "--out", secrets.to_str().unwrap_or_default()])?;
-        let inventory = dir.join("manifests");
-        std::fs::create_dir_all(&inventory)?;
-        std::fs::write(inventory.join("bench.yaml"), manifests())?;
-        let certs = dir.join("certs");
-        let zones = format!(
-            "- name: zone-a\n  gateways: [{{name: gw-1, address: \"10.61.1.2:{OVERLAY_PORT}\"}}]\n  failover: [zone-b]\n- name: zone-b\n  gateways: [{{name: gw-1, address: \"10.61.2.2:{OVERLAY_PORT}\"}}]\n  failover: [zone-a]\n"
-        );
-        for (z, zone) in [(1u8, "zone-a"), (2, "zone-b")] {
+        let files = Files::in_dir(&dir);
+        let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+        sh(&[&keyway, "ca", "init", "--out", &path(&files.ca)])?;
+        sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets)])?;
+        std::fs::create_dir_all(&files.inventory)?;
+        std::fs::write(files.inventory.join("bench.yaml"), manifests())?;
+        let layout = [
+            ZoneLayout { name: "zone-a", gateways: &["gw-1"], failover: &["zone-b"] },
+            ZoneLayout { name: "zone-b", gateways: &["gw-1"], failover: &["zone-a"] },
+        ];
+        let zones = gwconfig::zones(&layout, |z, _| SocketAddr::new(gateway_ip(zone_number(z)), DEFAULT_OVERLAY_PORT));
+        for z in layout {
+            let zone = z.name;
+            let n = zone_number(zone);
             sh(&[
                 &keyway,
                 "ca",
                 "issue",
                 "--ca",
-                ca.to_str().unwrap_or_default(),
+                &path(&files.ca),
                 "--zone",
                 zone,
                 "--name",
                 "gw-1",
                 "--out",
-                certs.to_str().unwrap_or_default(),
+                &path(&files.certs),
             ])?;
+            let listen = Listen { overlay: SocketAddr::new(gateway_ip(n), DEFAULT_OVERLAY_PORT), ..Listen::default() };
             let config = dir.join(format!("gateway-{zone}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "zone: {zone}\nname: gw-1\nlisten: {{tunnel: \"0.0.0.0:{TUNNEL_PORT}\", overlay: \"10.61.{z}.2:{OVERLAY_PORT}\", admin: \"0.0.0.0:{ADMIN_PORT}\"}}\ntls: {{ca: {ca}, cert: {cert}, key: {key}}}\nsecrets: {secrets}\ninventory: {inv}\nzones:\n{zones}",
-                    ca = ca.join("ca.pem").display(),
-                    cert = certs.join(format!("{zone}-gw-1.pem")).display(),
-                    key = certs.join(format!("{zone}-gw-1-key.pem")).display(),
-                    secrets = secrets.display(),
-                    inv = inventory.display(),
-                ),
-            )?;
+            gwconfig::write(&gwconfig::config(zone, "gw-1", listen, &files, &zones)?, &config)?;
             // As shipped: `info` writes the access log (one event per flow).
             let level = std::env::var("KEYWAY_BENCH_GATEWAY_LOG").unwrap_or_else(|_| "info".into());
             self.start(
-                &format!("gw-{z}"),
-                &pod_ns(prefix, z, "gw"),
+                &format!("gw-{n}"),
+                &pod_ns(prefix, n, "gw"),
                 None,
                 &[keyway.clone(), "gateway".into(), "--config".into(), config.display().to_string()],
                 &[("LOG_FORMAT", "json".into()), ("RUST_LOG", level)],
@@ -304,53 +277,40 @@ impl Bed {
         }
         for (z, other) in [(1u8, "zone-b"), (2, "zone-a")] {
             let n = pod_ns(prefix, z, "gw");
-            self.wait(&format!("gateway of zone {z}"), &format!("gw-{z}"), Duration::from_secs(30), || {
-                match self.get(&n, &format!("127.0.0.1:{ADMIN_PORT}/peers")) {
-                    Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v.as_array().cloned())
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|p| p["zone"] == other && p["up"] == true),
-                    _ => false,
-                }
+            self.wait(&format!("the gateway of zone {z}"), &format!("gw-{z}"), Duration::from_secs(30), || match self
+                .get(&n, &format!("127.0.0.1:{DEFAULT_ADMIN_PORT}/peers"))
+            {
+                Ok((200, body)) => !gwconfig::peers_up(&body, other).is_empty(),
+                _ => false,
             })?;
         }
         let wasm = dir.join("keyway_filter.wasm");
         std::fs::copy(&self.tools.wasm, &wasm)?;
-        for (z, name, sa, overlay) in [
+        let sidecars = [
             (1u8, "ckw", "client", "10.128.1.13"),
             (1, "skwa", "server-a", "10.128.1.20"),
             (2, "skwb", "server-b", "10.128.2.13"),
-        ] {
+        ];
+        for (z, name, sa, overlay) in sidecars {
             let n = pod_ns(prefix, z, name);
-            apply(&n, capture, &[])?;
+            Sidecar::capture(&n, &[])?;
             let sidecar = Sidecar {
                 namespace: "bench".into(),
                 service_account: sa.into(),
                 overlay_ip: overlay.into(),
                 app_ports: vec![HTTP_PORT, IPERF_PORT],
-                gateways: vec![format!("10.61.{z}.2")],
-                tunnel_port: TUNNEL_PORT,
-                admin_port: ADMIN_PORT,
+                gateways: vec![gateway_ip(z).to_string()],
+                tunnel_port: DEFAULT_TUNNEL_PORT,
+                admin_port: DEFAULT_ADMIN_PORT,
                 wasm: wasm.display().to_string(),
             };
             let cfg = dir.join(format!("envoy-{name}.yaml"));
             std::fs::write(&cfg, sidecar.bootstrap())?;
-            self.start(&format!("envoy-{name}"), &n, Some(ENVOY_UID), &envoy_args(&cfg), &[])?;
+            let envoy = keyway_e2e::envoy::command(&self.tools.envoy, &cfg);
+            self.start(&format!("envoy-{name}"), &n, Some(ENVOY_UID), &envoy, &[])?;
         }
-        for (z, name) in [(1u8, "ckw"), (1, "skwa"), (2, "skwb")] {
-            let n = pod_ns(prefix, z, name);
-            self.wait(&format!("keyway sidecar in {n}"), &format!("envoy-{name}"), Duration::from_secs(60), || {
-                self.get(&n, "127.0.0.1:15000/stats?filter=key_refreshes")
-                    .map(|(_, s)| {
-                        s.lines()
-                            .filter(|l| l.contains("outcome=.=ok"))
-                            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                            .any(|v| v > 0)
-                    })
-                    .unwrap_or(false)
-            })?;
+        for (z, name, _, _) in sidecars {
+            self.wait_envoy(Ready::KeysFetched, &pod_ns(prefix, z, name), name, Duration::from_secs(60))?;
         }
         Ok(())
     }
@@ -417,17 +377,14 @@ impl Bed {
     }
 }
 
-/// Runs the capture rules (and `extra` iptables lines) in a pod.
-fn apply(ns: &str, rules: &[Vec<String>], extra: &[&str]) -> anyhow::Result<()> {
-    for rule in rules {
-        let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-        ns_sh(ns, &args)?;
-    }
-    for line in extra {
-        let args: Vec<&str> = line.split_whitespace().collect();
-        ns_sh(ns, &args)?;
-    }
-    Ok(())
+/// Zone `zone-a` is 1, `zone-b` 2.
+fn zone_number(zone: &str) -> u8 {
+    if zone == "zone-a" { 1 } else { 2 }
+}
+
+/// The gateway pod of zone `n` (host .2).
+fn gateway_ip(n: u8) -> IpAddr {
+    IpAddr::from([10, 61, n, 2])
 }
 
 /// A CA and one certificate both HBONE sidecars use (mutual TLS, the CA verifies both ends).

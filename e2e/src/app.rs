@@ -306,7 +306,12 @@ pub async fn connect(to: SocketAddr, authority: &str, headers: &[String]) -> any
     let resp =
         tokio::time::timeout(Duration::from_secs(5), sender.send_request(req.body(Empty::<Bytes>::new())?)).await??;
     let status = resp.status().as_u16();
-    let reason = resp.headers().get("x-keyway-deny-reason").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    let reason = resp
+        .headers()
+        .get(keyway_policy::wire::DENY_REASON_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     let mut out = format!("status {status} reason {reason}");
     if status == 200 {
         let io = hyper::upgrade::on(resp).await?;

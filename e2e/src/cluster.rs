@@ -6,28 +6,34 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Listen};
 use keyway_policy::engine::Peer;
 use keyway_policy::{Engine, Protocol, Verdict};
 
 use crate::app::ProbeResult;
-use crate::envoy::{ENVOY_UID, HEALTH_PORT, Sidecar};
+use crate::envoy::{ENVOY_UID, HEALTH_PORT, Ready, Sidecar};
+use crate::gateway::{self as gwconfig, Files, ZoneLayout};
 use crate::proc::Proc;
-use crate::topology::{Pod, Topology, ns_sh, require_root, sh};
+use crate::topology::{Pod, Topology, ns_get, ns_sh, require_root, sh};
+use crate::wait::wait_until;
 
 /// The zones of the sample, in index order (zone-a is 1).
 pub const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 /// Gateway replicas per zone.
 pub const REPLICAS: [&str; 2] = ["gw-1", "gw-2"];
+/// The zones, their replicas and their failover order.
+const LAYOUT: [ZoneLayout<'static>; 3] = [
+    ZoneLayout { name: ZONES[0], gateways: &REPLICAS, failover: &[ZONES[1], ZONES[2]] },
+    ZoneLayout { name: ZONES[1], gateways: &REPLICAS, failover: &[ZONES[2], ZONES[0]] },
+    ZoneLayout { name: ZONES[2], gateways: &REPLICAS, failover: &[ZONES[1], ZONES[0]] },
+];
 /// The host outside the overlay (in the router namespace), inside the sample's partner range.
 pub const INTERNET: &str = "172.31.250.10";
 /// Ports the internet host serves.
 pub const INTERNET_PORTS: [u16; 2] = [443, 8443];
-const TUNNEL_PORT: u16 = 15180;
-const OVERLAY_PORT: u16 = 15443;
-const ADMIN_PORT: u16 = 15190;
 
 /// Where the pieces are.
 #[derive(Debug, Clone)]
@@ -160,8 +166,34 @@ fn zone_index(zone: &str) -> anyhow::Result<u8> {
     ZONES.iter().position(|z| *z == zone).map(|i| i as u8 + 1).with_context(|| format!("unknown zone {zone}"))
 }
 
-fn relay_ip(zone: u8, replica: u8) -> String {
-    format!("10.62.{zone}.{replica}")
+/// Where the relay takes the overlay traffic for replica `replica` (from 0) of zone `zone`.
+fn relay_ip(zone: u8, replica: usize) -> IpAddr {
+    IpAddr::from([10, 62, zone, replica as u8 + 1])
+}
+
+/// The underlay address of replica `replica` (from 0) of zone `zone`: hosts .2 and .3.
+fn gateway_ip(zone: u8, replica: usize) -> IpAddr {
+    IpAddr::from([10, 61, zone, replica as u8 + 2])
+}
+
+/// The configuration of gateway `zone`/`name` at `ip`: the gateways of its own zone at their
+/// addresses, those of other zones through the relay; short timers so failures show fast.
+fn gateway_config(zone: &str, name: &str, ip: &str, files: &Files) -> anyhow::Result<keyway_gateway::config::Config> {
+    let own = zone_index(zone)?;
+    let zones = gwconfig::zones(&LAYOUT, |z, n| {
+        let zi = zone_index(z).unwrap_or(0);
+        let replica = REPLICAS.iter().position(|r| *r == n).unwrap_or(0);
+        let ip = if zi == own { gateway_ip(zi, replica) } else { relay_ip(zi, replica) };
+        SocketAddr::new(ip, DEFAULT_OVERLAY_PORT)
+    });
+    let listen = Listen { overlay: SocketAddr::new(ip.parse()?, DEFAULT_OVERLAY_PORT), ..Listen::default() };
+    let mut c = gwconfig::config(zone, name, listen, files, &zones)?;
+    c.keepalive_ms = 200;
+    c.peer_idle_timeout_ms = 1500;
+    c.reload_interval_ms = 200;
+    c.key_service.refresh_ms = 1000;
+    c.limits.connect_timeout_ms = 3000;
+    Ok(c)
 }
 
 /// Copies the sample manifests, adding each workload's sidecar address.
@@ -219,6 +251,7 @@ impl Cluster {
             let z = zone_index(zone)?;
             for (i, name) in REPLICAS.iter().enumerate() {
                 let pod = topo.pod(&format!("g{}", i + 1), z, 2 + i as u8)?;
+                anyhow::ensure!(pod.ip == gateway_ip(z, i).to_string(), "gateway pod at {}", pod.ip);
                 gateway_pods.push((zone.to_owned(), (*name).to_owned(), pod));
             }
         }
@@ -252,12 +285,11 @@ impl Cluster {
 
         // Keys, certificates, inventory.
         let keyway = opts.keyway.to_str().unwrap_or_default().to_owned();
-        let ca = dir.join("ca");
-        sh(&[&keyway, "ca", "init", "--out", ca.to_str().unwrap_or_default()])?;
-        let secrets = dir.join("epochs.json");
-        sh(&[&keyway, "keys", "init", "--out", secrets.to_str().unwrap_or_default()])?;
-        let inventory = dir.join("manifests");
-        write_inventory(&opts.samples, &inventory, &sidecar_ips)?;
+        let files = Files::in_dir(&dir);
+        let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
+        sh(&[&keyway, "ca", "init", "--out", &path(&files.ca)])?;
+        sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets)])?;
+        write_inventory(&opts.samples, &files.inventory, &sidecar_ips)?;
 
         // The relay in the router namespace carries the overlay between zones.
         let control = dir.join("impairment");
@@ -265,10 +297,10 @@ impl Cluster {
         let mut pairs = Vec::new();
         for zone in ZONES {
             let z = zone_index(zone)?;
-            for i in 0..REPLICAS.len() as u8 {
-                let rip = relay_ip(z, i + 1);
-                topo.router_address(&rip)?;
-                pairs.push(format!("{rip}:{OVERLAY_PORT}=10.61.{z}.{}:{OVERLAY_PORT}", 2 + i));
+            for i in 0..REPLICAS.len() {
+                let rip = relay_ip(z, i);
+                topo.router_address(&rip.to_string())?;
+                pairs.push(format!("{rip}:{DEFAULT_OVERLAY_PORT}={}:{DEFAULT_OVERLAY_PORT}", gateway_ip(z, i)));
             }
         }
         topo.router_address(INTERNET)?;
@@ -295,69 +327,28 @@ impl Cluster {
             dir: dir.clone(),
             engine,
             control,
-            secrets,
-            inventory,
+            secrets: files.secrets.clone(),
+            inventory: files.inventory.clone(),
             opts: opts.clone(),
         };
 
         // Gateways.
-        let zones_yaml: String = ZONES
-            .iter()
-            .map(|zone| {
-                let z = zone_index(zone).unwrap_or(0);
-                let failover: Vec<&str> = match *zone {
-                    "zone-a" => vec!["zone-b", "zone-c"],
-                    "zone-b" => vec!["zone-c", "zone-a"],
-                    _ => vec!["zone-b", "zone-a"],
-                };
-                (z, zone, failover)
-            })
-            .map(|(z, zone, failover)| {
-                let gws: Vec<String> = REPLICAS
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| format!("{{name: {n}, address: \"{}:{OVERLAY_PORT}\"}}", relay_ip(z, i as u8 + 1)))
-                    .collect();
-                format!("- name: {zone}\n  gateways: [{}]\n  failover: [{}]\n", gws.join(", "), failover.join(", "))
-            })
-            .collect();
         for (zone, name, pod) in gateway_pods {
-            let certs = dir.join("certs");
             sh(&[
                 &keyway,
                 "ca",
                 "issue",
                 "--ca",
-                ca.to_str().unwrap_or_default(),
+                &path(&files.ca),
                 "--zone",
                 &zone,
                 "--name",
                 &name,
                 "--out",
-                certs.to_str().unwrap_or_default(),
+                &path(&files.certs),
             ])?;
-            // This gateway's own zone lists real addresses; other zones are reached through the relay.
-            let z = zone_index(&zone)?;
-            let mut zones = zones_yaml.clone();
-            for (i, n) in REPLICAS.iter().enumerate() {
-                zones = zones.replace(
-                    &format!("{{name: {n}, address: \"{}:{OVERLAY_PORT}\"}}", relay_ip(z, i as u8 + 1)),
-                    &format!("{{name: {n}, address: \"10.61.{z}.{}:{OVERLAY_PORT}\"}}", 2 + i),
-                );
-            }
             let config = dir.join(format!("gateway-{zone}-{name}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "zone: {zone}\nname: {name}\nlisten: {{tunnel: \"0.0.0.0:{TUNNEL_PORT}\", overlay: \"{ip}:{OVERLAY_PORT}\", admin: \"0.0.0.0:{ADMIN_PORT}\"}}\ntls: {{ca: {ca}, cert: {cert}, key: {key}}}\nsecrets: {secrets}\ninventory: {inv}\nkeepalive_ms: 200\npeer_idle_timeout_ms: 1500\nreload_interval_ms: 200\nkey_service: {{refresh_ms: 1000}}\nlimits: {{connect_timeout_ms: 3000}}\nzones:\n{zones}",
-                    ip = pod.ip,
-                    ca = ca.join("ca.pem").display(),
-                    cert = certs.join(format!("{zone}-{name}.pem")).display(),
-                    key = certs.join(format!("{zone}-{name}-key.pem")).display(),
-                    secrets = cluster.secrets.display(),
-                    inv = cluster.inventory.display(),
-                ),
-            )?;
+            gwconfig::write(&gateway_config(&zone, &name, &pod.ip, &files)?, &config)?;
             cluster.gateways.push(GatewayPod { zone, name, pod, config, proc: None, log_n: 0 });
         }
         for i in 0..cluster.gateways.len() {
@@ -367,10 +358,7 @@ impl Cluster {
 
         // Workloads: iptables capture, the app, the sidecar.
         for mut w in workload_pods {
-            for rule in Sidecar::iptables() {
-                let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-                ns_sh(&w.pod.ns, &args)?;
-            }
+            Sidecar::capture(&w.pod.ns, &[])?;
             let mut app_ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
             app_ports.push(HEALTH_PORT.to_string());
             let slug = w.name.replace('/', "-");
@@ -396,9 +384,9 @@ impl Cluster {
                 service_account: wl.service_account.clone(),
                 overlay_ip: w.overlay.to_string(),
                 app_ports: w.ports.clone(),
-                gateways: (0..REPLICAS.len()).map(|i| format!("10.61.{z}.{}", 2 + i)).collect(),
-                tunnel_port: TUNNEL_PORT,
-                admin_port: ADMIN_PORT,
+                gateways: (0..REPLICAS.len()).map(|i| gateway_ip(z, i).to_string()).collect(),
+                tunnel_port: DEFAULT_TUNNEL_PORT,
+                admin_port: DEFAULT_ADMIN_PORT,
                 wasm: wasm.display().to_string(),
             };
             let cfg = dir.join(format!("envoy-{slug}.yaml"));
@@ -407,16 +395,7 @@ impl Cluster {
                 &format!("{} envoy", w.name),
                 &w.pod.ns,
                 Some(ENVOY_UID),
-                &[
-                    opts.envoy.display().to_string(),
-                    "-c".into(),
-                    cfg.display().to_string(),
-                    "--concurrency".into(),
-                    "1".into(),
-                    "--disable-hot-restart".into(),
-                    "-l".into(),
-                    "warning".into(),
-                ],
+                &crate::envoy::command(&opts.envoy, &cfg),
                 &dir.join(format!("logs/envoy-{slug}.log")),
                 &[],
             )?);
@@ -466,36 +445,28 @@ impl Cluster {
 
     /// An HTTP GET from inside a namespace: (status, body).
     pub fn http_get(&self, ns: &str, url: &str) -> anyhow::Result<(u16, String)> {
-        let out = ns_sh(ns, &[self.opts.e2e.to_str().unwrap_or_default(), "get", url])?;
-        let (status, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
-        Ok((status.trim().parse().unwrap_or(0), body.to_owned()))
+        ns_get(ns, &self.opts.e2e, url)
     }
 
     /// The gateway's admin endpoint `path`.
     pub fn gateway_admin(&self, zone: &str, name: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let g = self.gateways.get(self.gateway_index(zone, name)?).context("gateway")?;
-        self.http_get(&g.pod.ns, &format!("127.0.0.1:{ADMIN_PORT}{path}"))
+        self.http_get(&g.pod.ns, &format!("127.0.0.1:{DEFAULT_ADMIN_PORT}{path}"))
     }
 
     /// Waits until every running gateway is ready and connected to every running gateway of the
     /// other zones.
     pub fn wait_gateways_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
-        let end = Instant::now() + deadline;
-        loop {
-            let mut missing = Vec::new();
-            let running: Vec<(String, String)> =
-                self.gateways.iter().filter(|g| g.proc.is_some()).map(|g| (g.zone.clone(), g.name.clone())).collect();
+        let running: Vec<(String, String)> =
+            self.gateways.iter().filter(|g| g.proc.is_some()).map(|g| (g.zone.clone(), g.name.clone())).collect();
+        let mut missing = Vec::new();
+        let ready = wait_until(deadline, "the gateways to be ready", || {
+            missing.clear();
             for (zone, name) in &running {
                 match self.gateway_admin(zone, name, "/peers") {
                     Ok((200, body)) => {
-                        let peers: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                         for (pz, pn) in running.iter().filter(|(z, _)| z != zone) {
-                            let up = peers
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .any(|p| p["zone"] == pz.as_str() && p["name"] == pn.as_str() && p["up"] == true);
-                            if !up {
+                            if !gwconfig::peers_up(&body, pz).contains(pn) {
                                 missing.push(format!("{zone}/{name} → {pz}/{pn}"));
                             }
                         }
@@ -503,50 +474,26 @@ impl Cluster {
                     other => missing.push(format!("{zone}/{name} admin: {other:?}")),
                 }
             }
-            if missing.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > end {
-                let logs: Vec<String> = self
-                    .gateways
-                    .iter()
-                    .filter_map(|g| g.proc.as_ref().map(|p| format!("--- {}\n{}", p.name, p.tail(5))))
-                    .collect();
-                bail!("gateways not ready after {deadline:?}: {}\n{}", missing.join(", "), logs.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            missing.is_empty()
+        });
+        ready.map(drop).with_context(|| {
+            let logs: Vec<String> = self
+                .gateways
+                .iter()
+                .filter_map(|g| g.proc.as_ref().map(|p| format!("--- {}\n{}", p.name, p.tail(5))))
+                .collect();
+            format!("not connected: {}\n{}", missing.join(", "), logs.join("\n"))
+        })
     }
 
     /// Waits until every sidecar is live and has fetched its keys (its stats show a successful
-    /// refresh for the outbound and the inbound plugin).
+    /// refresh of a keyway plugin).
     pub fn wait_sidecars_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
-        let end = Instant::now() + deadline;
         for w in &mut self.workloads {
-            loop {
-                let ready = ns_sh(
-                    &w.pod.ns,
-                    &[self.opts.e2e.to_str().unwrap_or_default(), "get", "127.0.0.1:15000/stats?filter=key_refreshes"],
-                )
-                .map(|s| {
-                    s.lines()
-                        .filter(|l| l.contains("outcome=.=ok"))
-                        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                        .filter(|n| *n > 0)
-                        .count()
-                        >= 1
-                })
-                .unwrap_or(false);
-                if ready {
-                    break;
-                }
-                let alive = w.envoy.as_mut().is_some_and(Proc::running);
-                if !alive || Instant::now() > end {
-                    let tail = w.envoy.as_ref().map(|p| p.tail(20)).unwrap_or_default();
-                    bail!("sidecar of {} not ready (running: {alive}):\n{tail}", w.name);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let envoy = w.envoy.as_mut().with_context(|| format!("{} has no sidecar", w.name))?;
+            Ready::KeysFetched
+                .wait(&w.pod.ns, &self.opts.e2e, deadline, envoy)
+                .with_context(|| format!("the sidecar of {}", w.name))?;
         }
         Ok(())
     }
@@ -618,56 +565,20 @@ impl Cluster {
     /// A token sealed for `src` (its identity and overlay address) to `dst`:`port`, with the
     /// given epoch (default: current), as the filter would make it.
     pub fn mint_token(&self, src: &WorkloadPod, dst: IpAddr, port: u16, epoch: Option<u32>) -> anyhow::Result<String> {
-        use keyway_gateway::secrets::EpochSecrets;
-        let now = keyway_gateway::state::now_ms();
-        let s = EpochSecrets::load(&self.secrets)?;
-        let e = match epoch {
-            Some(ep) => s.entries().iter().find(|e| e.epoch == ep).context("no such epoch")?,
-            None => s.current(now).context("no current epoch")?,
-        };
         let wl = self.engine.inventory().workloads.get(src.index).context("workload")?;
-        let key = e.secret.workload_key(&wl.identity("cluster.local"), src.overlay, e.epoch)?;
-        let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce)?;
-        Ok(keyway_policy::auth::TokenClaims {
-            epoch: e.epoch,
-            src: src.overlay,
-            dst,
-            dst_port: port,
-            protocol: Protocol::Tcp,
-            issued_at_ms: now,
-            nonce,
-        }
-        .seal(&key))
+        let identity = wl.identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN);
+        let now = crate::credentials::now_ms();
+        crate::credentials::token(&self.secrets, &identity, src.overlay, SocketAddr::new(dst, port), epoch, now)
     }
 
-    /// A ticket of `zone` for `dst`:`port` naming `src_identity`.
-    pub fn mint_ticket(
-        &self,
-        zone: &str,
-        src: IpAddr,
-        src_identity: &str,
-        dst: IpAddr,
-        port: u16,
-    ) -> anyhow::Result<String> {
-        use keyway_gateway::secrets::EpochSecrets;
-        let now = keyway_gateway::state::now_ms();
-        let s = EpochSecrets::load(&self.secrets)?;
-        let e = s.current(now).context("no current epoch")?;
-        let key = e.secret.ticket_key(zone, e.epoch)?;
-        let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce)?;
-        Ok(keyway_policy::auth::TicketClaims {
-            epoch: e.epoch,
-            src,
-            dst,
-            dst_port: port,
-            protocol: Protocol::Tcp,
-            issued_at_ms: now,
-            nonce,
-            src_identity: src_identity.to_owned(),
-        }
-        .seal(&key)?)
+    /// A ticket for `dst`:`port` naming `src_identity`, sealed as the gateway of `dst`'s zone seals
+    /// it (with the ticket key of the workload at `dst`).
+    pub fn mint_ticket(&self, src: IpAddr, src_identity: &str, dst: IpAddr, port: u16) -> anyhow::Result<String> {
+        let Peer::Workload(w) = self.engine.peer_for(dst) else { anyhow::bail!("{dst} is not a workload's address") };
+        let w = self.engine.inventory().workloads.get(w).context("workload")?;
+        let key_ip = w.overlay_ips.first().copied().unwrap_or(dst);
+        let identity = w.identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN);
+        crate::credentials::ticket(&self.secrets, (&identity, key_ip), src, src_identity, SocketAddr::new(dst, port))
     }
 
     /// Sends a raw HTTP/2 CONNECT from inside `ns` as Envoy's user (so the capture rules do not

@@ -4,10 +4,22 @@
 //! keyway inbound CONNECT listener on 15181, where the filter verifies tickets; every other inbound
 //! connection redirected to 15006, where the filter closes what is not exempt.
 
-use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keyway_policy::wire;
+
+use crate::proc::Proc;
+use crate::topology::{ns_get, ns_sh};
+use crate::wait::wait_until;
+
+pub mod yaml;
 
 /// Envoy runs as this user; iptables leaves its own connections alone (Istio's 1337).
 pub const ENVOY_UID: u32 = 1337;
+/// Envoy's admin port (on 127.0.0.1 in its pod).
+pub const ADMIN_PORT: u16 = 15000;
 /// Outbound capture port.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Plain inbound capture port.
@@ -38,63 +50,71 @@ pub struct Sidecar {
     pub wasm: String,
 }
 
-fn endpoints(addrs: &[String], port: u16) -> String {
-    addrs
-        .iter()
-        .map(|a| {
-            format!("        - endpoint: {{ address: {{ socket_address: {{ address: {a}, port_value: {port} }} }} }}\n")
-        })
-        .collect()
-}
-
-fn wasm_network(name: &str, wasm: &str, config: &str) -> String {
-    format!(
-        r#"      - name: {name}
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
-          config:
-            name: {name}
-            root_id: keyway
-            vm_config: {{ vm_id: keyway, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: "{wasm}" }} }} }}
-            configuration:
-              "@type": type.googleapis.com/google.protobuf.StringValue
-              value: '{config}'
+/// The keyway plugin as a filter of `kind` (`network` or `http`), its lines shifted right by
+/// `indent` spaces (six for a network filter, ten for an HTTP filter).
+fn wasm_filter(kind: &str, name: &str, wasm: &str, config: &serde_json::Value, indent: usize) -> String {
+    let text = format!(
+        r#"- name: {name}
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm
+    config:
+      name: {name}
+      root_id: keyway
+      vm_config: {{ vm_id: keyway, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: "{wasm}" }} }} }}
+      configuration:
+        "@type": type.googleapis.com/google.protobuf.StringValue
+        value: '{config}'
 "#
-    )
+    );
+    yaml::indent(&text, indent)
 }
 
 impl Sidecar {
     /// The Envoy bootstrap (YAML).
     pub fn bootstrap(&self) -> String {
-        let ks =
-            r#"{"mode":"outbound","key_service":{"cluster":"keyway_keyservice","timeout_ms":1000,"retry_ms":200}}"#;
-        let tunnel_cfg = r#"{"mode":"inbound_tunnel","key_service":{"cluster":"keyway_keyservice","timeout_ms":1000,"retry_ms":200}}"#;
-        let plain_cfg = format!(r#"{{"mode":"inbound_plain","exempt_ports":[{HEALTH_PORT}]}}"#);
-        let mut vhosts = String::new();
-        let mut clusters = String::new();
-        for p in &self.app_ports {
-            let _ = write!(
-                vhosts,
-                r#"            - name: app_{p}
-              domains: ["*:{p}"]
-              routes:
-              - match: {{ connect_matcher: {{}} }}
-                route: {{ cluster: app_{p}, upgrade_configs: [ {{ upgrade_type: CONNECT, connect_config: {{}} }} ] }}
-"#
-            );
-            let _ = write!(
-                clusters,
-                r#"  - name: app_{p}
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: app_{p}
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {p} }} }} }}
-"#
-            );
-        }
+        let key_service = serde_json::json!({"cluster": "keyway_keyservice", "timeout_ms": 1000, "retry_ms": 200});
+        let outbound_cfg = serde_json::json!({"mode": "outbound", "key_service": key_service});
+        let tunnel_cfg = serde_json::json!({"mode": "inbound_tunnel", "key_service": key_service});
+        let plain_cfg = serde_json::json!({"mode": "inbound_plain", "exempt_ports": [HEALTH_PORT]});
+        let tunneling = format!(
+            r#"          max_connect_attempts: 2
+          tunneling_config:
+            hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
+            headers_to_add:
+            - header: {{ key: {token}, value: "{value}" }}
+"#,
+            token = wire::TOKEN_HEADER,
+            value = wire::TOKEN_HEADER_VALUE,
+        );
+        let listeners = [
+            yaml::capture_listener(
+                "outbound",
+                OUTBOUND_PORT,
+                &wasm_filter("network", "keyway.outbound", &self.wasm, &outbound_cfg, 6),
+                "keyway_gateway",
+                &tunneling,
+            ),
+            yaml::connect_listener(
+                "keyway_inbound",
+                KEYWAY_INBOUND_PORT,
+                &yaml::app_routes(&self.app_ports),
+                &wasm_filter("http", "keyway.inbound_tunnel", &self.wasm, &tunnel_cfg, 10),
+                "",
+            ),
+            yaml::capture_listener(
+                "inbound_plain",
+                INBOUND_PLAIN_PORT,
+                &wasm_filter("network", "keyway.inbound_plain", &self.wasm, &plain_cfg, 6),
+                "health",
+                "",
+            ),
+        ];
+        let clusters = [
+            yaml::static_cluster("keyway_gateway", &self.gateways, self.tunnel_port, true),
+            yaml::static_cluster("keyway_keyservice", &self.gateways, self.admin_port, false),
+            yaml::static_cluster("health", &["127.0.0.1"], HEALTH_PORT, false),
+            yaml::app_clusters(&self.app_ports),
+        ];
         format!(
             r#"node:
   id: sidecar~{ip}~{sa}.{ns}~{ns}.svc.cluster.local
@@ -103,9 +123,7 @@ impl Sidecar {
     NAMESPACE: {ns}
     SERVICE_ACCOUNT: {sa}
     INSTANCE_IPS: "{ip}"
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }}
-stats_config:
+{admin}stats_config:
   stats_tags:
   - {{ tag_name: direction, regex: "(_?direction=\\.=(.*?);\\.;)" }}
   - {{ tag_name: verdict, regex: "(_?verdict=\\.=(.*?);\\.;)" }}
@@ -113,102 +131,14 @@ stats_config:
   - {{ tag_name: outcome, regex: "(_?outcome=\\.=(.*?);\\.;)" }}
 static_resources:
   listeners:
-  - name: outbound
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {out} }} }}
-    listener_filters:
-    - name: envoy.filters.listener.original_dst
-      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst }}
-    filter_chains:
-    - filters:
-{out_wasm}      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: outbound
-          cluster: keyway_gateway
-          max_connect_attempts: 2
-          tunneling_config:
-            hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
-            headers_to_add:
-            - header: {{ key: x-keyway-token, value: "%FILTER_STATE(wasm.keyway_token:PLAIN)%" }}
-  - name: keyway_inbound
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {kin} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: keyway_inbound
-          codec_type: HTTP2
-          http2_protocol_options: {{ allow_connect: true }}
-          upgrade_configs: [ {{ upgrade_type: CONNECT }} ]
-          route_config:
-            name: keyway_inbound
-            virtual_hosts:
-{vhosts}          http_filters:
-          - name: keyway.inbound_tunnel
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: keyway.inbound_tunnel
-                root_id: keyway
-                vm_config: {{ vm_id: keyway, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: "{wasm}" }} }} }}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{tunnel_cfg}'
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  - name: inbound_plain
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {plain} }} }}
-    listener_filters:
-    - name: envoy.filters.listener.original_dst
-      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst }}
-    filter_chains:
-    - filters:
-{plain_wasm}      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: inbound_plain
-          cluster: health
-  clusters:
-  - name: keyway_gateway
-    connect_timeout: 1s
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: keyway_gateway
-      endpoints:
-      - lb_endpoints:
-{gw_eps}  - name: keyway_keyservice
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: keyway_keyservice
-      endpoints:
-      - lb_endpoints:
-{ks_eps}  - name: health
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: health
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {HEALTH_PORT} }} }} }}
+{listeners}  clusters:
 {clusters}"#,
             ip = self.overlay_ip,
             sa = self.service_account,
             ns = self.namespace,
-            out = OUTBOUND_PORT,
-            kin = KEYWAY_INBOUND_PORT,
-            plain = INBOUND_PLAIN_PORT,
-            wasm = self.wasm,
-            out_wasm = wasm_network("keyway.outbound", &self.wasm, ks),
-            plain_wasm = wasm_network("keyway.inbound_plain", &self.wasm, &plain_cfg),
-            gw_eps = endpoints(&self.gateways, self.tunnel_port),
-            ks_eps = endpoints(&self.gateways, self.admin_port),
+            admin = yaml::admin(),
+            listeners = listeners.concat(),
+            clusters = clusters.concat(),
         )
     }
 
@@ -228,4 +158,77 @@ static_resources:
             r(&format!("iptables -t nat -A KEYWAY_INBOUND -p tcp -j REDIRECT --to-ports {INBOUND_PLAIN_PORT}")),
         ]
     }
+
+    /// Applies [`Sidecar::iptables`] in the pod `ns`, then `extra` rules (whitespace-separated).
+    pub fn capture(ns: &str, extra: &[&str]) -> anyhow::Result<()> {
+        for rule in Sidecar::iptables() {
+            let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+            ns_sh(ns, &args)?;
+        }
+        for line in extra {
+            ns_sh(ns, &line.split_whitespace().collect::<Vec<_>>())?;
+        }
+        Ok(())
+    }
+}
+
+/// The command line of every Envoy of the beds: one worker (as the end-to-end sidecars and the
+/// benchmark compare), no hot restart, warnings only.
+pub fn command(envoy: &Path, config: &Path) -> Vec<String> {
+    [envoy, Path::new("-c"), config, Path::new("--concurrency"), Path::new("1")]
+        .iter()
+        .map(|p| p.display().to_string())
+        .chain(["--disable-hot-restart", "-l", "warning"].map(str::to_owned))
+        .collect()
+}
+
+/// When an Envoy of a bed counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// Its admin endpoint says `/ready` (any Envoy).
+    Live,
+    /// A keyway sidecar: a keyway plugin has fetched its keys from the gateway's key service.
+    KeysFetched,
+}
+
+impl Ready {
+    /// Whether the Envoy in the pod `ns` is ready, asked with `keyway-e2e get` (`e2e`).
+    pub fn check(self, ns: &str, e2e: &Path) -> bool {
+        match self {
+            Ready::Live => matches!(ns_get(ns, e2e, &format!("127.0.0.1:{ADMIN_PORT}/ready")), Ok((200, _))),
+            Ready::KeysFetched => ns_get(ns, e2e, &format!("127.0.0.1:{ADMIN_PORT}/stats?filter=key_refreshes"))
+                .is_ok_and(|(_, stats)| keys_fetched(&stats)),
+        }
+    }
+
+    /// Waits until `envoy`, running in the pod `ns`, is ready; fails at once if it exits, and
+    /// shows the end of its log when it fails.
+    pub fn wait(self, ns: &str, e2e: &Path, deadline: Duration, envoy: &mut Proc) -> anyhow::Result<()> {
+        let mut exited = false;
+        let r = wait_until(deadline, &format!("the Envoy in {ns}"), || {
+            exited = !envoy.running();
+            exited || self.check(ns, e2e)
+        });
+        match r {
+            Ok(_) if !exited => Ok(()),
+            Ok(_) => anyhow::bail!("the Envoy in {ns} exited:\n{}", envoy.tail(20)),
+            Err(e) => Err(e).with_context(|| format!("the end of its log:\n{}", envoy.tail(20))),
+        }
+    }
+}
+
+/// The keyway plugins of a sidecar that fetch keys from the key service (outbound and inbound
+/// tunnel).
+const KEYED_PLUGINS: u64 = 2;
+
+/// Whether Envoy stats (`/stats?filter=key_refreshes`) show that the sidecar's keyway plugins have
+/// their keys: as many successful fetches as plugins that fetch (one plugin ready is not enough:
+/// the outbound plugin closes every connection until it has its keys).
+fn keys_fetched(stats: &str) -> bool {
+    stats
+        .lines()
+        .filter(|l| l.contains("outcome=.=ok"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum::<u64>()
+        >= KEYED_PLUGINS
 }

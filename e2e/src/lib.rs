@@ -6,8 +6,12 @@
 
 pub mod app;
 pub mod cluster;
+pub mod credentials;
 pub mod demo;
 pub mod envoy;
+pub mod gateway;
+pub mod loopback;
 pub mod matrix;
 pub mod proc;
 pub mod topology;
+pub mod wait;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::wait::wait_until;
+
 /// A running process.
 #[derive(Debug)]
 pub struct Proc {
@@ -70,13 +72,9 @@ impl Proc {
     pub fn stop(&mut self, deadline: Duration) {
         if let Some(c) = self.child.as_mut() {
             let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            let end = std::time::Instant::now() + deadline;
-            while std::time::Instant::now() < end {
-                if matches!(c.try_wait(), Ok(Some(_))) {
-                    self.child = None;
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if wait_until(deadline, "the process to exit", || matches!(c.try_wait(), Ok(Some(_)))).is_ok() {
+                self.child = None;
+                return;
             }
         }
         self.kill();

@@ -25,6 +25,13 @@ pub fn ns_sh(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     sh(&all)
 }
 
+/// An HTTP GET from inside a namespace with `keyway-e2e get` (`e2e`): (status, body).
+pub fn ns_get(ns: &str, e2e: &std::path::Path, url: &str) -> anyhow::Result<(u16, String)> {
+    let out = ns_sh(ns, &[e2e.to_str().unwrap_or_default(), "get", url])?;
+    let (status, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+    Ok((status.trim().parse().unwrap_or(0), body.to_owned()))
+}
+
 /// Fails with one clear line when this process cannot create network namespaces.
 pub fn require_root() -> anyhow::Result<()> {
     let uid = sh(&["id", "-u"])?;

@@ -7,8 +7,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use keyway_e2e::cluster::{Cluster, INTERNET, INTERNET_PORTS, Options};
+use keyway_e2e::envoy::{HEALTH_PORT, INBOUND_PLAIN_PORT, KEYWAY_INBOUND_PORT, OUTBOUND_PORT};
+use keyway_e2e::gateway::DEFAULT_TUNNEL_PORT;
+use keyway_e2e::wait::wait_until;
 use keyway_policy::Verdict;
 use keyway_policy::engine::Peer;
+use keyway_policy::wire::{TICKET_HEADER, TOKEN_HEADER};
 
 /// One overlay at a time: they are heavy for two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -57,47 +61,45 @@ fn no_bypass_of_the_enforcement_points() {
 
     // Straight over the underlay, from the router (no sidecar on the way): app ports and the
     // sidecar's own ports give nothing.
-    for port in [7070, 9090, 15001, 15006] {
+    for port in [7070, 9090, OUTBOUND_PORT, INBOUND_PLAIN_PORT] {
         let r = c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, port), T).unwrap();
         assert!(!r.connected, "underlay connection to cart:{port} reached the app: {r:?}");
     }
     // The exempt health port does answer (as a kubelet probe would).
-    assert!(c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, 15021), T).unwrap().connected);
+    assert!(c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, HEALTH_PORT), T).unwrap().connected);
     // The keyway inbound port without a ticket, and with a ticket for another destination.
-    let inbound = SocketAddr::new(cart_ip, 15181);
+    let inbound = SocketAddr::new(cart_ip, KEYWAY_INBOUND_PORT);
     let authority = SocketAddr::new(cart.overlay, 7070);
     let out = c.raw_connect(&c.topo.router, inbound, authority, &[]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-missing"), "{out}");
-    let wrong = c
-        .mint_ticket("zone-a", frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", frontend.overlay, 8080)
-        .unwrap();
-    let out = c.raw_connect(&c.topo.router, inbound, authority, &[("x-keyway-ticket", &wrong)]).unwrap();
+    let wrong =
+        c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", frontend.overlay, 8080).unwrap();
+    let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &wrong)]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-wrong-destination"), "{out}");
-    let right = c
-        .mint_ticket("zone-a", frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", cart.overlay, 7070)
-        .unwrap();
-    let out = c.raw_connect(&c.topo.router, inbound, authority, &[("x-keyway-ticket", &right)]).unwrap();
+    let right =
+        c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", cart.overlay, 7070).unwrap();
+    let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &right)]).unwrap();
     assert!(
         out.starts_with("status 200") && out.contains("keyway-app shop/cart port 7070"),
         "a valid ticket is the only way in: {out}"
     );
 
     // Tokens at the gateway, sent by cart's own pod but not through its sidecar.
-    let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), 15180);
+    let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), DEFAULT_TUNNEL_PORT);
     let dst = SocketAddr::new(redis.overlay, 6379);
     let good = c.mint_token(cart, redis.overlay, 6379, None).unwrap();
     let mut forged = good.clone().into_bytes();
     let i = forged.len() - 3;
     forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[("x-keyway-token", &forged)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[(TOKEN_HEADER, &forged)]).unwrap();
     assert!(out.starts_with("status 403 reason token-mac"), "forged: {out}");
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[("x-keyway-token", &good)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[(TOKEN_HEADER, &good)]).unwrap();
     assert!(out.starts_with("status 200") && out.contains("keyway-app data/redis port 6379"), "genuine: {out}");
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[("x-keyway-token", &good)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[(TOKEN_HEADER, &good)]).unwrap();
     assert!(out.starts_with("status 403 reason token-replay"), "replayed: {out}");
     let stolen = c.mint_token(cart, redis.overlay, 6379, None).unwrap();
-    let out = c.raw_connect(&frontend.pod.ns, gw, dst, &[("x-keyway-token", &stolen)]).unwrap();
+    let out = c.raw_connect(&frontend.pod.ns, gw, dst, &[(TOKEN_HEADER, &stolen)]).unwrap();
     assert!(out.starts_with("status 403 reason token-source-address"), "used from another address: {out}");
     let out = c.raw_connect(&cart.pod.ns, gw, dst, &[]).unwrap();
     assert!(out.starts_with("status 403 reason token-missing"), "{out}");
@@ -214,17 +216,11 @@ fn zone_failover_by_locality_and_back() {
     assert_eq!(who(&c), "keyway-app shop/catalog port 3550", "zone-b first in zone-a's locality order");
     c.kill_gateway("zone-b", "gw-1").unwrap();
     c.kill_gateway("zone-b", "gw-2").unwrap();
-    let start = Instant::now();
-    let mut moved = None;
-    while start.elapsed() < Duration::from_secs(15) {
+    let moved = wait_until(Duration::from_secs(15), "traffic moved to zone-c", || {
         let r = c.probe(c.workload("shop/frontend").unwrap(), &[vip], 0, T).unwrap().remove(0);
-        if r.connected && r.banner == "keyway-app shop/catalog-c port 3550" {
-            moved = Some(start.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let moved = moved.expect("traffic moved to zone-c");
+        r.connected && r.banner == "keyway-app shop/catalog-c port 3550"
+    })
+    .unwrap();
     println!("zone failover: traffic in zone-c {moved:?} after zone-b's gateways died");
     for _ in 0..3 {
         assert_eq!(who(&c), "keyway-app shop/catalog-c port 3550");
@@ -232,12 +228,11 @@ fn zone_failover_by_locality_and_back() {
     c.start_gateway("zone-b", "gw-1").unwrap();
     c.start_gateway("zone-b", "gw-2").unwrap();
     c.wait_gateways_ready(Duration::from_secs(30)).unwrap();
-    let start = Instant::now();
-    while who(&c) != "keyway-app shop/catalog port 3550" {
-        assert!(start.elapsed() < Duration::from_secs(15), "traffic did not come back to zone-b");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    println!("zone failback: traffic back in zone-b {:?} after its gateways were ready", start.elapsed());
+    let back = wait_until(Duration::from_secs(15), "traffic back in zone-b", || {
+        who(&c) == "keyway-app shop/catalog port 3550"
+    })
+    .unwrap();
+    println!("zone failback: traffic back in zone-b {back:?} after its gateways were ready");
 }
 
 #[test]
@@ -255,26 +250,19 @@ fn policy_change_propagates_and_a_broken_edit_is_rejected() {
     let edited = text.replace("port: 6379", "port: 6380");
     assert_ne!(text, edited);
     std::fs::write(&file, &edited).unwrap();
-    let start = Instant::now();
-    while c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected {
-        assert!(start.elapsed() < Duration::from_secs(10), "the edit was not enforced within 10 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!("policy propagation: new verdict enforced {:?} after the edit", start.elapsed());
+    let took = wait_until(Duration::from_secs(10), "the edit enforced", || {
+        !c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected
+    })
+    .unwrap();
+    println!("policy propagation: new verdict enforced {took:?} after the edit");
 
     // A broken edit is rejected; the verdicts stay.
     std::fs::write(&file, format!("{edited}\n---\nkind: NetworkPolicy\nmetadata: {{name: broken, namespace: shop}}\nspec: {{podSelector: {{matchLabels: {{app: -x}}}}}}\n")).unwrap();
-    let start = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(10), "the broken edit looked at", || {
         let (_, m) = c.gateway_admin("zone-a", "gw-1", "/metrics").unwrap();
-        if m.lines()
-            .any(|l| l.starts_with("keyway_gateway_reloads_total") && l.contains("rejected") && !l.ends_with(" 0"))
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "the broken edit was never looked at");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        m.lines().any(|l| l.starts_with("keyway_gateway_reloads_total") && l.contains("rejected") && !l.ends_with(" 0"))
+    })
+    .unwrap();
     assert!(!c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected, "old verdicts stay after a broken edit");
     let frontend = c.workload("shop/frontend").unwrap();
     let cartsvc = SocketAddr::new(cart.overlay, 7070);
@@ -305,16 +293,12 @@ fn faults_loss_delay_and_a_cut_link() {
     assert!(took < Duration::from_secs(12), "a failing connection ends within its timeouts: {took:?}");
     std::thread::sleep(Duration::from_secs(2));
     c.set_zone_link("zone-b", true).unwrap();
-    let start = Instant::now();
-    loop {
+    let took = wait_until(Duration::from_secs(20), "the gateways to recover", || {
         let r = c.probe(frontend, &[target], 1 << 16, T).unwrap().remove(0);
-        if r.connected && r.intact {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "the gateways did not recover: {r:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    println!("faults: recovered {:?} after the link came back, without restarting anything", start.elapsed());
+        r.connected && r.intact
+    })
+    .unwrap();
+    println!("faults: recovered {took:?} after the link came back, without restarting anything");
 }
 
 #[test]
@@ -338,17 +322,13 @@ fn key_rotation_keeps_open_connections_and_retires_the_old_epoch() {
     assert_eq!(new_epoch, old_epoch + 1);
 
     // New connections move to the new epoch once the sidecars refreshed their keys.
-    let start = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(15), "a token of the new epoch", || {
         assert!(c.probe(frontend, &[target], 0, T).unwrap()[0].connected);
         let log = c.access_log("zone-a", "gw-1").unwrap();
         let log2 = c.access_log("zone-a", "gw-2").unwrap();
-        if log.iter().chain(log2.iter()).any(|f| f["epoch"] == new_epoch) {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(15), "no token of the new epoch seen");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        log.iter().chain(log2.iter()).any(|f| f["epoch"] == new_epoch)
+    })
+    .unwrap();
     let out = held.join().unwrap();
     let r: keyway_e2e::app::ProbeResult = serde_json::from_str(out.trim()).unwrap();
     assert!(r.connected && r.intact, "the connection opened before the rotation stays open: {r:?}");
@@ -357,9 +337,9 @@ fn key_rotation_keeps_open_connections_and_retires_the_old_epoch() {
     std::thread::sleep(Duration::from_secs(3));
     let redis = c.workload("data/redis").unwrap();
     let cart = c.workload("shop/cart").unwrap();
-    let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), 15180);
+    let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), DEFAULT_TUNNEL_PORT);
     let t = c.mint_token(cart, redis.overlay, 6379, Some(old_epoch)).unwrap();
-    let out = c.raw_connect(&cart.pod.ns, gw, SocketAddr::new(redis.overlay, 6379), &[("x-keyway-token", &t)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, gw, SocketAddr::new(redis.overlay, 6379), &[(TOKEN_HEADER, &t)]).unwrap();
     assert!(out.starts_with("status 403 reason token-epoch"), "{out}");
     let _ = Peer::Ip(INTERNET.parse().unwrap());
 }

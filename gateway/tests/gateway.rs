@@ -1,13 +1,13 @@
-//! Gateways of several zones in-process on loopback, with real QUIC and TLS, a test CA, real
-//! epoch secrets and tokens, and fake sidecars that verify tickets.
+//! Gateways of several zones in-process on loopback (the in-process bed of `keyway-e2e`), with
+//! real QUIC and TLS, a test CA, real epoch secrets and tokens, and fake sidecars that verify
+//! tickets with the filter's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
+use keyway_e2e::gateway::ZoneLayout;
+use keyway_e2e::loopback::*;
 use keyway_gateway::secrets::EpochSecrets;
 use keyway_policy::keyservice::KeyBundle;
 
@@ -39,10 +39,10 @@ fn app(k: u8) -> Vec<W> {
     ]
 }
 
-const ZONES: &[(&str, &[&str], &[&str])] = &[
-    ("zone-a", &["a1", "a2"], &["zone-b", "zone-c"]),
-    ("zone-b", &["b1", "b2"], &["zone-c"]),
-    ("zone-c", &["c1"], &["zone-b"]),
+const ZONES: &[ZoneLayout<'static>] = &[
+    ZoneLayout { name: "zone-a", gateways: &["a1", "a2"], failover: &["zone-b", "zone-c"] },
+    ZoneLayout { name: "zone-b", gateways: &["b1", "b2"], failover: &["zone-c"] },
+    ZoneLayout { name: "zone-c", gateways: &["c1"], failover: &["zone-b"] },
 ];
 
 fn dst(w: &W, port: u16) -> SocketAddr {
@@ -64,8 +64,11 @@ async fn allowed_flows_carry_bytes_intact_and_identity_survives() {
     let t = o.token(&web, api.overlay, 8080, None, now_ms());
     let io = connect(a1, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
     assert!(echo(io, &data).await == data, "cross-zone bytes differ");
-    let api_sidecar = o.sidecars.iter().find(|s| s.overlay_ip == api.overlay).unwrap();
-    assert_eq!(api_sidecar.accepted.lock().unwrap().as_slice(), [web.identity()], "source identity survives every hop");
+    assert_eq!(
+        o.sidecar("api").accepted.lock().unwrap().as_slice(),
+        [web.identity()],
+        "source identity survives every hop"
+    );
 
     // Same zone: one PEP, local delivery.
     let t = o.token(&web, cache.overlay, 8080, None, now_ms());
@@ -86,9 +89,10 @@ async fn allowed_flows_carry_bytes_intact_and_identity_survives() {
 
     // The access-log drop guard counted them.
     let admin = o.gw("zone-a", "a1").admin_addr;
-    wait_for("flow metrics", Duration::from_secs(5), || true).await;
-    let allowed = metric(admin, "keyway_gateway_flows_total", "verdict=\"allow\"").await;
-    assert!(allowed >= 3.0, "allowed flows counted: {allowed}");
+    let allowed = || async move { metric(admin, "keyway_gateway_flows_total", "verdict=\"allow\"").await };
+    wait_until_async(Duration::from_secs(5), "the allowed flows counted", || async { allowed().await >= 3.0 })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -227,10 +231,9 @@ async fn a_killed_replica_is_taken_out_and_new_flows_use_the_other() {
     }
     println!("replica failover: 40 new flows in {:?}, longest gap {longest_gap:?}", start.elapsed());
     let admin = o.gw("zone-a", "a1").admin_addr;
-    wait_for("b1 taken out", Duration::from_secs(5), || {
-        o.gw("zone-a", "a1").routing().view().iter().filter(|p| p.zone == "zone-b" && p.up).count() == 1
-    })
-    .await;
+    wait_until_async(Duration::from_secs(5), "b1 taken out", || async move { peers_up(admin, "zone-b").await == 1 })
+        .await
+        .unwrap();
     assert_eq!(metric(admin, "keyway_gateway_peers_up", "zone=\"zone-b\"").await, 1.0);
 }
 
@@ -251,11 +254,11 @@ async fn a_broken_policy_edit_is_rejected_and_a_good_one_applies() {
     )
     .unwrap();
     let admin = a1.admin_addr;
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while metric(admin, "keyway_gateway_reloads_total", "outcome=\"rejected\"").await < 1.0 {
-        assert!(tokio::time::Instant::now() < end, "the broken edit was never looked at");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(Duration::from_secs(10), "the broken edit looked at", || async move {
+        metric(admin, "keyway_gateway_reloads_total", "outcome=\"rejected\"").await >= 1.0
+    })
+    .await
+    .unwrap();
     assert!(!try_db().await, "old verdicts stay after a broken edit");
     let t = o.token(&web, api.overlay, 8080, None, now_ms());
     assert!(matches!(connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await, Connect::Open(_)));
@@ -264,13 +267,8 @@ async fn a_broken_policy_edit_is_rejected_and_a_good_one_applies() {
     std::fs::remove_file(o.inventory.join("broken.yaml")).unwrap();
     let allow = "kind: NetworkPolicy\nmetadata: {name: db-from-web, namespace: data}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]}]\n";
     std::fs::write(o.inventory.join("allow.yaml"), allow).unwrap();
-    let start = tokio::time::Instant::now();
-    let end = start + Duration::from_secs(10);
-    while !try_db().await {
-        assert!(tokio::time::Instant::now() < end, "the new policy was not enforced within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!("policy propagation: {:?}", start.elapsed());
+    let took = wait_until_async(Duration::from_secs(10), "the new policy enforced", try_db).await.unwrap();
+    println!("policy propagation: {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -288,11 +286,11 @@ async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
     s.save(&o.secrets).unwrap();
     for h in o.gateways.values() {
         let admin = h.admin_addr;
-        let end = tokio::time::Instant::now() + Duration::from_secs(10);
-        while metric(admin, "keyway_gateway_reloads_total", "what=\"secrets\",outcome=\"ok\"").await < 1.0 {
-            assert!(tokio::time::Instant::now() < end, "secrets not reloaded");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_async(Duration::from_secs(10), "the secrets reloaded", || async move {
+            metric(admin, "keyway_gateway_reloads_total", "what=\"secrets\",outcome=\"ok\"").await >= 1.0
+        })
+        .await
+        .unwrap();
     }
     roundtrip(&mut open, b"after rotation, same flow").await;
     let t = o.token(&web, api.overlay, 8080, Some(new_epoch), now_ms());
@@ -348,10 +346,7 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
     let web = o.workload("web").clone();
     let vip: IpAddr = "10.200.9.1".parse().unwrap();
     let a1 = o.gw("zone-a", "a1").tunnel_addr;
-    let accepted = |o: &Overlay, name: &str| {
-        let ip = o.workload(name).overlay;
-        o.sidecars.iter().find(|s| s.overlay_ip == ip).unwrap().accepted.lock().unwrap().len()
-    };
+    let accepted = |o: &Overlay, name: &str| o.sidecar(name).accepted.lock().unwrap().len();
     let flow = |o: &Overlay| {
         let t = o.token(&web, vip, 8080, None, now_ms());
         async move { connect(a1, web.sidecar, SocketAddr::new(vip, 8080), Some(&t)).await }
@@ -368,30 +363,31 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
     let b2 = o.gateways.remove(&("zone-b".into(), "b2".into())).unwrap();
     b1.kill().await;
     b2.kill().await;
-    let start = tokio::time::Instant::now();
-    wait_for("zone-b down", Duration::from_secs(10), || !o.gw("zone-a", "a1").routing().zone_up("zone-b")).await;
+    let a1_admin = o.gw("zone-a", "a1").admin_addr;
+    let zone_b_up = || async move { peers_up(a1_admin, "zone-b").await > 0 };
+    let took = wait_until_async(Duration::from_secs(10), "zone-b down", || async { !zone_b_up().await }).await.unwrap();
     for _ in 0..3 {
         assert_eq!(echo(flow(&o).await.open(), b"c").await, b"c");
     }
-    println!("zone failover: zone-b seen down after {:?}", start.elapsed());
+    println!("zone failover: zone-b seen down after {took:?}");
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (3, 3));
 
     // zone-b returns: traffic comes back to it.
     for name in ["b1", "b2"] {
         let cfg = o.configs[&("zone-b".to_string(), name.to_string())].clone();
         let port = cfg.listen.overlay;
-        let t0 = tokio::time::Instant::now();
-        while std::net::UdpSocket::bind(port).is_err() {
-            // In-process only: a dead process frees its socket at once, but quinn keeps a closed endpoint's
-            // socket until its connections have drained.
-            assert!(t0.elapsed() < Duration::from_secs(30), "overlay port {port} never released");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        println!("port {port} free after {:?}", t0.elapsed());
+        // In-process only: a dead process frees its socket at once, but quinn keeps a closed
+        // endpoint's socket until its connections have drained.
+        let took = wait_until_async(Duration::from_secs(30), "the overlay port released", || async move {
+            std::net::UdpSocket::bind(port).is_ok()
+        })
+        .await
+        .unwrap();
+        println!("port {port} free after {took:?}");
         let h = keyway_gateway::app::build(cfg).await.unwrap();
         o.gateways.insert(("zone-b".into(), name.into()), h);
     }
-    wait_for("zone-b back", Duration::from_secs(15), || o.gw("zone-a", "a1").routing().zone_up("zone-b")).await;
+    wait_until_async(Duration::from_secs(15), "zone-b back", zone_b_up).await.unwrap();
     assert_eq!(echo(flow(&o).await.open(), b"back").await, b"back");
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (4, 3));
 }

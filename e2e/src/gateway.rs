@@ -1,0 +1,166 @@
+//! Gateway configurations of the beds, built as [`Config`] values and written with serde: the
+//! file a user would write, every setting a bed does not choose left at the default a file that
+//! omits it gets. The in-process bed (`loopback`), the namespace bed (`cluster`) and the
+//! benchmark bed all build theirs here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use keyway_gateway::ca::{CaFiles, IssuedPaths};
+use keyway_gateway::config::{GatewayPeer, TlsFiles};
+use serde::Serialize;
+
+/// What a bed sets of a configuration (for beds that do not link the gateway themselves).
+pub use keyway_gateway::config::{Config, DEFAULT_ADMIN_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Listen, Zone};
+
+/// One zone of a bed's overlay.
+#[derive(Debug, Clone, Copy)]
+pub struct ZoneLayout<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its gateways' names.
+    pub gateways: &'a [&'a str],
+    /// Where its services fail over to, in order.
+    pub failover: &'a [&'a str],
+}
+
+/// The `zones` of a configuration: every zone of `layout`, gateway `name` of zone `zone` at
+/// `address(zone, name)`.
+pub fn zones(layout: &[ZoneLayout<'_>], address: impl Fn(&str, &str) -> SocketAddr) -> Vec<Zone> {
+    layout
+        .iter()
+        .map(|z| Zone {
+            name: z.name.to_owned(),
+            gateways: z
+                .gateways
+                .iter()
+                .map(|n| GatewayPeer { name: (*n).to_owned(), address: address(z.name, n) })
+                .collect(),
+            failover: z.failover.iter().map(|f| (*f).to_owned()).collect(),
+        })
+        .collect()
+}
+
+/// The files every gateway of a bed shares.
+#[derive(Debug, Clone)]
+pub struct Files {
+    /// The CA directory (`keyway ca init --out`).
+    pub ca: PathBuf,
+    /// Where gateway certificates are issued (`keyway ca issue --out`).
+    pub certs: PathBuf,
+    /// The epoch secrets (`keyway keys init --out`).
+    pub secrets: PathBuf,
+    /// The manifest directory.
+    pub inventory: PathBuf,
+}
+
+impl Files {
+    /// The files of a bed rooted at `dir`: `ca/`, `certs/`, `epochs.json`, `manifests/`.
+    pub fn in_dir(dir: &Path) -> Files {
+        Files {
+            ca: dir.join("ca"),
+            certs: dir.join("certs"),
+            secrets: dir.join("epochs.json"),
+            inventory: dir.join("manifests"),
+        }
+    }
+
+    /// The TLS files of gateway `zone`/`name`.
+    pub fn tls(&self, zone: &str, name: &str) -> TlsFiles {
+        let issued = IssuedPaths::in_dir(&self.certs, zone, name);
+        TlsFiles { ca: CaFiles::in_dir(&self.ca).cert, cert: issued.cert, key: issued.key }
+    }
+}
+
+/// What a configuration file must say; everything else takes the gateway's defaults.
+#[derive(Serialize)]
+struct Required<'a> {
+    zone: &'a str,
+    name: &'a str,
+    listen: &'a Listen,
+    tls: TlsFiles,
+    secrets: &'a Path,
+    inventory: &'a Path,
+    zones: &'a [Zone],
+}
+
+/// The configuration of gateway `zone`/`name` listening on `listen`, with every optional setting
+/// at its default; set fields on the result for the rest.
+pub fn config(zone: &str, name: &str, listen: Listen, files: &Files, zones: &[Zone]) -> anyhow::Result<Config> {
+    let required = Required {
+        zone,
+        name,
+        listen: &listen,
+        tls: files.tls(zone, name),
+        secrets: &files.secrets,
+        inventory: &files.inventory,
+        zones,
+    };
+    Ok(serde_yaml_ng::from_value(serde_yaml_ng::to_value(required)?)?)
+}
+
+/// The configuration as the gateway reads it: YAML, checked by the gateway's own parser.
+pub fn to_yaml(config: &Config) -> anyhow::Result<String> {
+    let text = serde_yaml_ng::to_string(config)?;
+    let back = Config::parse(&text, "generated")?;
+    anyhow::ensure!(&back == config, "the configuration does not survive its own YAML");
+    Ok(text)
+}
+
+/// Writes the configuration to `path` (see [`to_yaml`]).
+pub fn write(config: &Config, path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, to_yaml(config)?)?;
+    Ok(())
+}
+
+/// The names of the gateways of `zone` that a gateway's `/peers` answer shows up.
+pub fn peers_up(peers: &str, zone: &str) -> Vec<String> {
+    let peers: serde_json::Value = serde_json::from_str(peers).unwrap_or_default();
+    peers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["zone"] == zone && p["up"] == true)
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_configuration_is_a_valid_file_with_the_defaults() {
+        let layout = [
+            ZoneLayout { name: "zone-a", gateways: &["gw-1", "gw-2"], failover: &["zone-b"] },
+            ZoneLayout { name: "zone-b", gateways: &["gw-1"], failover: &[] },
+        ];
+        let zs = zones(&layout, |z, n| {
+            let host = if z == "zone-a" { 1 } else { 2 };
+            let port = if n == "gw-1" { 15443 } else { 15444 };
+            SocketAddr::from(([10, 0, 0, host], port))
+        });
+        let files = Files::in_dir(Path::new("/run/bed"));
+        let mut c = config("zone-a", "gw-2", Listen::default(), &files, &zs).unwrap();
+        c.keepalive_ms = 200;
+        let text = to_yaml(&c).unwrap();
+        let back = Config::parse(&text, "t").unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.tls.cert, Path::new("/run/bed/certs/zone-a-gw-2.pem"));
+        assert_eq!(back.tls.ca, Path::new("/run/bed/ca/ca.pem"));
+        assert_eq!(back.zones[0].gateways[1].address, "10.0.0.1:15444".parse().unwrap());
+        assert_eq!(back.zones[0].failover, ["zone-b"]);
+        // Everything left out has the default of a file that leaves it out.
+        let minimal = Config::parse(
+            "zone: zone-a\nname: gw-2\ntls: {ca: /run/bed/ca/ca.pem, cert: /run/bed/certs/zone-a-gw-2.pem, key: /run/bed/certs/zone-a-gw-2-key.pem}\nsecrets: /run/bed/epochs.json\ninventory: /run/bed/manifests\nzones: [{name: zone-a, gateways: [{name: gw-1, address: \"10.0.0.1:15443\"}, {name: gw-2, address: \"10.0.0.1:15444\"}], failover: [zone-b]}, {name: zone-b, gateways: [{name: gw-1, address: \"10.0.0.2:15443\"}]}]\n",
+            "t",
+        )
+        .unwrap();
+        c.keepalive_ms = minimal.keepalive_ms;
+        assert_eq!(c, minimal);
+        // An inconsistent one is refused by the gateway's own checks.
+        let mut bad = c.clone();
+        bad.name = "gw-9".into();
+        assert!(to_yaml(&bad).is_err());
+    }
+}
