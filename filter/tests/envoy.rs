@@ -43,7 +43,7 @@ fn ip(s: &str) -> IpAddr {
 /// A key bundle for `identity` at `overlay_ip`, listing `epochs` with their `not_after_ms`.
 fn bundle(identity: &str, overlay_ip: &str, epochs: &[(u32, Option<u64>)], refresh_ms: u64) -> KeyBundle {
     let wk = |e: u32| SECRET.workload_key(identity, ip(overlay_ip), e).unwrap().to_base64url();
-    let tk = |e: u32| SECRET.ticket_key(ZONE, e).unwrap().to_base64url();
+    let tk = |e: u32| SECRET.ticket_key(identity, ip(overlay_ip), e).unwrap().to_base64url();
     KeyBundle {
         identity: identity.into(),
         overlay_ip: ip(overlay_ip),
@@ -88,7 +88,8 @@ fn ticket(epoch: u32, dst: &str, port: u16, issued_at_ms: u64, nonce: u8, key_ep
         nonce: [nonce; 12],
         src_identity: CART.into(),
     }
-    .seal(&SECRET.ticket_key(ZONE, key_epoch).unwrap())
+    // Sealed with the receiving workload's own ticket key (redis is the inbound side throughout).
+    .seal(&SECRET.ticket_key(REDIS, ip(REDIS_IP), key_epoch).unwrap())
     .unwrap()
 }
 

@@ -137,7 +137,10 @@ fn config_dump(ctx: &Proxy) -> Response<Full<Bytes>> {
 
 fn keys(ctx: &Proxy, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
     let outcome = |o: &str| ctx.metrics.key_requests.with_label_values(&[o]).inc();
-    let ip = query.split('&').find_map(|kv| kv.strip_prefix(keyway_policy::wire::KEY_SERVICE_IP_PARAM).and_then(|r| r.strip_prefix('='))).and_then(|v| v.parse::<IpAddr>().ok());
+    let ip = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(keyway_policy::wire::KEY_SERVICE_IP_PARAM).and_then(|r| r.strip_prefix('=')))
+        .and_then(|v| v.parse::<IpAddr>().ok());
     let Some(ip) = ip else {
         outcome("bad-request");
         return text(StatusCode::BAD_REQUEST, "expected ?ip=<the workload's overlay address>\n");
@@ -168,7 +171,8 @@ fn keys(ctx: &Proxy, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
         );
     }
     let identity = workload.identity(&ctx.config.trust_domain);
-    let holder = crate::secrets::Holder { identity: &identity, overlay_ip: ip, zone: &ctx.config.zone };
+    let key_ip = workload.overlay_ips.first().copied().unwrap_or(ip);
+    let holder = crate::secrets::Holder { identity: &identity, overlay_ip: ip, key_ip, zone: &ctx.config.zone };
     let (refresh_ms, activation_ms) = (ctx.config.key_service.refresh_ms, ctx.config.activation_ms());
     match crate::secrets::key_bundle_activating(&ctx.state.secrets(), ctx.now_ms(), holder, refresh_ms, activation_ms) {
         Ok(bundle) => {

@@ -69,6 +69,7 @@ pub struct PeerView {
 #[derive(Debug)]
 pub struct Routing {
     my_zone: String,
+    trust_domain: String,
     sidecar_port: u16,
     zones: BTreeMap<String, Vec<Arc<PeerGateway>>>,
     failover: BTreeMap<String, Vec<String>>,
@@ -102,12 +103,24 @@ impl Routing {
                 .collect();
             zones.insert(z.name.clone(), peers);
         }
-        Routing { my_zone: config.zone.clone(), sidecar_port: config.delivery.sidecar_port, zones, failover, next: AtomicUsize::new(0) }
+        Routing {
+            my_zone: config.zone.clone(),
+            trust_domain: config.trust_domain.clone(),
+            sidecar_port: config.delivery.sidecar_port,
+            zones,
+            failover,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// This gateway's zone.
     pub fn my_zone(&self) -> &str {
         &self.my_zone
+    }
+
+    /// The overlay's trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// The keyway inbound port of this zone's sidecars.

@@ -319,19 +319,22 @@ impl EpochSecrets {
     }
 }
 
-/// Whose keys a bundle holds: the workload's identity, its overlay address and its zone.
+/// Whose keys a bundle holds: the workload's identity, the overlay address its tokens name, its
+/// first overlay address (its ticket key's) and its zone.
 #[derive(Debug, Clone, Copy)]
 pub struct Holder<'a> {
     /// The workload's SPIFFE identity.
     pub identity: &'a str,
-    /// Its overlay address.
+    /// The overlay address its tokens name (the one it asked for keys with).
     pub overlay_ip: IpAddr,
+    /// Its first overlay address: the address its ticket key is derived for.
+    pub key_ip: IpAddr,
     /// Its zone.
     pub zone: &'a str,
 }
 
 /// The keys of one workload at `now_ms`: for every epoch valid then, its workload key (for the
-/// holder's identity at its overlay address) and its zone's ticket key, oldest first, each with
+/// holder's identity at its overlay address) and its own ticket key, oldest first, each with
 /// the epoch's `not_after_ms`. The gateway's key service and `keyway keys issue` both answer with it.
 pub fn key_bundle(
     secrets: &EpochSecrets,
@@ -352,7 +355,7 @@ pub fn key_bundle_activating(
     refresh_ms: u64,
     activation_ms: u64,
 ) -> Result<KeyBundle, SecretsError> {
-    let Holder { identity, overlay_ip, zone } = holder;
+    let Holder { identity, overlay_ip, key_ip, zone } = holder;
     let valid = secrets.valid_at(now_ms);
     let oldest = valid.first().map(|e| e.epoch);
     if valid.is_empty() {
@@ -362,7 +365,7 @@ pub fn key_bundle_activating(
     let mut ticket_keys = Vec::with_capacity(valid.len());
     for e in valid {
         let wk = e.secret.workload_key(identity, overlay_ip, e.epoch)?;
-        let tk = e.secret.ticket_key(zone, e.epoch)?;
+        let tk = e.secret.ticket_key(identity, key_ip, e.epoch)?;
         let not_before_ms = if Some(e.epoch) == oldest || activation_ms == 0 {
             None
         } else {
@@ -612,7 +615,8 @@ mod tests {
         let s = EpochSecrets::from_entries(vec![entry(1, 1, Some(100)), entry(2, 2, Some(2_000)), entry(3, 3, None)])
             .unwrap();
         let ip: IpAddr = "10.128.1.11".parse().unwrap();
-        let b = key_bundle(&s, 1_000, Holder { identity: ID, overlay_ip: ip, zone: "zone-a" }, 5_000).unwrap();
+        let b =
+            key_bundle(&s, 1_000, Holder { identity: ID, overlay_ip: ip, key_ip: ip, zone: "zone-a" }, 5_000).unwrap();
         assert_eq!((b.identity.as_str(), b.overlay_ip, b.zone.as_str(), b.refresh_ms), (ID, ip, "zone-a", 5_000));
         assert_eq!(
             b.workload_keys.iter().map(|k| (k.epoch, k.not_after_ms)).collect::<Vec<_>>(),
@@ -624,14 +628,20 @@ mod tests {
             WorkloadKey::from_base64url(&b.workload_keys[1].key).unwrap(),
             secret3.workload_key(ID, ip, 3).unwrap()
         );
-        assert_eq!(TicketKey::from_base64url(&b.ticket_keys[1].key).unwrap(), secret3.ticket_key("zone-a", 3).unwrap());
+        assert_eq!(TicketKey::from_base64url(&b.ticket_keys[1].key).unwrap(), secret3.ticket_key(ID, ip, 3).unwrap());
         assert_eq!(b.signing_key(1_000).unwrap().0, 3);
         b.validate().unwrap();
 
         let expired = EpochSecrets::from_entries(vec![entry(1, 1, Some(100))]).unwrap();
-        assert!(matches!(key_bundle(&expired, 101, Holder { identity: ID, overlay_ip: ip, zone: "z" }, 1), Err(SecretsError::NoValidEpoch { now_ms: 101 })));
+        assert!(matches!(
+            key_bundle(&expired, 101, Holder { identity: ID, overlay_ip: ip, key_ip: ip, zone: "z" }, 1),
+            Err(SecretsError::NoValidEpoch { now_ms: 101 })
+        ));
         let long = "x".repeat(2_000);
-        assert!(matches!(key_bundle(&s, 0, Holder { identity: &long, overlay_ip: ip, zone: "z" }, 1), Err(SecretsError::Derive(_))));
+        assert!(matches!(
+            key_bundle(&s, 0, Holder { identity: &long, overlay_ip: ip, key_ip: ip, zone: "z" }, 1),
+            Err(SecretsError::Derive(_))
+        ));
     }
 
     #[test]

@@ -263,7 +263,7 @@ fn keys_issue_prints_the_bundle_a_filter_needs() {
         assert_eq!(WorkloadKey::from_base64url(&wk.key).unwrap(), secret.workload_key(identity, ip, *epoch).unwrap());
         let tk = &bundle.ticket_keys[i];
         assert_eq!((tk.epoch, tk.not_after_ms), (*epoch, *not_after));
-        assert_eq!(TicketKey::from_base64url(&tk.key).unwrap(), secret.ticket_key("zone-a", *epoch).unwrap());
+        assert_eq!(TicketKey::from_base64url(&tk.key).unwrap(), secret.ticket_key(identity, ip, *epoch).unwrap());
         assert!(!out.contains(&secret.to_base64url()), "never an epoch secret");
     }
     assert_eq!(bundle.signing_key(now_ms()).unwrap().0, 2);

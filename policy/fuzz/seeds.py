@@ -32,9 +32,11 @@ def workload_key(secret, identity, ip, epoch):
     return mac(secret, msg)
 
 
-def ticket_key(secret, zone, epoch):
-    z = zone.encode()
-    return mac(secret, b"keyway/v1/ticket-key" + struct.pack(">H", len(z)) + z + struct.pack(">I", epoch))
+def ticket_key(secret, identity, ip, epoch):
+    """The ticket key of one destination workload: only that workload's bundle carries it."""
+    i = identity.encode()
+    msg = b"keyway/v2/ticket-key" + struct.pack(">H", len(i)) + i + ip16(ip) + struct.pack(">I", epoch)
+    return mac(secret, msg)
 
 
 def header(epoch, src, dst, port, proto, issued_at_ms, nonce, version=1):
@@ -63,14 +65,17 @@ def known_answers():
     now, nonce = 1_750_000_000_000, b"nonce-0123ab"
     k4 = workload_key(secret, ident, "10.1.2.3", 7)
     k6 = workload_key(secret, ident, "fd00::42", 7)
-    tk = ticket_key(secret, "zone-a", 7)
+    dst_ident = "spiffe://cluster.local/ns/shop/sa/api"
+    tk = ticket_key(secret, dst_ident, "10.9.8.7", 7)
+    tk6 = ticket_key(secret, dst_ident, "fd00::1:43", 7)
     print("workload key v4", k4.hex())
     print("workload key v6", k6.hex())
-    print("ticket key     ", tk.hex())
+    print("ticket key v4  ", tk.hex())
+    print("ticket key v6  ", tk6.hex())
     print("token v4 ", b64(token(k4, 7, "10.1.2.3", "10.9.8.7", 8080, "tcp", now, nonce)).decode())
     print("token v6 ", b64(token(k6, 7, "fd00::42", "fd00::1:43", 53, "udp", now, nonce)).decode())
     print("ticket v4", b64(ticket(tk, ident, 7, "10.1.2.3", "10.9.8.7", 8080, "tcp", now, nonce)).decode())
-    print("ticket v6", b64(ticket(tk, ident, 7, "fd00::42", "fd00::1:43", 5000, "sctp", now, nonce)).decode())
+    print("ticket v6", b64(ticket(tk6, ident, 7, "fd00::42", "fd00::1:43", 5000, "sctp", now, nonce)).decode())
 
 
 def write_corpus(root):

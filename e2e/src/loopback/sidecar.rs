@@ -58,7 +58,7 @@ impl Shared {
         let keys = EpochSecrets::load(&self.secrets)
             .ok()
             .and_then(|s| {
-                let holder = Holder { identity: &w.identity(), overlay_ip: w.overlay, zone: w.zone };
+                let holder = Holder { identity: &w.identity(), overlay_ip: w.overlay, key_ip: w.overlay, zone: w.zone };
                 key_bundle(&s, now, holder, DEFAULT_REFRESH_MS).ok()
             })
             .map(KeyState::fixed)

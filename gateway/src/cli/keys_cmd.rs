@@ -136,9 +136,10 @@ fn execute(cmd: KeysCommand) -> Result<String, String> {
             let zone = workload_zone(w, zone)?;
             let ip = workload_ip(w, ip)?;
             let identity = w.identity(&trust_domain);
-            let holder = secrets::Holder { identity: &identity, overlay_ip: ip, zone: &zone };
+            let key_ip = w.overlay_ips.first().copied().unwrap_or(ip);
+            let holder = secrets::Holder { identity: &identity, overlay_ip: ip, key_ip, zone: &zone };
             let bundle = secrets::key_bundle(&epoch_secrets, now_ms(), holder, DEFAULT_REFRESH_MS)
-            .map_err(|e| format!("{}: {e}", secrets.display()))?;
+                .map_err(|e| format!("{}: {e}", secrets.display()))?;
             let mut text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
             text.push('\n');
             Ok(text)

@@ -224,7 +224,12 @@ pub fn static_objects(files: &[SourceFile], zone: &str) -> Result<Vec<StaticObje
     for object in manifest::objects(documents)? {
         let m = check(&object)?;
         let own_zone_workload = m.inventory.workloads.iter().any(|w| w.zone.as_deref() == Some(zone));
-        out.push(StaticObject { ident: ident_of(&object.value), object, own_zone_workload, claimed: claimed(&m).collect() });
+        out.push(StaticObject {
+            ident: ident_of(&object.value),
+            object,
+            own_zone_workload,
+            claimed: claimed(&m).collect(),
+        });
     }
     Ok(out)
 }

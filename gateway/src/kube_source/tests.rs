@@ -65,7 +65,10 @@ fn scratch(prefix: &str) -> Scratch {
         std::env::temp_dir().join(format!("keyway-kube-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(dir.join("inventory")).unwrap();
     std::fs::write(dir.join("inventory/remote.yaml"), STATIC).unwrap();
-    crate::secrets::EpochSecrets::generate(crate::clock::Clock::now_ms(&crate::clock::SystemClock)).unwrap().save(&dir.join("epochs.json")).unwrap();
+    crate::secrets::EpochSecrets::generate(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
+        .unwrap()
+        .save(&dir.join("epochs.json"))
+        .unwrap();
     let text = format!(
         r#"
 zone: zone-a

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::refusal::{DeliverError, Refusal};
 use super::relay::BoxIo;
+use super::route::Recipient;
 use super::{Flow, Proxy};
 use keyway_policy::wire::{DENY_REASON_HEADER, TICKET_HEADER};
 
@@ -27,12 +28,14 @@ pub fn nonce() -> [u8; 12] {
     n
 }
 
-/// Mints the ticket for `flow`.
-fn ticket(proxy: &Proxy, flow: &Flow) -> Result<String, DeliverError> {
+/// Mints the ticket for `flow`, with the ticket key of its recipient (only that workload's bundle
+/// verifies it).
+fn ticket(proxy: &Proxy, flow: &Flow, to: &Recipient) -> Result<String, DeliverError> {
     let now = proxy.now_ms();
     let secrets = proxy.state.secrets();
     let entry = secrets.sealing(now, proxy.config.activation_ms()).ok_or(DeliverError::NoKey)?;
-    let key = entry.secret.ticket_key(&proxy.config.zone, entry.epoch).map_err(|e| DeliverError::Mint(e.to_string()))?;
+    let key =
+        entry.secret.ticket_key(&to.identity, to.key_ip, entry.epoch).map_err(|e| DeliverError::Mint(e.to_string()))?;
     TicketClaims {
         epoch: entry.epoch,
         src: flow.src,
@@ -48,9 +51,9 @@ fn ticket(proxy: &Proxy, flow: &Flow) -> Result<String, DeliverError> {
     .map_err(|e| DeliverError::Mint(e.to_string()))
 }
 
-/// Opens a ticketed HTTP/2 CONNECT for `flow` to the sidecar at `sidecar`.
-pub async fn to_sidecar(proxy: &Proxy, flow: &Flow, sidecar: SocketAddr) -> Result<BoxIo, Refusal> {
-    let ticket = ticket(proxy, flow).map_err(Refusal::Delivery)?;
+/// Opens a ticketed HTTP/2 CONNECT for `flow` to the sidecar at `sidecar` of `to`.
+pub async fn to_sidecar(proxy: &Proxy, flow: &Flow, sidecar: SocketAddr, to: &Recipient) -> Result<BoxIo, Refusal> {
+    let ticket = ticket(proxy, flow, to).map_err(Refusal::Delivery)?;
     let timeout = proxy.connect_timeout();
     let pool = &proxy.sidecars;
     let work = async {

@@ -135,7 +135,12 @@ async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, Refusal
     }
 }
 
-async fn handle_stream(proxy: Arc<Proxy>, peer: GatewayIdentity, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn handle_stream(
+    proxy: Arc<Proxy>,
+    peer: GatewayIdentity,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let mut log = FlowLog::new(proxy.metrics.clone(), 0, Entry::Overlay, String::new(), String::new());
     log.next_hop = "local".into();
     match accept(&proxy, &peer, &mut recv, &mut log).await {
@@ -179,9 +184,11 @@ async fn accept(
     let engine = proxy.state.engine();
     let src = engine.peer_for(header.src);
     let identity_ok = match src {
-        Peer::Workload(w) => {
-            engine.inventory().workloads.get(w).is_some_and(|w| w.identity(&proxy.config.trust_domain) == header.identity)
-        }
+        Peer::Workload(w) => engine
+            .inventory()
+            .workloads
+            .get(w)
+            .is_some_and(|w| w.identity(&proxy.config.trust_domain) == header.identity),
         Peer::Ip(_) => false,
     };
     if !identity_ok {
@@ -189,10 +196,10 @@ async fn accept(
     }
     let decided = proxy.decide(&engine, src, dst, &[]);
     log.note_rule(&decided);
-    let Route::Local { sidecar } = decided?.route else {
+    let Route::Local { sidecar, recipient } = decided?.route else {
         return Err(Refusal::Unroutable(super::refusal::Unroutable::NotInZone));
     };
     let flow = Flow { id: header.flow_id, src: header.src, identity: header.identity, dst };
-    let upstream = deliver::to_sidecar(proxy, &flow, sidecar).await?;
+    let upstream = deliver::to_sidecar(proxy, &flow, sidecar, &recipient).await?;
     Ok((upstream, permit))
 }

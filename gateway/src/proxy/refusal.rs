@@ -272,9 +272,19 @@ mod tests {
             (Refusal::Header("flow-sender-mismatch"), "flow-sender-mismatch", 502, "error"),
             (Refusal::Policy { rule: "r".into() }, "policy-denied", 403, "deny"),
             (Refusal::RemotePolicy { rule: "r".into() }, "policy-denied-remote", 403, "deny"),
-            (Refusal::Unroutable(Unroutable::ServiceNoReachableEndpoint), "service-no-reachable-endpoint", 503, "error"),
+            (
+                Refusal::Unroutable(Unroutable::ServiceNoReachableEndpoint),
+                "service-no-reachable-endpoint",
+                503,
+                "error",
+            ),
             (Refusal::Unroutable(Unroutable::DestinationZoneUnknown), "destination-zone-unknown", 502, "error"),
-            (Refusal::Delivery(DeliverError::Connect { addr, reason: "x".into() }), "destination-unreachable", 502, "error"),
+            (
+                Refusal::Delivery(DeliverError::Connect { addr, reason: "x".into() }),
+                "destination-unreachable",
+                502,
+                "error",
+            ),
             (Refusal::ZoneUnreachable, "zone-unreachable", 503, "error"),
             (Refusal::RemoteRefused("x".into()), "overlay-refused", 502, "error"),
         ];

@@ -18,11 +18,23 @@ pub enum Route {
     Local {
         /// The sidecar's address and keyway inbound port.
         sidecar: SocketAddr,
+        /// Who the ticket is for.
+        recipient: Recipient,
     },
     /// A workload of another zone: through one of its gateways.
     Zone(String),
     /// An address outside the overlay: straight out.
     External(SocketAddr),
+}
+
+/// The destination workload of a local delivery, as its ticket key is derived: its identity and
+/// its first overlay address (the key service hands the workload the same key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipient {
+    /// Its SPIFFE identity.
+    pub identity: String,
+    /// Its first overlay address.
+    pub key_ip: IpAddr,
 }
 
 /// An allowed flow: the rule that allowed it and where it goes.
@@ -88,7 +100,8 @@ pub fn decide(
     let (ip, dst_peer) = match pick_endpoint(engine, routing, dst.ip(), avoid, turn) {
         None => (dst.ip(), engine.peer_for(dst.ip())),
         Some(Ok(w)) => {
-            let ip = engine.inventory().workloads.get(w).and_then(|w| w.overlay_ips.first().copied()).unwrap_or(dst.ip());
+            let ip =
+                engine.inventory().workloads.get(w).and_then(|w| w.overlay_ips.first().copied()).unwrap_or(dst.ip());
             (ip, Peer::Workload(w))
         }
         Some(Err(u)) => return Err(Refusal::Unroutable(u)),
@@ -106,7 +119,11 @@ pub fn decide(
                 None => return Err(Refusal::Unroutable(Unroutable::DestinationZoneUnknown)),
                 Some((w, zone)) if zone == routing.my_zone() => {
                     let sidecar = w.sidecar_ips.first().copied().unwrap_or(ip);
-                    Route::Local { sidecar: SocketAddr::new(sidecar, routing.sidecar_port()) }
+                    let recipient = Recipient {
+                        identity: w.identity(routing.trust_domain()),
+                        key_ip: w.overlay_ips.first().copied().unwrap_or(ip),
+                    };
+                    Route::Local { sidecar: SocketAddr::new(sidecar, routing.sidecar_port()), recipient }
                 }
                 Some((_, zone)) => Route::Zone(zone.to_owned()),
             }

@@ -14,8 +14,8 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use keyway_policy::auth::{TokenClaims, decode_token};
 use keyway_policy::Engine;
+use keyway_policy::auth::{TokenClaims, decode_token};
 use keyway_policy::engine::Peer;
 use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
@@ -182,9 +182,9 @@ async fn onwards(
     loop {
         flow.dst = decided.dst;
         match &decided.route {
-            Route::Local { sidecar } => {
+            Route::Local { sidecar, recipient } => {
                 log.next_hop = "local".into();
-                return deliver::to_sidecar(proxy, &flow, *sidecar).await;
+                return deliver::to_sidecar(proxy, &flow, *sidecar, recipient).await;
             }
             Route::External(addr) => {
                 log.next_hop = "external".into();

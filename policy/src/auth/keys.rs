@@ -3,9 +3,16 @@
 //! ```text
 //! workload key = HMAC-SHA256(epoch secret, "keyway/v1/workload-key"
 //!                            ‖ u16be(len identity) ‖ identity ‖ ip16(overlay IP) ‖ u32be(epoch))
-//! ticket key   = HMAC-SHA256(epoch secret, "keyway/v1/ticket-key"
-//!                            ‖ u16be(len zone) ‖ zone ‖ u32be(epoch))
+//! ticket key   = HMAC-SHA256(epoch secret, "keyway/v2/ticket-key"
+//!                            ‖ u16be(len identity) ‖ identity ‖ ip16(overlay IP) ‖ u32be(epoch))
 //! ```
+//!
+//! The epoch secret is one zone's: each zone's gateways hold only their own zone's secrets. A
+//! ticket key belongs to one destination workload (its identity and overlay address): the key
+//! service hands each workload only its own, so holding your bundle lets you verify tickets
+//! addressed to you and mint none for anyone else. (Version 1 derived one ticket key per zone and
+//! handed it to every workload of the zone: any pod could mint tickets every other pod of its
+//! zone accepted.)
 //!
 //! `identity` is the SPIFFE id (`spiffe://<td>/ns/<ns>/sa/<sa>`) as given, `ip16` the overlay
 //! address as 16 bytes (IPv4 as `::ffff:a.b.c.d`). The length prefixes refine DESIGN.md, which only
@@ -21,7 +28,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use super::{AuthError, MAX_IDENTITY_LEN, MAX_ZONE_LEN, ip16};
+use super::{AuthError, MAX_IDENTITY_LEN, ip16};
 
 /// The length in bytes of an epoch secret and of every derived key.
 pub const KEY_LEN: usize = 32;
@@ -32,7 +39,7 @@ const KEY_BASE64_LEN: usize = 43;
 /// Domain separation label of workload keys.
 const WORKLOAD_KEY_LABEL: &[u8] = b"keyway/v1/workload-key";
 /// Domain separation label of ticket keys.
-const TICKET_KEY_LABEL: &[u8] = b"keyway/v1/ticket-key";
+const TICKET_KEY_LABEL: &[u8] = b"keyway/v2/ticket-key";
 
 /// The length of the truncated MACs carried in tokens and tickets.
 pub(crate) const TAG_LEN: usize = 16;
@@ -112,32 +119,29 @@ impl EpochSecret {
     /// Refuses an identity longer than [`MAX_IDENTITY_LEN`] bytes, which could not travel in a
     /// ticket either.
     pub fn workload_key(&self, identity: &str, overlay_ip: IpAddr, epoch: u32) -> Result<WorkloadKey, AuthError> {
+        self.derive(WORKLOAD_KEY_LABEL, identity, overlay_ip, epoch).map(WorkloadKey)
+    }
+
+    /// Derives the ticket key of the destination workload `identity` at `overlay_ip` for `epoch`:
+    /// the key its sidecar verifies tickets addressed to it with.
+    ///
+    /// Refuses an identity longer than [`MAX_IDENTITY_LEN`] bytes.
+    pub fn ticket_key(&self, identity: &str, overlay_ip: IpAddr, epoch: u32) -> Result<TicketKey, AuthError> {
+        self.derive(TICKET_KEY_LABEL, identity, overlay_ip, epoch).map(TicketKey)
+    }
+
+    fn derive(&self, label: &[u8], identity: &str, overlay_ip: IpAddr, epoch: u32) -> Result<[u8; KEY_LEN], AuthError> {
         let len =
             length_prefix(identity, MAX_IDENTITY_LEN).ok_or(AuthError::IdentityTooLong { len: identity.len() })?;
         let out = hmac(&self.0)
-            .chain_update(WORKLOAD_KEY_LABEL)
+            .chain_update(label)
             .chain_update(len)
             .chain_update(identity.as_bytes())
             .chain_update(ip16(overlay_ip))
             .chain_update(epoch.to_be_bytes())
             .finalize()
             .into_bytes();
-        Ok(WorkloadKey(out.into()))
-    }
-
-    /// Derives the ticket key of `zone` for `epoch`.
-    ///
-    /// Refuses a zone name longer than [`MAX_ZONE_LEN`] bytes.
-    pub fn ticket_key(&self, zone: &str, epoch: u32) -> Result<TicketKey, AuthError> {
-        let len = length_prefix(zone, MAX_ZONE_LEN).ok_or(AuthError::ZoneTooLong { len: zone.len() })?;
-        let out = hmac(&self.0)
-            .chain_update(TICKET_KEY_LABEL)
-            .chain_update(len)
-            .chain_update(zone.as_bytes())
-            .chain_update(epoch.to_be_bytes())
-            .finalize()
-            .into_bytes();
-        Ok(TicketKey(out.into()))
+        Ok(out.into())
     }
 }
 
@@ -253,9 +257,14 @@ mod tests {
             hex(SECRET.workload_key(ID, v6, 7)?.as_bytes()),
             "83eeb827676fe878b4315fee71eaa33ca1b0049a9dfaa78854e15b4050352fe3"
         );
+        let api = "spiffe://cluster.local/ns/shop/sa/api";
         assert_eq!(
-            hex(SECRET.ticket_key("zone-a", 7)?.as_bytes()),
-            "7a38078376482ba14bc502ea8d5726080783d41327402a85202186f5840332a5"
+            hex(SECRET.ticket_key(api, IpAddr::V4(Ipv4Addr::new(10, 9, 8, 7)), 7)?.as_bytes()),
+            "d5eec2b36eb09b1b0583d76e21d0d97ac5eccc64c6657195381bc5a14117f3fe"
+        );
+        assert_eq!(
+            hex(SECRET.ticket_key(api, IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, 0x43)), 7)?.as_bytes()),
+            "fe94a999fad72c9f166d5c99a70bf93877efc31f9b8ced3dbe25311391370897"
         );
         Ok(())
     }
@@ -278,10 +287,12 @@ mod tests {
         assert_ne!(SECRET.workload_key("spiffe://cluster.local/ns/shop/sa/carts", ip, 1)?, base);
         assert_ne!(SECRET.workload_key(ID, IpAddr::V4(Ipv4Addr::new(10, 1, 2, 4)), 1)?, base);
         assert_ne!(SECRET.workload_key(ID, ip, 2)?, base);
-        assert_ne!(SECRET.ticket_key("a", 1)?, SECRET.ticket_key("b", 1)?);
-        assert_ne!(SECRET.ticket_key("a", 1)?, SECRET.ticket_key("a", 2)?);
+        let other_ip = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 4));
+        assert_ne!(SECRET.ticket_key("a", ip, 1)?, SECRET.ticket_key("b", ip, 1)?);
+        assert_ne!(SECRET.ticket_key("a", ip, 1)?, SECRET.ticket_key("a", other_ip, 1)?);
+        assert_ne!(SECRET.ticket_key("a", ip, 1)?, SECRET.ticket_key("a", ip, 2)?);
         // Workload and ticket keys live in separate domains.
-        assert_ne!(SECRET.workload_key("", ip, 1)?.as_bytes(), SECRET.ticket_key("", 1)?.as_bytes());
+        assert_ne!(SECRET.workload_key(ID, ip, 1)?.as_bytes(), SECRET.ticket_key(ID, ip, 1)?.as_bytes());
         Ok(())
     }
 
@@ -295,8 +306,8 @@ mod tests {
         assert_eq!(SECRET.workload_key(&over, ip, 1), Err(AuthError::IdentityTooLong { len: MAX_IDENTITY_LEN + 1 }));
         let huge = "a".repeat(70_000);
         assert_eq!(SECRET.workload_key(&huge, ip, 1).map_err(|e| e.reason()), Err("identity-too-long"));
-        assert!(SECRET.ticket_key(&"z".repeat(MAX_ZONE_LEN), 1).is_ok());
-        assert_eq!(SECRET.ticket_key(&"z".repeat(MAX_ZONE_LEN + 1), 1).map_err(|e| e.reason()), Err("zone-too-long"));
+        assert!(SECRET.ticket_key(&at_limit, ip, 1).is_ok());
+        assert_eq!(SECRET.ticket_key(&over, ip, 1).map_err(|e| e.reason()), Err("identity-too-long"));
     }
 
     #[test]
@@ -304,7 +315,7 @@ mod tests {
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
         assert_eq!(format!("{SECRET:?}"), "EpochSecret([redacted])");
         assert_eq!(format!("{:?}", SECRET.workload_key(ID, ip, 1)?), "WorkloadKey([redacted])");
-        assert_eq!(format!("{:?}", SECRET.ticket_key("z", 1)?), "TicketKey([redacted])");
+        assert_eq!(format!("{:?}", SECRET.ticket_key(ID, ip, 1)?), "TicketKey([redacted])");
         Ok(())
     }
 

@@ -207,28 +207,31 @@ mod tests {
         }
     }
 
-    fn zone_key() -> Result<TicketKey, AuthError> {
-        SECRET.ticket_key("zone-a", 7)
+    /// The ticket key of the ticket's destination (`api` at the ticket's `dst`).
+    fn dst_key(c: &TicketClaims) -> Result<TicketKey, AuthError> {
+        SECRET.ticket_key(DST_ID, c.dst, 7)
     }
+
+    const DST_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
 
     /// Known answers, cross-checked with the independent reference `policy/fuzz/seeds.py`,
     /// and pinned: a change here is a wire-format change.
     #[test]
     fn known_answers() -> Result<(), AuthError> {
         assert_eq!(
-            v4_ticket().seal(&zone_key()?)?,
-            "AQAAAAcAAAAAAAAAAAAA__8KAQIDAAAAAAAAAAAAAP__CgkIBx-QBgAAAZd0INwAbm9uY2UtMDEyM2FiACZzcGlmZmU6Ly9jbHVzdGVyLmxvY2FsL25zL3Nob3Avc2EvY2FydEOgU2qTF0UNkientJPxfs4"
+            v4_ticket().seal(&dst_key(&v4_ticket())?)?,
+            "AQAAAAcAAAAAAAAAAAAA__8KAQIDAAAAAAAAAAAAAP__CgkIBx-QBgAAAZd0INwAbm9uY2UtMDEyM2FiACZzcGlmZmU6Ly9jbHVzdGVyLmxvY2FsL25zL3Nob3Avc2EvY2FydELNqIE8c3PsYAWvr9eYOKk"
         );
         assert_eq!(
-            v6_ticket().seal(&zone_key()?)?,
-            "AQAAAAf9AAAAAAAAAAAAAAAAAABC_QAAAAAAAAAAAAAAAAEAQxOIhAAAAZd0INwAbm9uY2UtMDEyM2FiACZzcGlmZmU6Ly9jbHVzdGVyLmxvY2FsL25zL3Nob3Avc2EvY2FydP_-CWNUmqotki2nZkFDXLI"
+            v6_ticket().seal(&dst_key(&v6_ticket())?)?,
+            "AQAAAAf9AAAAAAAAAAAAAAAAAABC_QAAAAAAAAAAAAAAAAEAQxOIhAAAAZd0INwAbm9uY2UtMDEyM2FiACZzcGlmZmU6Ly9jbHVzdGVyLmxvY2FsL25zL3Nob3Avc2EvY2FydIux73lV2JqkVFBz3i24qLY"
         );
         Ok(())
     }
 
     #[test]
     fn v4_and_v6_round_trip() -> Result<(), AuthError> {
-        let key = zone_key()?;
+        let key = dst_key(&v4_ticket())?;
         for c in [v4_ticket(), v6_ticket()] {
             let t = decode_ticket(&c.seal(&key)?)?;
             assert_eq!(t.claims(), &c);
@@ -240,7 +243,7 @@ mod tests {
 
     #[test]
     fn identity_length_limits() -> Result<(), AuthError> {
-        let key = zone_key()?;
+        let key = dst_key(&v4_ticket())?;
         for (len, total) in [(0, TICKET_MIN_LEN), (MAX_IDENTITY_LEN, TICKET_MAX_LEN)] {
             let c = ticket(v4_claims(), &"a".repeat(len));
             let bytes = c.seal_bytes(&key)?;
@@ -260,7 +263,7 @@ mod tests {
 
     #[test]
     fn window_edges() -> Result<(), AuthError> {
-        let key = zone_key()?;
+        let key = dst_key(&v4_ticket())?;
         let c = v4_ticket();
         let t = decode_ticket(&c.seal(&key)?)?;
         let reason = |now| t.verify(&key, now, W, c.dst, c.dst_port).map(|_| ()).map_err(|e| e.reason());
@@ -273,7 +276,7 @@ mod tests {
 
     #[test]
     fn destination_binding() -> Result<(), AuthError> {
-        let key = zone_key()?;
+        let key = dst_key(&v4_ticket())?;
         let c = v4_ticket();
         let t = decode_ticket(&c.seal(&key)?)?;
         let other_ip = IpAddr::V4(Ipv4Addr::new(10, 9, 8, 8));
@@ -290,8 +293,8 @@ mod tests {
         assert_eq!(reason(c.dst, c.dst_port + 1, NOW), Err("ticket-wrong-destination"));
         // Destination is checked before time, MAC before both.
         assert_eq!(reason(other_ip, c.dst_port, 0), Err("ticket-wrong-destination"));
-        let other_zone = SECRET.ticket_key("zone-b", 7)?;
-        assert_eq!(t.verify(&other_zone, 0, W, other_ip, 1).map_err(|e| e.reason()), Err("ticket-mac"));
+        let other_dst = SECRET.ticket_key(DST_ID, other_ip, 7)?;
+        assert_eq!(t.verify(&other_dst, 0, W, other_ip, 1).map_err(|e| e.reason()), Err("ticket-mac"));
         // The connection may see its address in v4-mapped form.
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 9, 8, 7).to_ipv6_mapped());
         assert_eq!(t.verify(&key, NOW, W, mapped, c.dst_port)?, c);
@@ -301,11 +304,13 @@ mod tests {
     #[test]
     fn wrong_keys_fail_the_mac() -> Result<(), AuthError> {
         let c = v4_ticket();
-        let t = decode_ticket(&c.seal(&zone_key()?)?)?;
+        let t = decode_ticket(&c.seal(&dst_key(&c)?)?)?;
         for key in [
-            SECRET.ticket_key("zone-b", 7)?,
-            SECRET.ticket_key("zone-a", 8)?,
-            EpochSecret::from_bytes([8; 32]).ticket_key("zone-a", 7)?,
+            // Another workload's key (its own bundle): the attack of a pod minting for others.
+            SECRET.ticket_key(SRC_ID, c.src, 7)?,
+            SECRET.ticket_key(DST_ID, c.src, 7)?,
+            SECRET.ticket_key(DST_ID, c.dst, 8)?,
+            EpochSecret::from_bytes([8; 32]).ticket_key(DST_ID, c.dst, 7)?,
             TicketKey::from_bytes(*SECRET.workload_key(SRC_ID, c.src, 7)?.as_bytes()),
         ] {
             assert_eq!(t.verify(&key, NOW, W, c.dst, c.dst_port), Err(AuthError::BadMac { kind: Kind::Ticket }));
@@ -315,7 +320,7 @@ mod tests {
 
     #[test]
     fn structural_errors() -> Result<(), AuthError> {
-        let key = zone_key()?;
+        let key = dst_key(&v4_ticket())?;
         let good = v4_ticket().seal_bytes(&key)?;
         let n = good.len();
         let with = |i: usize, b: u8| {

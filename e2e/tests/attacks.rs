@@ -1,0 +1,115 @@
+//! The attack suite: each test mounts one attack exactly as its attacker would, with only what
+//! that attacker can have (a pod's own key bundle fetched over the network, a sniffed credential,
+//! a peer certificate of another zone), against real gateways and real Envoy sidecars running the
+//! real filter in network namespaces. docs/security.md lists them with the attacker and the
+//! expected outcome. Needs root; fails (never skips) when it cannot build its namespaces.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use keyway_e2e::cluster::{Cluster, Options, WorkloadPod};
+use keyway_e2e::envoy::{ENVOY_UID, KEYWAY_INBOUND_PORT};
+use keyway_e2e::topology::ns_sh;
+use keyway_gateway::config::DEFAULT_ADMIN_PORT;
+use keyway_policy::auth::TicketClaims;
+use keyway_policy::engine::Peer;
+use keyway_policy::keyservice::KeyBundle;
+use keyway_policy::wire::{KEY_SERVICE_IP_PARAM, KEY_SERVICE_PATH, TICKET_HEADER};
+use keyway_policy::{Protocol, Verdict};
+
+/// One overlay at a time: they are heavy for two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn cluster(name: &str) -> Cluster {
+    let opts = Options::discover(&format!("kw{name}")).unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
+    Cluster::start(opts).unwrap_or_else(|e| panic!("e2e setup: {e:#}"))
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An HTTP GET from inside the pod `ns` as the app container of that pod can send it. The app
+/// runs as root in these pods, so it can take the proxy's UID and step around the capture rules
+/// (Istio's known limit, see docs/security.md): the strongest app-container attacker.
+fn get_as_pod(c: &Cluster, ns: &str, url: &str) -> (u16, String) {
+    let e2e = c.opts.e2e.display().to_string();
+    let reuid = format!("--reuid={ENVOY_UID}");
+    let regid = format!("--regid={ENVOY_UID}");
+    let out = ns_sh(ns, &["setpriv", &reuid, &regid, "--clear-groups", &e2e, "get", url]).unwrap();
+    let (status, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The key bundle `w`'s own pod fetches from its zone's gateway, over the network.
+fn own_bundle(c: &Cluster, w: &WorkloadPod) -> KeyBundle {
+    let gw = c.gateways.iter().find(|g| g.zone == w.zone).expect("a gateway of the zone");
+    let url = format!("{}:{DEFAULT_ADMIN_PORT}{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={}", gw.pod.ip, w.overlay);
+    let (status, body) = get_as_pod(c, &w.pod.ns, &url);
+    assert_eq!(status, 200, "{} fetches its own bundle: {body}", w.name);
+    serde_json::from_str(&body).unwrap()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A pair of workloads of one zone where the policy denies `attacker` → `victim` on the victim's
+/// first port.
+fn denied_pair(c: &Cluster) -> (&WorkloadPod, &WorkloadPod, u16) {
+    for v in &c.workloads {
+        let Some(&port) = v.ports.first() else { continue };
+        for a in c.workloads.iter().filter(|a| a.zone == v.zone && a.name != v.name) {
+            let d = c.engine.decide(Peer::Workload(a.index), Peer::Workload(v.index), Protocol::Tcp, port);
+            if d.verdict == Verdict::Deny {
+                return (a, v, port);
+            }
+        }
+    }
+    panic!("the sample has no denied pair within one zone");
+}
+
+/// Attacker: the app container of an enforced pod. It fetches its own key bundle from the key
+/// service (as its sidecar does), seals a ticket with the bundle's ticket key naming any source
+/// identity, and connects straight to another workload's keyway inbound port. Expected: refused,
+/// because a bundle's ticket key verifies only tickets addressed to its own workload.
+#[test]
+fn a_pods_own_bundle_cannot_mint_tickets_for_another_workload() {
+    let _l = lock();
+    let c = cluster("at1");
+    let (attacker, victim, port) = denied_pair(&c);
+    let bundle = own_bundle(&c, attacker);
+    let now = now_ms();
+    let tk = bundle.ticket_keys.last().expect("the bundle has a ticket key");
+    let key = keyway_policy::auth::TicketKey::from_base64url(&tk.key).unwrap();
+    // Claim to be the victim's own namespace's admin, or anyone: the identity is the attacker's choice.
+    let forged = TicketClaims {
+        epoch: tk.epoch,
+        src: victim.overlay,
+        dst: victim.overlay,
+        dst_port: port,
+        protocol: Protocol::Tcp,
+        issued_at_ms: now,
+        nonce: *b"attack-nonce",
+        src_identity: "spiffe://cluster.local/ns/kube-system/sa/anything".to_owned(),
+    }
+    .seal(&key)
+    .unwrap();
+    let victim_ip: IpAddr = victim.pod.ip.parse().unwrap();
+    let out = c
+        .raw_connect(
+            &attacker.pod.ns,
+            SocketAddr::new(victim_ip, KEYWAY_INBOUND_PORT),
+            SocketAddr::new(victim.overlay, port),
+            &[(TICKET_HEADER, &forged)],
+        )
+        .unwrap();
+    assert!(
+        out.starts_with("status 403"),
+        "{} minted a ticket for {}:{port} from its own bundle and got in: {out}",
+        attacker.name,
+        victim.name
+    );
+}
