@@ -9,10 +9,15 @@ use keyway_policy::keyservice::KeyBundle;
 use keyway_policy::wire;
 use serde::Deserialize;
 
+use crate::replay::SHARDS;
+
 /// Default trust domain of SPIFFE identities built from Istio node metadata.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-/// Default capacity of the inbound ticket replay cache (nonces per worker thread).
+/// Default capacity of the inbound ticket replay set (nonces held for the whole Envoy, all its
+/// worker threads together).
 pub const DEFAULT_REPLAY_CACHE_CAPACITY: usize = 65_536;
+/// The default per-source share of the replay set: this fraction (1/n) of its capacity.
+pub const DEFAULT_REPLAY_PER_SOURCE_DIVISOR: usize = 4;
 /// Default path of the gateway's key service.
 pub const DEFAULT_KEY_SERVICE_PATH: &str = wire::KEY_SERVICE_PATH;
 /// Default `:authority` of key service requests.
@@ -123,17 +128,23 @@ pub struct Config {
     /// Accepted clock skew of tickets either way (ms).
     #[serde(default = "default_window")]
     pub window_ms: u64,
-    /// Ticket nonces remembered per worker thread; 0 turns replay detection off.
+    /// Ticket nonces remembered by the whole Envoy (every worker); 0 turns replay detection off.
     #[serde(default = "default_replay_capacity")]
     pub replay_cache_capacity: usize,
+    /// Nonces of one source address the replay set holds at most; default a quarter of the
+    /// capacity.
+    #[serde(default)]
+    pub replay_cache_per_source: Option<usize>,
     /// `inbound_plain`: destination ports let through (health probes, metrics).
     #[serde(default)]
     pub exempt_ports: Vec<u16>,
     /// `inbound_plain`: source CIDRs let through.
     #[serde(default)]
     pub exempt_cidrs: Vec<String>,
-    /// Let connections through (counted and logged) when the filter cannot work (no usable key,
-    /// no randomness, no destination). Never lets a bad ticket through.
+    /// `outbound` only: let a connection go on without a token (counted and logged) when the
+    /// filter cannot seal one (no usable key, no randomness, no destination); the gateway, which
+    /// requires a token, then decides. No effect on the other modes: a ticket is admitted only
+    /// when it verified.
     #[serde(default)]
     pub fail_open: bool,
 }
@@ -184,13 +195,15 @@ pub struct Settings {
     pub keys: KeySource,
     /// Ticket window (ms).
     pub window_ms: u64,
-    /// Replay cache capacity.
+    /// Replay set capacity (whole Envoy).
     pub replay_cache_capacity: usize,
+    /// Replay set per-source share.
+    pub replay_cache_per_source: usize,
     /// Exempt destination ports (sorted, deduplicated).
     pub exempt_ports: Vec<u16>,
     /// Exempt source ranges.
     pub exempt_cidrs: Vec<Cidr>,
-    /// Fail open on internal failures.
+    /// `outbound`: go on without a token when none can be sealed.
     pub fail_open: bool,
 }
 
@@ -289,6 +302,16 @@ fn check(c: Config) -> Result<Settings, ConfigError> {
     for (i, s) in c.exempt_cidrs.iter().enumerate() {
         exempt_cidrs.push(parse_cidr(s).map_err(|e| ConfigError::new(format!("exempt_cidrs[{i}]"), e))?);
     }
+    let capacity = c.replay_cache_capacity;
+    if (1..SHARDS).contains(&capacity) {
+        let message = format!("must be 0 (replay detection off) or at least {SHARDS} (one per shard)");
+        return Err(ConfigError::new("replay_cache_capacity", message));
+    }
+    let per_source = c.replay_cache_per_source.unwrap_or(capacity / DEFAULT_REPLAY_PER_SOURCE_DIVISOR);
+    if capacity > 0 && !(SHARDS..=capacity).contains(&per_source) {
+        let message = format!("must be {SHARDS}..={capacity} (at least one per shard, at most the capacity)");
+        return Err(ConfigError::new("replay_cache_per_source", message));
+    }
     let mut exempt_ports = c.exempt_ports;
     exempt_ports.sort_unstable();
     exempt_ports.dedup();
@@ -299,7 +322,8 @@ fn check(c: Config) -> Result<Settings, ConfigError> {
         trust_domain: c.trust_domain,
         keys,
         window_ms: c.window_ms,
-        replay_cache_capacity: c.replay_cache_capacity,
+        replay_cache_capacity: capacity,
+        replay_cache_per_source: per_source,
         exempt_ports,
         exempt_cidrs,
         fail_open: c.fail_open,
@@ -344,6 +368,9 @@ mod tests {
         assert!(!shown.contains(&key()) && shown.contains("workload_key_epochs: [1]"), "{shown}");
         assert_eq!(s.window_ms, DEFAULT_WINDOW_MS);
         assert_eq!(s.replay_cache_capacity, DEFAULT_REPLAY_CACHE_CAPACITY);
+        assert_eq!(s.replay_cache_per_source, DEFAULT_REPLAY_CACHE_CAPACITY / 4);
+        let off = parse(static_json(r#""replay_cache_capacity":0,"#).as_bytes()).unwrap();
+        assert_eq!(off.replay_cache_capacity, 0);
         assert_eq!(s.trust_domain, "cluster.local");
         assert!(!s.fail_open);
     }
@@ -383,6 +410,12 @@ mod tests {
             (r#"{"mode":"inbound_plain","overlay_ip":"nope"}"#.into(), "overlay_ip"),
             (r#"{"mode":"inbound_plain","window_ms":0}"#.into(), "window_ms"),
             (r#"{"mode":"inbound_plain","identity":"cart"}"#.into(), "identity"),
+            (r#"{"mode":"inbound_plain","replay_cache_capacity":255}"#.into(), "replay_cache_capacity"),
+            (r#"{"mode":"inbound_plain","replay_cache_per_source":255}"#.into(), "replay_cache_per_source"),
+            (
+                r#"{"mode":"inbound_plain","replay_cache_capacity":1024,"replay_cache_per_source":2048}"#.into(),
+                "replay_cache_per_source",
+            ),
             (static_json(r#""exempt_ports":[1],"#), "exempt_ports"),
             (static_json(r#""overlay_ip":"10.0.0.2","#), "overlay_ip"),
             (static_json(r#""identity":"spiffe://td/ns/a/sa/c","#), "identity"),

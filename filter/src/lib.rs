@@ -7,17 +7,20 @@
 //!   to the local gateway as `x-keyway-token`; with no usable key the connection is closed before
 //!   any upstream connection is opened;
 //! * `inbound_tunnel` (HTTP filter on the keyway inbound CONNECT listener): verifies
-//!   `x-keyway-ticket`, refuses with 403 and `x-keyway-deny-reason`;
+//!   `x-keyway-ticket` and accepts its nonce once per Envoy ([`replay`], in the host's shared data
+//!   so every worker thread sees it), refuses with 403 and `x-keyway-deny-reason`;
 //! * `inbound_plain` (network filter on every other inbound listener): closes every connection
 //!   that is not exempt.
 //!
-//! Every decision is a pure function ([`verdict`], [`keystate`], [`config`], [`identity`]) tested
-//! on the host; the proxy-wasm contexts (`shell`, wasm32 only) read properties, call them and act.
+//! Every decision is a pure function ([`verdict`], [`keystate`], [`config`], [`identity`],
+//! [`replay`] over a store trait) tested on the host; the proxy-wasm contexts (`shell`, wasm32
+//! only) read properties, call them and act.
 
 pub mod config;
 pub mod identity;
 pub mod keystate;
 pub mod metrics;
+pub mod replay;
 pub mod verdict;
 
 #[cfg(target_arch = "wasm32")]

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use keyway_policy::auth::{Kind, ReplayCache};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType, MetricType};
@@ -17,6 +16,7 @@ use crate::config::{self, KeySource, Mode, Settings};
 use crate::identity::{self, Identity, NodeMetadata, OVERLAY_IPS_ANNOTATION};
 use crate::keystate::{self, KeyState, RefreshOutcome};
 use crate::metrics;
+use crate::replay::{SharedReplay, Store, StoreError};
 use crate::verdict::{self, Denial, Exemptions, TunnelCheck};
 
 mod stream;
@@ -31,11 +31,12 @@ proxy_wasm::main! {{
 }}
 
 /// What every context of one plugin instance shares (one per VM, that is per worker thread).
+/// The ticket replay set is not here: it lives in the host's shared data, one for every worker.
 struct State {
     settings: Settings,
     identity: Option<Identity>,
     keys: KeyState,
-    replay: Option<ReplayCache>,
+    replay: Option<SharedReplay>,
     exemptions: Exemptions,
     metrics: Metrics,
 }
@@ -111,11 +112,22 @@ impl RootContext for Root {
             KeySource::Service(ks) => KeyState::from_service(ks),
             KeySource::None => KeyState::fixed(empty_bundle(&identity)),
         };
-        let replay = (settings.mode == Mode::InboundTunnel && settings.replay_cache_capacity > 0)
-            .then(|| ReplayCache::new(Kind::Ticket, settings.replay_cache_capacity, settings.window_ms));
+        let replay = match (&identity, settings.mode) {
+            (Some(id), Mode::InboundTunnel) if settings.replay_cache_capacity > 0 => Some(SharedReplay::new(
+                id.overlay_ip,
+                settings.replay_cache_capacity,
+                settings.replay_cache_per_source,
+                settings.window_ms,
+            )),
+            _ => None,
+        };
         let exemptions = Exemptions { ports: settings.exempt_ports.clone(), cidrs: settings.exempt_cidrs.clone() };
         let metrics = Metrics::define(settings.mode);
         log(LogLevel::Info, &summary(&settings, identity.as_ref(), &keys));
+        if settings.fail_open && settings.mode != Mode::Outbound {
+            let mode = settings.mode.as_str();
+            log(LogLevel::Warn, &format!("keyway {mode}: fail_open has no effect in this mode: what fails is refused"));
+        }
         if matches!(settings.keys, KeySource::Service(_)) && hostcalls::set_tick_period(TICK).is_err() {
             log(LogLevel::Error, "keyway: cannot set the tick period; the key service would never be asked");
             return false;
@@ -254,13 +266,14 @@ fn summary(s: &Settings, identity: Option<&Identity>, keys: &KeyState) -> String
         KeySource::Service(ks) => format!("key service via cluster {:?} {}", ks.cluster, ks.path),
     };
     format!(
-        "keyway {}: started: identity {:?}, overlay ip {:?}, keys {source}, window {} ms, replay cache {}, \
-         exempt ports {:?}, exempt cidrs {}, fail_open {}",
+        "keyway {}: started: identity {:?}, overlay ip {:?}, keys {source}, window {} ms, replay set {} per \
+         envoy ({} per source), exempt ports {:?}, exempt cidrs {}, fail_open {}",
         s.mode.as_str(),
         identity.and_then(|i| i.spiffe.as_deref()),
         identity.map(|i| i.overlay_ip),
         s.window_ms,
         s.replay_cache_capacity,
+        s.replay_cache_per_source,
         s.exempt_ports,
         s.exempt_cidrs.len(),
         s.fail_open
@@ -322,4 +335,25 @@ fn tunnel_check(s: &State) -> Option<TunnelCheck> {
         window_ms: s.settings.window_ms,
         fail_open: s.settings.fail_open,
     })
+}
+
+/// The host's shared data (one store per Envoy process and `vm_id`, every worker's VM sees it).
+struct HostStore;
+
+impl Store for HostStore {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        hostcalls::get_shared_data(key).map_err(|status| StoreError {
+            op: "get",
+            key: key.to_owned(),
+            detail: format!("{status:?}"),
+        })
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(proxy_wasm::types::Status::CasMismatch) => Ok(false),
+            Err(status) => Err(StoreError { op: "set", key: key.to_owned(), detail: format!("{status:?}") }),
+        }
+    }
 }

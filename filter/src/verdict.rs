@@ -1,8 +1,15 @@
 //! Every decision the filter makes, as pure functions of what the contexts read from the host.
 //!
 //! * [`outbound`]: seal a token for this connection, or refuse it;
-//! * [`inbound_tunnel`]: verify the CONNECT's ticket, or refuse it with a fixed reason;
+//! * [`inbound_tunnel`] (with a per-process [`ReplayCache`]) and [`inbound_tunnel_shared`] (with
+//!   the [`SharedReplay`] set every worker of one Envoy shares): verify the CONNECT's ticket, or
+//!   refuse it with a fixed reason;
 //! * [`inbound_plain`]: let an exempt connection through, close every other one.
+//!
+//! `fail_open` only ever applies to [`outbound`]: when the filter cannot seal a token, the
+//! connection goes on without one and the gateway, which requires a token, decides. A ticket is
+//! admitted only when it verified with a key and its nonce was recorded; no key, or a replay check
+//! that cannot be done, refuses it whatever `fail_open` says.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -13,6 +20,7 @@ use keyway_policy::ip::{Cidr, addr};
 use keyway_policy::wire::TICKET_HEADER;
 
 use crate::keystate::{KeyState, NoKey};
+use crate::replay::{SharedReplay, Store};
 
 /// No usable key (none fetched yet, expired, or refresh failing past the grace period).
 pub const NO_KEY: &str = "no-key";
@@ -28,7 +36,7 @@ pub const AUTHORITY_MALFORMED: &str = "authority-malformed";
 pub const NOT_EXEMPT: &str = "not-exempt";
 
 /// Every denial reason the filter reports (metric labels, `x-keyway-deny-reason` values).
-pub const ALL_REASONS: [&str; 17] = [
+pub const ALL_REASONS: [&str; 19] = [
     NO_KEY,
     NO_DESTINATION,
     NO_RANDOMNESS,
@@ -44,16 +52,19 @@ pub const ALL_REASONS: [&str; 17] = [
     "ticket-wrong-destination",
     "ticket-replay",
     "replay-cache-full",
+    "replay-cache-source-full",
+    "replay-store-unavailable",
     "identity-too-long",
     "key-malformed",
 ];
 
-/// A refusal: the fixed reason, whether `fail_open` may override it, and a log detail.
+/// A refusal: the fixed reason, whether the filter could not work, and a log detail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denial {
     /// The fixed reason (metric label, deny header).
     pub reason: &'static str,
-    /// The filter could not work (as opposed to: the credential is bad).
+    /// The filter could not work (as opposed to: the credential is bad). Only [`outbound`] lets
+    /// `fail_open` override such a refusal.
     pub internal: bool,
     /// A human-readable explanation for the log.
     pub detail: String,
@@ -74,7 +85,8 @@ impl Denial {
 pub enum Action<T> {
     /// Let it through with `T` (a token, the verified ticket, nothing).
     Allow(T),
-    /// Let it through although the filter could not decide: `fail_open` is set.
+    /// Let it through without a token although the filter could not seal one: `fail_open` is
+    /// set ([`outbound`] only).
     FailOpen(Denial),
     /// Refuse it.
     Deny(Denial),
@@ -145,13 +157,14 @@ pub struct TunnelCheck {
     pub overlay_ip: IpAddr,
     /// Accepted skew either way (ms).
     pub window_ms: u64,
-    /// Let connections through when no ticket key is usable.
+    /// The plugin's `fail_open`. It changes no tunnel decision: a ticket that did not verify, or
+    /// could not be verified (no key, no replay check), is refused whatever it says.
     pub fail_open: bool,
 }
 
 /// The inbound tunnel decision: the ticket in `header` verified for this workload's overlay
 /// address and the CONNECT target port (from `authority`), within the window, its nonce not seen
-/// before (when a replay cache is given).
+/// before (when a replay cache is given). Never [`Action::FailOpen`].
 pub fn inbound_tunnel(
     check: &TunnelCheck,
     keys: &KeyState,
@@ -160,8 +173,58 @@ pub fn inbound_tunnel(
     authority: Option<&str>,
     now_ms: u64,
 ) -> Action<TicketClaims> {
-    let TunnelCheck { overlay_ip, window_ms, fail_open } = *check;
-    let r = (|| {
+    let r = verify_ticket(check, keys, header, authority, now_ms).and_then(|claims| {
+        if let Some(cache) = replay {
+            cache
+                .check_and_insert(claims.src, claims.nonce, claims.issued_at_ms, now_ms)
+                .map_err(|e| Denial::auth(&e))?;
+        }
+        Ok(claims)
+    });
+    admit(r)
+}
+
+/// [`inbound_tunnel`] with the replay set every worker of the Envoy shares, in `store`: the nonce
+/// of a verified ticket is accepted once per Envoy. Never [`Action::FailOpen`]: a store that
+/// cannot be read or written refuses (`replay-store-unavailable`).
+pub fn inbound_tunnel_shared(
+    check: &TunnelCheck,
+    keys: &KeyState,
+    replay: Option<(&SharedReplay, &impl Store)>,
+    header: Option<&str>,
+    authority: Option<&str>,
+    now_ms: u64,
+) -> Action<TicketClaims> {
+    let r =
+        verify_ticket(check, keys, header, authority, now_ms).and_then(|claims| {
+            if let Some((set, store)) = replay {
+                set.check_and_insert(store, claims.src, claims.nonce, claims.issued_at_ms, now_ms)
+                    .map_err(|e| Denial { reason: e.reason(), internal: false, detail: e.to_string() })?;
+            }
+            Ok(claims)
+        });
+    admit(r)
+}
+
+fn admit(r: Result<TicketClaims, Denial>) -> Action<TicketClaims> {
+    match r {
+        Ok(claims) => Action::Allow(claims),
+        Err(d) => Action::Deny(d),
+    }
+}
+
+/// The ticket in `header` verified with this workload's ticket key of its epoch, for its
+/// overlay address and the CONNECT target port (from `authority`), within the window. No usable
+/// ticket key: refused (`no-key`), since nothing can be verified.
+pub fn verify_ticket(
+    check: &TunnelCheck,
+    keys: &KeyState,
+    header: Option<&str>,
+    authority: Option<&str>,
+    now_ms: u64,
+) -> Result<TicketClaims, Denial> {
+    let TunnelCheck { overlay_ip, window_ms, .. } = *check;
+    (|| {
         let text = header.ok_or_else(|| Denial {
             reason: TICKET_MISSING,
             internal: false,
@@ -178,15 +241,8 @@ pub fn inbound_tunnel(
             NoKey::NoKeys => Denial::internal(NO_KEY, "no usable ticket key: keys missing, expired or stale"),
             NoKey::UnknownEpoch => Denial::auth(&AuthError::UnknownEpoch { kind: Kind::Ticket, epoch }),
         })?;
-        let claims = sealed.verify(&key, now_ms, window_ms, overlay_ip, port).map_err(|e| Denial::auth(&e))?;
-        if let Some(cache) = replay {
-            cache
-                .check_and_insert(claims.src, claims.nonce, claims.issued_at_ms, now_ms)
-                .map_err(|e| Denial::auth(&e))?;
-        }
-        Ok(claims)
-    })();
-    conclude(r, fail_open)
+        sealed.verify(&key, now_ms, window_ms, overlay_ip, port).map_err(|e| Denial::auth(&e))
+    })()
 }
 
 /// Exemptions of plain inbound connections.
@@ -360,13 +416,50 @@ mod tests {
     fn inbound_tunnel_without_keys() {
         let none = KeyState::fixed(bundle(&[(2, Some(NOW - 1))]));
         let good = ticket(2, "10.0.0.1", 80, NOW, 1);
-        let run = |fail_open| {
-            inbound_tunnel(&check("10.0.0.1", fail_open), &none, None, Some(&good), Some("h:80"), NOW).verdict()
-        };
-        assert_eq!((run(false), run(true)), ("deny", "fail_open"));
+        let forged = TicketClaims { nonce: [2; 12], ..decode_ticket(&good).unwrap().claims().clone() }
+            .seal(&TicketKey::from_bytes([9; 32]))
+            .unwrap();
+        // Issue 11: with fail_open and no key, a good ticket and a forged one alike are refused
+        // (no-key): nothing that was not verified is admitted.
+        for t in [&good, &forged] {
+            for fail_open in [false, true] {
+                let got = inbound_tunnel(&check("10.0.0.1", fail_open), &none, None, Some(t), Some("h:80"), NOW);
+                assert!(matches!(&got, Action::Deny(Denial { reason: NO_KEY, .. })), "{got:?}");
+                let store = crate::replay::tests::MemStore::default();
+                let set = SharedReplay::new(ip("10.0.0.1"), 65_536, 16_384, W);
+                let got = inbound_tunnel_shared(
+                    &check("10.0.0.1", fail_open),
+                    &none,
+                    Some((&set, &store)),
+                    Some(t),
+                    Some("h:80"),
+                    NOW,
+                );
+                assert!(matches!(&got, Action::Deny(Denial { reason: NO_KEY, .. })), "{got:?}");
+            }
+        }
         // A missing ticket is never let through, fail-open or not.
         let missing = inbound_tunnel(&check("10.0.0.1", true), &none, None, None, Some("h:80"), NOW);
         assert_eq!(missing.verdict(), "deny");
+    }
+
+    #[test]
+    fn inbound_tunnel_shared_replay() {
+        let me = "10.0.0.1";
+        let store = crate::replay::tests::MemStore::default();
+        let set = SharedReplay::new(ip(me), 65_536, 16_384, W);
+        let good = ticket(2, me, 8080, NOW, 1);
+        let run = |t: &str, fail_open| {
+            inbound_tunnel_shared(&check(me, fail_open), &keys(), Some((&set, &store)), Some(t), Some("x:8080"), NOW)
+        };
+        assert_eq!(run(&good, false).verdict(), "allow");
+        let again = run(&good, true);
+        assert!(matches!(again, Action::Deny(Denial { reason: "ticket-replay", .. })), "{again:?}");
+        // A store that cannot be used refuses, fail_open or not.
+        store.fail.set(true);
+        let other = ticket(2, me, 8080, NOW, 2);
+        let got = run(&other, true);
+        assert!(matches!(got, Action::Deny(Denial { reason: "replay-store-unavailable", .. })), "{got:?}");
     }
 
     #[test]

@@ -466,3 +466,69 @@ fn a_bad_plugin_configuration_is_refused_by_envoy() {
         assert!(std::net::TcpStream::connect(("127.0.0.1", out.port(name))).is_err(), "{name} is open");
     }
 }
+
+/// Issue 11: a ticket is usable once per Envoy, not once per worker thread. Two workers; the
+/// first connection is held open, so the exact connection balancer puts the second on the other
+/// worker (checked with the per-worker listener stats); the same ticket there is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_replayed_on_another_worker_is_refused() -> Result<()> {
+    let app = EchoApp::start().await?;
+    let keys = bundle(REDIS, REDIS_IP, &[(3, None)], 10_000);
+    let inb = Inbound::new(app.port, free_port(), static_config("inbound_tunnel", &keys), plain_config(1));
+    let envoy = Envoy::start_workers(&inb.yaml(), inb.port("ADMIN_PORT"), "replay-workers", 2)?;
+    let tunnel = inb.port("TUNNEL_PORT");
+    let authority = format!("{REDIS_IP}:6379");
+    let worker_cx = |w: u32| envoy.stat(&format!("listener.127.0.0.1_{tunnel}.worker_{w}.downstream_cx_total"));
+
+    let good = ticket(3, REDIS_IP, 6379, now_ms(), 77, 3);
+    let (first, _held) = connect_tunnel_held(tunnel, &authority, Some(&good)).await?;
+    assert_eq!(first.status, 200, "{first:?}");
+    let (replayed, _held2) = connect_tunnel_held(tunnel, &authority, Some(&good)).await?;
+    assert_eq!(
+        (worker_cx(0), worker_cx(1)),
+        (1, 1),
+        "the two connections did not land on different workers: the test would prove nothing"
+    );
+    assert_eq!(replayed.status, 403, "a ticket replayed on another worker was accepted: {replayed:?}");
+    assert_eq!(replayed.reason(), Some("ticket-replay"));
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 1, "the replay reached the application");
+    // A fresh ticket on either worker still gets through.
+    let fresh = ticket(3, REDIS_IP, 6379, now_ms(), 78, 3);
+    assert_eq!(connect_tunnel(tunnel, &authority, Some(&fresh)).await?.status, 200);
+    Ok(())
+}
+
+/// Issue 11: `fail_open` never admits a credential that failed verification. The key service is
+/// unreachable, so the filter has no ticket key; an attacker presents a ticket sealed with the
+/// only ticket key it can have (its own workload's). It must be refused, not let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_without_keys_refuses_a_forged_ticket() -> Result<()> {
+    let app = EchoApp::start().await?;
+    let unreachable = free_port();
+    let config = format!(
+        r#"{{"mode":"inbound_tunnel","overlay_ip":"{REDIS_IP}","fail_open":true,"key_service":{{"cluster":"keyway_keyservice","timeout_ms":500,"retry_ms":100}}}}"#
+    );
+    let inb = Inbound::new(app.port, unreachable, config, plain_config(1));
+    let envoy = inb.start()?;
+    // Nothing listens on the key service port: Envoy answers the callout itself (503).
+    envoy.wait_until("a failed key refresh", || {
+        stat(&envoy, &refresh_stat("http_status")) + stat(&envoy, &refresh_stat("no_response")) >= 2
+    })?;
+    let forged = TicketClaims {
+        epoch: 1,
+        src: ip(CART_IP),
+        dst: ip(REDIS_IP),
+        dst_port: 6379,
+        protocol: Protocol::Tcp,
+        issued_at_ms: now_ms(),
+        nonce: [9; 12],
+        src_identity: "spiffe://cluster.local/ns/prod/sa/admin".into(),
+    }
+    .seal(&SECRET.ticket_key(CART, ip(CART_IP), 1)?)?;
+    let r = connect_tunnel(inb.port("TUNNEL_PORT"), &format!("{REDIS_IP}:6379"), Some(&forged)).await?;
+    assert_eq!(r.status, 403, "fail_open let a forged ticket through while the filter had no keys: {r:?}");
+    assert_eq!(r.reason(), Some("no-key"));
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 0, "the forged ticket reached the application");
+    assert_eq!(stat(&envoy, &conn_stat("inbound_tunnel", "fail_open")), 0);
+    Ok(())
+}

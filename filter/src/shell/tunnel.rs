@@ -8,7 +8,7 @@ use proxy_wasm::types::{Action, MapType};
 
 use keyway_policy::wire::{DENY_REASON_HEADER, SOURCE_IDENTITY_PROPERTY, TICKET_HEADER};
 
-use super::{Shared, now_ms, tunnel_check};
+use super::{HostStore, Shared, now_ms, tunnel_check};
 use crate::verdict::{self, Action as Verdict};
 
 pub(super) struct Tunnel {
@@ -26,8 +26,9 @@ impl HttpContext for Tunnel {
         let mut guard = self.state.borrow_mut();
         let s = &mut *guard;
         let Some(check) = tunnel_check(s) else { return deny("no-identity") };
+        let replay = s.replay.as_ref().map(|set| (set, &HostStore));
         let action =
-            verdict::inbound_tunnel(&check, &s.keys, s.replay.as_mut(), ticket.as_deref(), authority.as_deref(), now);
+            verdict::inbound_tunnel_shared(&check, &s.keys, replay, ticket.as_deref(), authority.as_deref(), now);
         match action {
             Verdict::Allow(claims) => {
                 s.metrics.connection("allow");
@@ -35,11 +36,8 @@ impl HttpContext for Tunnel {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, TICKET_HEADER, None);
                 Action::Continue
             }
-            Verdict::FailOpen(d) => {
-                s.metrics.refused(&d, true, &format!("CONNECT {authority:?}"));
-                Action::Continue
-            }
-            Verdict::Deny(d) => {
+            // The tunnel verdict never fails open; were it to, the tunnel would still refuse.
+            Verdict::Deny(d) | Verdict::FailOpen(d) => {
                 s.metrics.refused(&d, false, &format!("CONNECT {authority:?}"));
                 deny(d.reason)
             }

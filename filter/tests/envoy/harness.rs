@@ -123,7 +123,12 @@ pub(crate) struct Envoy {
 impl Envoy {
     /// Starts Envoy (one worker thread) and waits until its admin port says it is ready.
     pub(crate) fn start(yaml: &str, admin: u16, name: &str) -> Result<Envoy> {
-        let (child, log) = spawn(yaml, name)?;
+        Envoy::start_workers(yaml, admin, name, 1)
+    }
+
+    /// Starts Envoy with `workers` worker threads (`--concurrency`) and waits until it is ready.
+    pub(crate) fn start_workers(yaml: &str, admin: u16, name: &str, workers: u32) -> Result<Envoy> {
+        let (child, log) = spawn_workers(yaml, name, workers)?;
         let envoy = Envoy { child, admin, log };
         envoy.wait_ready()?;
         Ok(envoy)
@@ -190,12 +195,16 @@ impl Drop for Envoy {
 
 /// Starts Envoy without waiting for it (for configurations it must refuse).
 pub(crate) fn spawn(yaml: &str, name: &str) -> Result<(Child, PathBuf)> {
+    spawn_workers(yaml, name, 1)
+}
+
+fn spawn_workers(yaml: &str, name: &str, workers: u32) -> Result<(Child, PathBuf)> {
     let dir = scratch_dir(name);
     let config = dir.join("envoy.yaml");
     let log = dir.join("envoy.log");
     std::fs::write(&config, yaml)?;
     let child = Command::new(envoy_bin())
-        .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "info", "-c"])
+        .args(["--disable-hot-restart", "--concurrency", &workers.to_string(), "--log-level", "info", "-c"])
         .arg(&config)
         .arg("--log-path")
         .arg(&log)
@@ -444,12 +453,29 @@ impl TunnelReply {
 /// Opens an HTTP/2 CONNECT to `authority` on `port` with an optional ticket; when accepted,
 /// sends `ping` through the tunnel and reads the echo.
 pub(crate) async fn connect_tunnel(port: u16, authority: &str, ticket: Option<&str>) -> Result<TunnelReply> {
+    Ok(connect_tunnel_held(port, authority, ticket).await?.0)
+}
+
+/// What keeps a tunnel's HTTP/2 connection open: the connection closes when it is dropped.
+pub(crate) struct HeldTunnel {
+    _client: h2::client::SendRequest<Bytes>,
+    _send: h2::SendStream<Bytes>,
+    _body: Option<h2::RecvStream>,
+}
+
+/// [`connect_tunnel`], keeping the connection open until the returned [`HeldTunnel`] is dropped.
+pub(crate) async fn connect_tunnel_held(
+    port: u16,
+    authority: &str,
+    ticket: Option<&str>,
+) -> Result<(TunnelReply, HeldTunnel)> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
     let (client, conn) = h2::client::handshake(tcp).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     let mut client = client.ready().await?;
+    let held_client = client.clone();
     let mut req = Request::builder().method(Method::CONNECT).uri(authority);
     if let Some(t) = ticket {
         req = req.header(TICKET_HEADER, t);
@@ -459,6 +485,7 @@ pub(crate) async fn connect_tunnel(port: u16, authority: &str, ticket: Option<&s
     let status = resp.status();
     let headers = resp.headers().clone();
     let mut echo = None;
+    let mut held_body = None;
     if status == StatusCode::OK {
         send.send_data(Bytes::from_static(b"ping"), false)?;
         let mut body = resp.into_body();
@@ -473,6 +500,7 @@ pub(crate) async fn connect_tunnel(port: u16, authority: &str, ticket: Option<&s
             }
         }
         echo = Some(got);
+        held_body = Some(body);
     }
-    Ok(TunnelReply { status, headers, echo })
+    Ok((TunnelReply { status, headers, echo }, HeldTunnel { _client: held_client, _send: send, _body: held_body }))
 }
