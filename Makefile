@@ -35,8 +35,8 @@ manifests: setup ## istio/ rendered with kustomize and validated with samples/ a
 	KEYWAY_KUBECTL="$$(./scripts/install-kubectl.sh)" $(CARGO) test -p keyway-istio-check --locked
 
 istio-xds: ## Istio's own pilot, at each pinned release, generates the sample sidecars' LDS/CDS/ECDS from istio/ and the harness judges them (Go; first build ~10 min)
-	@command -v go >/dev/null || { echo "make istio-xds: needs Go (istio-check/xds/go.mod names the version)" >&2; exit 2; }
-	cd istio-check/xds && export KEYWAY_KUBECTL="$$(../../scripts/install-kubectl.sh)" && \
+	@go=$$(command -v go || echo /usr/local/go/bin/go); [ -x "$$go" ] || { echo "make istio-xds: needs Go (istio-check/xds/go.mod names the version)" >&2; exit 2; }; \
+	cd istio-check/xds && export KEYWAY_KUBECTL="$$(../../scripts/install-kubectl.sh)" PATH="$$(dirname "$$go"):$$PATH" && \
 	for mod in go.mod $$(ls releases/*.mod 2>/dev/null); do \
 		echo "istio-xds: $$mod"; GOFLAGS="$${GOFLAGS:-} -modfile=$$mod" go test -count=1 ./...; \
 	done

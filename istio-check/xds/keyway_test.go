@@ -44,7 +44,7 @@ const (
 
 // world is one zone overlay loaded into pilot, with the baseline (the mesh without keyway).
 type world struct {
-	release, proxyVersion string
+	release, proxyVersion string // the pin's short name, the proxy version
 	mesh                  *mesh
 	zone                  overlay
 	sidecars              []*sidecar
@@ -55,8 +55,8 @@ type world struct {
 // Istio's HBONE inbound (ENABLE_HBONE), so that 15008 is covered where Istio builds it.
 func worlds(t *testing.T) []*world {
 	t.Helper()
-	module, version := release(t)
-	t.Logf("istio.io/istio %s (proxy %s)", module, version)
+	module, name, version := release(t)
+	t.Logf("istio.io/istio %s (%s, proxy %s)", module, name, version)
 	m := loadShop(t)
 	base := server(t, m, nil, nil)
 	baseline := map[string]*sidecar{}
@@ -67,7 +67,7 @@ func worlds(t *testing.T) []*world {
 	}
 	var out []*world
 	for _, o := range overlays(t) {
-		w := &world{release: version, mesh: m, zone: o, baseline: baseline}
+		w := &world{release: name, proxyVersion: version, mesh: m, zone: o, baseline: baseline}
 		s := server(t, m, o.istio, o.kube)
 		for _, p := range m.pods {
 			variants := []bool{false}
@@ -80,7 +80,7 @@ func worlds(t *testing.T) []*world {
 				if hbone {
 					suffix = "+hbone"
 				}
-				sc.dump(t, "istio-"+version, o.zone, suffix)
+				sc.dump(t, name, o.zone, suffix)
 				w.sidecars = append(w.sidecars, sc)
 			}
 		}
@@ -101,7 +101,7 @@ func each(t *testing.T, keep func(*sidecar) bool, f func(t *testing.T, w *world,
 			if !keep(sc) {
 				continue
 			}
-			name := fmt.Sprintf("istio-%s/%s/%s", w.release, w.zone.zone, sc.pod.key())
+			name := fmt.Sprintf("%s/%s/%s", w.release, w.zone.zone, sc.pod.key())
 			if sc.proxy.Metadata.EnableHBONE {
 				name += "+hbone"
 			}

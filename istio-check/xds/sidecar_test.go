@@ -22,29 +22,32 @@ import (
 	"istio.io/istio/pkg/wellknown"
 )
 
-// proxyVersions: the Istio release each pinned istio.io/istio module is, by module version; the
-// sidecars of the harness say they run that release's proxy. The Go module proxy serves no
-// tagged release of istio.io/istio (its tags lack the `v`), only some commits of the main
-// branch; each pin names the release line that commit belongs to (istio/README.md).
-var proxyVersions = map[string]string{
-	"v0.0.0-20260423205519-b01690e6db7d": "1.31.0", // main, 2026-04-23: after the 1.30 branch, in 1.31.0-alpha.0
+// pins: what each pinned istio.io/istio module version is, by module version: a short name (the
+// subtest and dump directory names) and the proxy version its sidecars report. The Go module proxy
+// serves no tagged release of istio.io/istio (its tags lack the `v`), only a few commits
+// (istio/README.md, "Pinned versions").
+var pins = map[string]struct{ name, proxy string }{
+	// main on 2026-04-23: after the 1.30 branch cut, in 1.31.0-alpha.0 (VERSION 1.31).
+	"v0.0.0-20260423205519-b01690e6db7d": {"main-20260423", "1.31.0"},
+	// release-1.31 on 2026-08-27: after 1.31.0-rc.0.
+	"v0.0.0-20260827124520-eed52ebb66ad": {"release-1.31-20260827", "1.31.0"},
 }
 
-// release returns the pinned istio.io/istio module version and the proxy version it stands for.
-// Test binaries carry no module versions, so the go command says which module file is in use
-// (go.mod, or the one GOFLAGS=-modfile=... names: istio/README.md, "Istio in the loop").
-func release(t *testing.T) (module, proxy string) {
+// release returns the pinned istio.io/istio module version, its short name and the proxy version
+// it stands for. Test binaries carry no module versions, so the go command says which module file
+// is in use (go.mod, or the one GOFLAGS=-modfile=... names).
+func release(t *testing.T) (module, name, proxy string) {
 	t.Helper()
 	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}", "istio.io/istio").Output()
 	if err != nil {
 		t.Fatalf("go list -m istio.io/istio: %v", err)
 	}
 	module = strings.TrimSpace(string(out))
-	proxy, ok := proxyVersions[module]
+	pin, ok := pins[module]
 	if !ok {
-		t.Fatalf("istio.io/istio %q has no entry in proxyVersions: add the release it is", module)
+		t.Fatalf("istio.io/istio %q has no entry in pins: add what it is", module)
 	}
-	return module, proxy
+	return module, pin.name, pin.proxy
 }
 
 // sidecar is what pilot generates for one pod.
