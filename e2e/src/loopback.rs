@@ -155,6 +155,8 @@ fn gateway_config(
     c.peer_idle_timeout_ms = 3000;
     c.reload_interval_ms = 100;
     c.limits.connect_timeout_ms = 3000;
+    // Everything of this bed is on loopback, its "outside" destinations too.
+    c.delivery.external_loopback = true;
     Ok(c)
 }
 
@@ -162,7 +164,18 @@ impl Overlay {
     /// Starts the gateways of `zones`, a fake sidecar per workload, with the manifests of the
     /// workloads and `policies`; returns once every gateway is connected to every other zone's.
     pub async fn start(name: &str, zones: &[ZoneLayout<'_>], workloads: Vec<W>, policies: &str) -> Overlay {
-        Overlay::try_start(name, zones, workloads, policies)
+        Overlay::start_with(name, zones, workloads, policies, |_| {}).await
+    }
+
+    /// As [`Overlay::start`], with `tweak` applied to every gateway's configuration.
+    pub async fn start_with(
+        name: &str,
+        zones: &[ZoneLayout<'_>],
+        workloads: Vec<W>,
+        policies: &str,
+        tweak: impl Fn(&mut Config),
+    ) -> Overlay {
+        Overlay::try_start(name, zones, workloads, policies, &tweak)
             .await
             .unwrap_or_else(|e| panic!("in-process overlay {name}: {e:#}"))
     }
@@ -172,6 +185,7 @@ impl Overlay {
         zones: &[ZoneLayout<'_>],
         workloads: Vec<W>,
         policies: &str,
+        tweak: &dyn Fn(&mut Config),
     ) -> anyhow::Result<Overlay> {
         let scratch = Scratch::new(name)?;
         let files = Files::in_dir(&scratch.0);
@@ -199,6 +213,7 @@ impl Overlay {
                 let port = port_of(z.name, n).context("overlay port")?;
                 let mut config = gateway_config(z.name, n, port, &files, &mesh)?;
                 config.delivery.sidecar_port = sidecar_port;
+                tweak(&mut config);
                 // What the gateway gets is what it would read from the file.
                 gwconfig::to_yaml(&config)?;
                 let key = (z.name.to_owned(), (*n).to_owned());

@@ -1,17 +1,24 @@
 //! The admin face, on its own small runtime so a slow scrape never adds latency to flows:
 //! `/healthz`, `/readyz`, `/metrics`, `/config_dump`, `/peers` and the key service
 //! `/v1/keys?ip=<overlay address>`.
+//!
+//! Health, readiness and the key service answer the network (kubelet probes, sidecars); the
+//! others answer only the gateway's own host unless `admin.remote` is set. Open connections are
+//! capped (`limits.max_admin_connections`) and each must send its request headers within
+//! `limits.header_timeout_ms`. The key service answers a workload's own addresses only, and every
+//! refusal is the same answer, so probing it tells nothing about the inventory.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use keyway_policy::engine::Peer;
 
 use crate::proxy::Proxy;
@@ -44,18 +51,29 @@ pub fn start(ctx: Arc<Proxy>) -> anyhow::Result<AdminHandle> {
     std::thread::Builder::new().name("keyway-admin".into()).spawn(move || {
         rt.block_on(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            let open = Arc::new(tokio::sync::Semaphore::new(ctx.config.limits.max_admin_connections));
+            let header_timeout = Duration::from_millis(ctx.config.limits.header_timeout_ms);
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
                     accepted = listener.accept() => {
                         let Ok((tcp, peer)) = accepted else { continue };
+                        let Ok(permit) = open.clone().try_acquire_owned() else {
+                            ctx.metrics.limit_refusals.with_label_values(&["max_admin_connections"]).inc();
+                            continue; // dropped: closed at once
+                        };
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             let svc = service_fn(move |req| {
                                 let ctx = ctx.clone();
                                 async move { Ok::<_, Infallible>(route(&ctx, peer, req)) }
                             });
-                            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(header_timeout)
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .await;
                         });
                     }
                 }
@@ -91,6 +109,11 @@ fn route(ctx: &Proxy, peer: SocketAddr, req: Request<Incoming>) -> Response<Full
             } else {
                 text(StatusCode::OK, "ready\n")
             }
+        }
+        "/metrics" | "/config_dump" | "/peers"
+            if !ctx.config.admin.remote && !peer.ip().to_canonical().is_loopback() =>
+        {
+            text(StatusCode::FORBIDDEN, "served to the gateway's own host only (admin.remote: false)\n")
         }
         "/metrics" => {
             let mut r = text(StatusCode::OK, ctx.metrics.render());
@@ -135,40 +158,44 @@ fn config_dump(ctx: &Proxy) -> Response<Full<Bytes>> {
     )
 }
 
+/// The one answer to every key request that is not served: the same status and body whether the
+/// address is no workload's, another zone's, or a workload's asked from another address.
+fn keys_refused() -> Response<Full<Bytes>> {
+    text(
+        StatusCode::FORBIDDEN,
+        "keys refused: ask the gateway of your zone, from the workload's own address, for its own overlay address\n",
+    )
+}
+
 fn keys(ctx: &Proxy, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
     let outcome = |o: &str| ctx.metrics.key_requests.with_label_values(&[o]).inc();
+    let param = keyway_policy::wire::KEY_SERVICE_IP_PARAM;
     let ip = query
         .split('&')
-        .find_map(|kv| kv.strip_prefix(keyway_policy::wire::KEY_SERVICE_IP_PARAM).and_then(|r| r.strip_prefix('=')))
+        .find_map(|kv| kv.strip_prefix(param).and_then(|r| r.strip_prefix('=')))
         .and_then(|v| v.parse::<IpAddr>().ok());
     let Some(ip) = ip else {
         outcome("bad-request");
-        return text(StatusCode::BAD_REQUEST, "expected ?ip=<the workload's overlay address>\n");
+        return text(StatusCode::BAD_REQUEST, format!("expected ?{param}=<the workload's overlay address>\n"));
     };
     let engine = ctx.state.engine();
     let Peer::Workload(w) = engine.peer_for(ip) else {
         outcome("unknown-workload");
-        return text(StatusCode::NOT_FOUND, format!("{ip} is not the overlay address of any workload\n"));
+        return keys_refused();
     };
     let Some(workload) = engine.inventory().workloads.get(w) else {
         outcome("unknown-workload");
-        return text(StatusCode::NOT_FOUND, "unknown workload\n");
+        return keys_refused();
     };
     if workload.zone.as_deref() != Some(ctx.config.zone.as_str()) {
         outcome("other-zone");
-        return text(
-            StatusCode::FORBIDDEN,
-            format!("{} is not in zone {}; ask a gateway of its own zone\n", workload.display_name(), ctx.config.zone),
-        );
+        return keys_refused();
     }
     let from = peer.ip().to_canonical();
     let own = workload.sidecar_ips.iter().chain(workload.overlay_ips.iter()).any(|a| a.to_canonical() == from);
     if !own && !ctx.config.key_service.allow_any_source {
         outcome("wrong-source");
-        return text(
-            StatusCode::FORBIDDEN,
-            format!("keys of {} are served only to its own addresses\n", workload.display_name()),
-        );
+        return keys_refused();
     }
     let identity = workload.identity(&ctx.config.trust_domain);
     let key_ip = workload.overlay_ips.first().copied().unwrap_or(ip);

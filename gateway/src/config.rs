@@ -34,6 +34,15 @@ pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_DRAIN_MS: u64 = 10_000;
 /// Default key refresh interval suggested to filters (ms).
 pub const DEFAULT_KEY_REFRESH_MS: u64 = 10_000;
+/// Default time an open flow may carry no byte either way before it is closed (ms): Envoy's
+/// tcp_proxy default.
+pub const DEFAULT_FLOW_IDLE_TIMEOUT_MS: u64 = 3_600_000;
+/// Default limit of QUIC handshakes in progress at once.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Default limit of open connections to the admin listener (health, key service, metrics).
+pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Default time a new connection (tunnel, admin) may take to send its first request (ms).
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 
 /// Where the gateway listens.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -115,7 +124,57 @@ pub struct Limits {
     /// Timeout to connect onwards (peer stream, sidecar, external address), ms.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// Concurrent flows one source may hold (a sidecar's address on the tunnel, a source
+    /// workload's overlay address over the overlay); default a quarter of `max_flows`. One
+    /// workload flooding genuine flows fills its share, not the gateway.
+    #[serde(default)]
+    pub max_flows_per_source: Option<usize>,
+    /// Replay-cache nonces one source address may hold; default a quarter of `replay_cache`.
+    #[serde(default)]
+    pub replay_per_source: Option<usize>,
+    /// An open flow carrying no byte either way this long is closed, ms.
+    #[serde(default = "default_flow_idle")]
+    pub flow_idle_timeout_ms: u64,
+    /// QUIC handshakes in progress at once; more are refused (peers retry). Handshakes are served
+    /// only to addresses that proved reachability (a QUIC Retry round trip) first.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Open connections to the admin listener; more are closed at once.
+    #[serde(default = "default_max_admin")]
+    pub max_admin_connections: usize,
+    /// Time a new tunnel or admin connection may take to send its first request, ms; the admin
+    /// listener's HTTP/1 header read timeout.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
 }
+
+fn default_flow_idle() -> u64 {
+    DEFAULT_FLOW_IDLE_TIMEOUT_MS
+}
+fn default_max_handshakes() -> usize {
+    DEFAULT_MAX_HANDSHAKES
+}
+fn default_max_admin() -> usize {
+    DEFAULT_MAX_ADMIN_CONNECTIONS
+}
+fn default_header_timeout() -> u64 {
+    DEFAULT_HEADER_TIMEOUT_MS
+}
+
+impl Limits {
+    /// The flows one source may hold.
+    pub fn flows_per_source(&self) -> usize {
+        self.max_flows_per_source.unwrap_or(self.max_flows / SOURCE_SHARE_DIVISOR).max(1)
+    }
+
+    /// The replay-cache nonces one source may hold.
+    pub fn replay_share(&self) -> usize {
+        self.replay_per_source.unwrap_or(self.replay_cache / SOURCE_SHARE_DIVISOR).max(1)
+    }
+}
+
+/// A source's default share of a limit: one part in this many.
+pub const SOURCE_SHARE_DIVISOR: usize = 4;
 
 fn default_max_flows() -> usize {
     DEFAULT_MAX_FLOWS
@@ -133,6 +192,12 @@ impl Default for Limits {
             max_flows: DEFAULT_MAX_FLOWS,
             replay_cache: DEFAULT_REPLAY_CAPACITY,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            max_flows_per_source: None,
+            replay_per_source: None,
+            flow_idle_timeout_ms: DEFAULT_FLOW_IDLE_TIMEOUT_MS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_admin_connections: DEFAULT_MAX_ADMIN_CONNECTIONS,
+            header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
         }
     }
 }
@@ -144,6 +209,12 @@ pub struct Delivery {
     /// The sidecars' keyway inbound CONNECT port.
     #[serde(default = "default_sidecar_port")]
     pub sidecar_port: u16,
+    /// Let allowed flows to addresses outside the overlay go to loopback addresses. Off by
+    /// default and meant for single-host test beds only: with it on, a workload allowed to reach
+    /// "anything" reaches the gateway host's own loopback services. Link-local, unspecified and
+    /// multicast addresses and the gateway's own addresses stay refused either way.
+    #[serde(default)]
+    pub external_loopback: bool,
 }
 
 fn default_sidecar_port() -> u16 {
@@ -152,8 +223,20 @@ fn default_sidecar_port() -> u16 {
 
 impl Default for Delivery {
     fn default() -> Self {
-        Delivery { sidecar_port: DEFAULT_SIDECAR_INBOUND_PORT }
+        Delivery { sidecar_port: DEFAULT_SIDECAR_INBOUND_PORT, external_loopback: false }
     }
+}
+
+/// Who the admin endpoints answer. `/healthz`, `/readyz` and the key service answer the network
+/// (probes, sidecars); `/metrics`, `/config_dump` and `/peers` answer only the gateway's own host
+/// (loopback) unless `remote` is set.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Serve `/metrics`, `/config_dump` and `/peers` to other hosts too (a Prometheus that scrapes
+    /// over the pod network); restrict who reaches the admin port with a NetworkPolicy then.
+    #[serde(default)]
+    pub remote: bool,
 }
 
 /// Who may fetch keys from the key service.
@@ -272,6 +355,9 @@ pub struct Config {
     /// Key service.
     #[serde(default)]
     pub key_service: KeyService,
+    /// Who the admin endpoints answer.
+    #[serde(default)]
+    pub admin: Admin,
     /// QUIC keep-alive interval, ms.
     #[serde(default = "default_keepalive")]
     pub keepalive_ms: u64,
@@ -389,6 +475,30 @@ impl Config {
         }
         if self.limits.max_flows == 0 || self.limits.replay_cache == 0 {
             return Err(bad("limits", "max_flows and replay_cache must be positive".to_owned()));
+        }
+        let l = &self.limits;
+        if l.max_flows_per_source.is_some_and(|n| n == 0 || n > l.max_flows) {
+            return Err(bad(
+                "limits.max_flows_per_source",
+                format!("must be between 1 and max_flows ({})", l.max_flows),
+            ));
+        }
+        if l.flow_idle_timeout_ms == 0
+            || l.header_timeout_ms == 0
+            || l.max_handshakes == 0
+            || l.max_admin_connections == 0
+        {
+            return Err(bad(
+                "limits",
+                "flow_idle_timeout_ms, header_timeout_ms, max_handshakes and max_admin_connections must be positive"
+                    .to_owned(),
+            ));
+        }
+        if l.replay_per_source.is_some_and(|n| n == 0 || n > l.replay_cache) {
+            return Err(bad(
+                "limits.replay_per_source",
+                format!("must be between 1 and replay_cache ({})", l.replay_cache),
+            ));
         }
         if self.keepalive_ms == 0 || self.peer_idle_timeout_ms <= self.keepalive_ms {
             return Err(bad(

@@ -28,4 +28,3 @@ pub mod source;
 pub mod state;
 pub mod tasks;
 pub mod tls;
-

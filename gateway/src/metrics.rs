@@ -29,6 +29,9 @@ pub struct Metrics {
     pub overlay_streams: IntCounterVec,
     /// Key-service requests, by outcome.
     pub key_requests: IntCounterVec,
+    /// Incoming QUIC connection attempts, by outcome (`retry`: asked to prove its address;
+    /// `accepted`; `refused-limit`: too many handshakes in progress; `failed`).
+    pub handshakes: IntCounterVec,
 }
 
 impl Metrics {
@@ -49,6 +52,11 @@ impl Metrics {
             counter("keyway_gateway_overlay_streams_total", "Overlay streams received by outcome.", &["outcome"])?;
         let key_requests =
             counter("keyway_gateway_key_requests_total", "Key-service requests by outcome.", &["outcome"])?;
+        let handshakes = counter(
+            "keyway_gateway_overlay_handshakes_total",
+            "Incoming QUIC connection attempts by outcome.",
+            &["outcome"],
+        )?;
         let active_flows = IntGauge::new("keyway_gateway_active_flows", "Flows open now.")?;
         registry.register(Box::new(active_flows.clone()))?;
         let replay_cache_entries =
@@ -77,6 +85,7 @@ impl Metrics {
             limit_refusals,
             overlay_streams,
             key_requests,
+            handshakes,
         })
     }
 

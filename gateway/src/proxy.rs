@@ -18,9 +18,10 @@ pub mod relay;
 pub mod route;
 pub mod tunnel;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyway_policy::Engine;
@@ -52,6 +53,51 @@ pub struct Flow {
     pub dst: SocketAddr,
 }
 
+/// The permit of one admitted flow: its place in the gateway's limit and in its source's share.
+#[derive(Debug)]
+pub struct FlowPermit {
+    _flow: OwnedSemaphorePermit,
+    _share: Share,
+}
+
+/// Flows held per source.
+#[derive(Debug)]
+struct Shares {
+    per_source: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Shares {
+    fn take(this: &Arc<Shares>, source: IpAddr) -> Result<Share, Refusal> {
+        let mut held = this.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(source).or_default();
+        if *n >= this.per_source {
+            return Err(Refusal::Limit(Limit::MaxFlowsPerSource));
+        }
+        *n += 1;
+        Ok(Share { shares: this.clone(), source })
+    }
+}
+
+/// One flow's place in its source's share; given back when dropped.
+#[derive(Debug)]
+struct Share {
+    shares: Arc<Shares>,
+    source: IpAddr,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// What every flow shares.
 #[derive(Debug)]
 pub struct Proxy {
@@ -72,6 +118,7 @@ pub struct Proxy {
     /// HTTP/2 connections to this zone's sidecars.
     pub sidecars: pool::SidecarPool,
     flows: Arc<Semaphore>,
+    shares: Arc<Shares>,
     next_flow: AtomicU64,
     draining: CancellationToken,
 }
@@ -88,6 +135,7 @@ impl Proxy {
         Proxy {
             routing: Arc::new(Routing::new(&config)),
             flows: Arc::new(Semaphore::new(config.limits.max_flows)),
+            shares: Arc::new(Shares { per_source: config.limits.flows_per_source(), held: Mutex::default() }),
             config,
             state,
             metrics,
@@ -115,6 +163,11 @@ impl Proxy {
         Duration::from_millis(self.config.limits.connect_timeout_ms)
     }
 
+    /// How long a flow may carry nothing before it is closed.
+    pub fn flow_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.limits.flow_idle_timeout_ms)
+    }
+
     /// Whether the gateway is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
@@ -125,12 +178,15 @@ impl Proxy {
         self.draining.cancel();
     }
 
-    /// Admits a new flow under the limits; the permit is held for the flow's life.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+    /// Admits a new flow from `source` under the limits (the gateway's and the source's share);
+    /// the permit is held for the flow's life.
+    pub fn admit(&self, source: IpAddr) -> Result<FlowPermit, Refusal> {
         if self.is_draining() {
             return Err(Refusal::Draining);
         }
-        self.flows.clone().try_acquire_owned().map_err(|_| Refusal::Limit(Limit::MaxFlows))
+        let share = Shares::take(&self.shares, source.to_canonical())?;
+        let flow = self.flows.clone().try_acquire_owned().map_err(|_| Refusal::Limit(Limit::MaxFlows))?;
+        Ok(FlowPermit { _flow: flow, _share: share })
     }
 
     /// Waits until every admitted flow has ended.

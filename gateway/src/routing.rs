@@ -71,6 +71,7 @@ pub struct Routing {
     my_zone: String,
     trust_domain: String,
     sidecar_port: u16,
+    external_loopback: bool,
     zones: BTreeMap<String, Vec<Arc<PeerGateway>>>,
     failover: BTreeMap<String, Vec<String>>,
     next: AtomicUsize,
@@ -107,6 +108,7 @@ impl Routing {
             my_zone: config.zone.clone(),
             trust_domain: config.trust_domain.clone(),
             sidecar_port: config.delivery.sidecar_port,
+            external_loopback: config.delivery.external_loopback,
             zones,
             failover,
             next: AtomicUsize::new(0),
@@ -121,6 +123,11 @@ impl Routing {
     /// The overlay's trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// Whether external flows may go to loopback addresses (`delivery.external_loopback`).
+    pub fn external_loopback(&self) -> bool {
+        self.external_loopback
     }
 
     /// The keyway inbound port of this zone's sidecars.

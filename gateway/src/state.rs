@@ -105,7 +105,8 @@ impl State {
     pub fn load(config: Arc<Config>, metrics: Arc<Metrics>, engine: Engine) -> Result<State, StateError> {
         let secrets_print = fingerprint(std::slice::from_ref(&config.secrets));
         let secrets = EpochSecrets::load(&config.secrets).map_err(|e| StateError::Secrets(e.to_string()))?;
-        let replay = ReplayCache::new(keyway_policy::auth::Kind::Token, config.limits.replay_cache, config.window_ms);
+        let replay = ReplayCache::new(keyway_policy::auth::Kind::Token, config.limits.replay_cache, config.window_ms)
+            .with_source_share(config.limits.replay_share());
         Ok(State {
             config,
             metrics,

@@ -195,6 +195,16 @@ pub enum AuthError {
         /// The configured capacity.
         capacity: usize,
     },
+    /// The replay cache holds this source's whole share of unexpired nonces: a new nonce from it
+    /// cannot be remembered, so it is refused (other sources are not affected).
+    #[error(
+        "the replay cache holds {share} unexpired nonces of this source, its whole share; it takes new ones as old \
+         ones leave the window"
+    )]
+    ReplaySourceFull {
+        /// The per-source share.
+        share: usize,
+    },
     /// An identity is too long to derive a key for or to carry in a ticket.
     #[error("identity has {len} bytes, more than the {MAX_IDENTITY_LEN} keyway accepts")]
     IdentityTooLong {
@@ -231,6 +241,7 @@ impl AuthError {
             AuthError::WrongDestination { .. } => "ticket-wrong-destination",
             AuthError::Replay { kind } => kind.pick("token-replay", "ticket-replay"),
             AuthError::ReplayCacheFull { .. } => "replay-cache-full",
+            AuthError::ReplaySourceFull { .. } => "replay-cache-source-full",
             AuthError::IdentityTooLong { .. } => "identity-too-long",
             AuthError::ZoneTooLong { .. } => "zone-too-long",
             AuthError::KeyMalformed { .. } => "key-malformed",
@@ -323,6 +334,7 @@ mod tests {
             (AuthError::Replay { kind: t }, "token-replay"),
             (AuthError::Replay { kind: k }, "ticket-replay"),
             (AuthError::ReplayCacheFull { capacity: 3 }, "replay-cache-full"),
+            (AuthError::ReplaySourceFull { share: 2 }, "replay-cache-source-full"),
             (AuthError::IdentityTooLong { len: 2000 }, "identity-too-long"),
             (AuthError::ZoneTooLong { len: 300 }, "zone-too-long"),
             (AuthError::KeyMalformed { what: "workload key" }, "key-malformed"),

@@ -119,6 +119,7 @@ impl Drop for FlowLog {
             (Err(_), _) => "",
             (Ok(()), Some(Ended::Closed)) => "closed",
             (Ok(()), Some(Ended::Error)) => "error",
+            (Ok(()), Some(Ended::Idle)) => "idle",
             (Ok(()), None) => "stopped",
         };
         self.metrics.flows.with_label_values(&[verdict, reason]).inc();

@@ -110,11 +110,17 @@ pub async fn to_sidecar(proxy: &Proxy, flow: &Flow, sidecar: SocketAddr, to: &Re
     })
 }
 
-/// A plain TCP connection to an allowed destination outside the overlay.
+/// A plain TCP connection to an allowed destination outside the overlay. A connection that
+/// turns out to be to one of the gateway host's own addresses (its local and remote addresses
+/// are the same) is closed and refused: the gateway is no proxy to itself.
 pub async fn to_external(proxy: &Proxy, addr: SocketAddr) -> Result<BoxIo, Refusal> {
     let timeout = proxy.connect_timeout();
     let e = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
+            let own = s.local_addr().is_ok_and(|l| l.ip().to_canonical() == addr.ip().to_canonical());
+            if own && !(addr.ip().is_loopback() && proxy.routing.external_loopback()) {
+                return Err(Refusal::ExternalForbidden(addr.ip()));
+            }
             let _ = s.set_nodelay(true);
             return Ok(Box::new(s));
         }

@@ -77,14 +77,38 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
     Err(Refusal::ZoneUnreachable)
 }
 
-/// Accepts overlay connections until the endpoint closes.
+/// Accepts overlay connections until the endpoint closes. A connection attempt from an address
+/// that has not proved it receives packets there is answered with a QUIC Retry (a spoofed
+/// source never completes one); at most `limits.max_handshakes` handshakes run at once, more are
+/// refused (the peer's connector tries again).
 pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(proxy.config.limits.max_handshakes));
+    let count = |outcome: &str| proxy.metrics.handshakes.with_label_values(&[outcome]).inc();
     while let Some(incoming) = endpoint.accept().await {
+        if !incoming.remote_address_validated() {
+            count("retry");
+            if let Err(e) = incoming.retry() {
+                tracing::debug!(error = %e, "overlay retry not sent");
+            }
+            continue;
+        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            count("refused-limit");
+            proxy.metrics.limit_refusals.with_label_values(&["max_handshakes"]).inc();
+            incoming.refuse();
+            continue;
+        };
         let p = proxy.clone();
         proxy.tasks.spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
+            let handshake = incoming.await;
+            drop(permit);
+            let conn = match handshake {
+                Ok(c) => {
+                    p.metrics.handshakes.with_label_values(&["accepted"]).inc();
+                    c
+                }
                 Err(e) => {
+                    p.metrics.handshakes.with_label_values(&["failed"]).inc();
                     tracing::warn!(error = %e, "overlay handshake failed");
                     return;
                 }
@@ -149,7 +173,7 @@ async fn handle_stream(
             log.finish(Ok(()));
             log.set_active();
             let (up, down) = (log.bytes_up.clone(), log.bytes_down.clone());
-            log.relayed(relay(tokio::io::join(recv, send), upstream, &up, &down).await);
+            log.relayed(relay(tokio::io::join(recv, send), upstream, &up, &down, proxy.flow_idle_timeout()).await);
             drop(permit);
         }
         Err(r) => {
@@ -170,7 +194,7 @@ async fn accept(
     peer: &GatewayIdentity,
     recv: &mut quinn::RecvStream,
     log: &mut FlowLog,
-) -> Result<(BoxIo, tokio::sync::OwnedSemaphorePermit), Refusal> {
+) -> Result<(BoxIo, super::FlowPermit), Refusal> {
     let header = read_header(recv).await?;
     let dst = SocketAddr::new(header.dst, header.dst_port);
     log.flow_id = header.flow_id;
@@ -180,19 +204,20 @@ async fn accept(
     if header.src_zone != peer.zone || header.src_gateway != peer.name {
         return Err(Refusal::Header("flow-sender-mismatch"));
     }
-    let permit = proxy.admit()?;
+    let permit = proxy.admit(header.src)?;
     let engine = proxy.state.engine();
     let src = engine.peer_for(header.src);
-    let identity_ok = match src {
-        Peer::Workload(w) => engine
-            .inventory()
-            .workloads
-            .get(w)
-            .is_some_and(|w| w.identity(&proxy.config.trust_domain) == header.identity),
-        Peer::Ip(_) => false,
+    let workload = match src {
+        Peer::Workload(w) => engine.inventory().workloads.get(w),
+        Peer::Ip(_) => None,
     };
-    if !identity_ok {
+    let Some(workload) = workload.filter(|w| w.identity(&proxy.config.trust_domain) == header.identity) else {
         return Err(Refusal::Header("flow-identity-mismatch"));
+    };
+    // A peer gateway speaks only for the workloads of its own zone: a compromised gateway or a
+    // leaked zone certificate impersonates that zone's workloads, no others.
+    if workload.zone.as_deref() != Some(peer.zone.as_str()) {
+        return Err(Refusal::Header("flow-source-zone"));
     }
     let decided = proxy.decide(&engine, src, dst, &[]);
     log.note_rule(&decided);

@@ -33,18 +33,22 @@ impl Entry {
 pub enum Limit {
     /// `limits.max_flows` flows are open.
     MaxFlows,
+    /// The source holds its `limits.max_flows_per_source` flows.
+    MaxFlowsPerSource,
 }
 
 impl Limit {
     fn label(self) -> &'static str {
         match self {
             Limit::MaxFlows => "max-flows",
+            Limit::MaxFlowsPerSource => "max-flows-per-source",
         }
     }
 
     fn metric(self) -> &'static str {
         match self {
             Limit::MaxFlows => "max_flows",
+            Limit::MaxFlowsPerSource => "max_flows_per_source",
         }
     }
 }
@@ -145,6 +149,10 @@ pub enum Refusal {
         /// The rules of both zones, in words.
         rule: String,
     },
+    /// An address outside the overlay that flows may never go to (loopback, link-local,
+    /// unspecified, multicast, the gateway's own).
+    #[error("{0} is not a destination a flow may leave the overlay for")]
+    ExternalForbidden(std::net::IpAddr),
     /// Allowed, but there is nowhere to send it.
     #[error("no route: {}", self.label())]
     Unroutable(Unroutable),
@@ -181,6 +189,7 @@ impl Refusal {
             Refusal::Limit(l) => l.label(),
             Refusal::Token(r) | Refusal::Header(r) => r,
             Refusal::Policy { .. } => "policy-denied",
+            Refusal::ExternalForbidden(_) => "external-forbidden",
             Refusal::RemotePolicy { .. } => "policy-denied-remote",
             Refusal::Unroutable(Unroutable::ServiceNoEndpoints) => "service-no-endpoints",
             Refusal::Unroutable(Unroutable::ServiceNoReachableEndpoint) => "service-no-reachable-endpoint",
@@ -198,8 +207,11 @@ impl Refusal {
     /// `deny` for a refusal by policy or credential, `error` for everything else.
     pub fn verdict(&self) -> &'static str {
         match self {
-            Refusal::Token(_) | Refusal::Policy { .. } | Refusal::RemotePolicy { .. } => "deny",
-            Refusal::Header("flow-identity-mismatch") => "deny",
+            Refusal::Token(_)
+            | Refusal::Policy { .. }
+            | Refusal::RemotePolicy { .. }
+            | Refusal::ExternalForbidden(_) => "deny",
+            Refusal::Header("flow-identity-mismatch" | "flow-source-zone") => "deny",
             _ => "error",
         }
     }
@@ -209,7 +221,10 @@ impl Refusal {
         match self {
             Refusal::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::BadAuthority => StatusCode::BAD_REQUEST,
-            Refusal::Token(_) | Refusal::Policy { .. } | Refusal::RemotePolicy { .. } => StatusCode::FORBIDDEN,
+            Refusal::Token(_)
+            | Refusal::Policy { .. }
+            | Refusal::RemotePolicy { .. }
+            | Refusal::ExternalForbidden(_) => StatusCode::FORBIDDEN,
             Refusal::Draining
             | Refusal::Limit(_)
             | Refusal::ZoneUnreachable
@@ -267,6 +282,9 @@ mod tests {
             (Refusal::BadAuthority, "bad-authority", 400, "error"),
             (Refusal::Draining, "draining", 503, "error"),
             (Refusal::Limit(Limit::MaxFlows), "max-flows", 503, "error"),
+            (Refusal::Limit(Limit::MaxFlowsPerSource), "max-flows-per-source", 503, "error"),
+            (Refusal::ExternalForbidden(addr.ip()), "external-forbidden", 403, "deny"),
+            (Refusal::Header("flow-source-zone"), "flow-source-zone", 502, "deny"),
             (Refusal::Token("token-mac"), "token-mac", 403, "deny"),
             (Refusal::Header("flow-identity-mismatch"), "flow-identity-mismatch", 502, "deny"),
             (Refusal::Header("flow-sender-mismatch"), "flow-sender-mismatch", 502, "error"),

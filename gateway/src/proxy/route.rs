@@ -112,6 +112,9 @@ pub fn decide(
         return Err(Refusal::Policy { rule });
     }
     let route = match dst_peer {
+        Peer::Ip(ip) if external_forbidden(ip, routing.external_loopback()) => {
+            return Err(Refusal::ExternalForbidden(ip));
+        }
         Peer::Ip(ip) => Route::External(SocketAddr::new(ip, dst.port())),
         Peer::Workload(w) => {
             let w = engine.inventory().workloads.get(w);
@@ -130,4 +133,49 @@ pub fn decide(
         }
     };
     Ok(Decision { rule, route, dst: SocketAddr::new(ip, dst.port()), service })
+}
+
+/// Whether flows may never leave the overlay for `ip`, whatever the policy says: unspecified,
+/// "this network", link-local (cloud metadata services live there), multicast and broadcast
+/// addresses, and loopback unless `allow_loopback` (single-host test beds). The gateway's own
+/// other addresses are caught once connected ([`super::deliver::to_external`]).
+pub fn external_forbidden(ip: IpAddr, allow_loopback: bool) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified()
+                || v4.octets()[0] == 0
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || (v4.is_loopback() && !allow_loopback)
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_unicast_link_local()
+                || v6.is_multicast()
+                || (v6.is_loopback() && !allow_loopback)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_destinations_that_are_never_allowed() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for bad in ["0.0.0.0", "0.1.2.3", "169.254.169.254", "224.0.0.1", "255.255.255.255", "::", "fe80::1", "ff02::1"]
+        {
+            assert!(external_forbidden(ip(bad), true), "{bad}");
+        }
+        for lo in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+            assert!(external_forbidden(ip(lo), false), "{lo}");
+            assert!(!external_forbidden(ip(lo), true), "{lo} with loopback allowed");
+        }
+        assert!(external_forbidden(ip("::ffff:169.254.169.254"), true), "v4-mapped forms too");
+        for ok in ["192.0.2.10", "10.1.2.3", "2001:db8::1", "100.64.0.1"] {
+            assert!(!external_forbidden(ip(ok), false), "{ok}");
+        }
+    }
 }

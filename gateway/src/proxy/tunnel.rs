@@ -18,11 +18,10 @@ use keyway_policy::Engine;
 use keyway_policy::auth::{TokenClaims, decode_token};
 use keyway_policy::engine::Peer;
 use tokio::net::TcpListener;
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::accesslog::FlowLog;
 use super::relay::{BoxIo, relay};
-use super::{Decision, Entry, Flow, Proxy, Refusal, Route, deliver, overlay};
+use super::{Decision, Entry, Flow, FlowPermit, Proxy, Refusal, Route, deliver, overlay};
 use keyway_policy::wire::{DENY_REASON_HEADER, RULE_HEADER, TOKEN_HEADER};
 
 type Resp = Response<Empty<Bytes>>;
@@ -82,12 +81,13 @@ async fn handle(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) -> 
         Ok((client, upstream, permit)) => {
             log.finish(Ok(()));
             log.set_active();
+            let idle = proxy.flow_idle_timeout();
             proxy.tasks.spawn(async move {
                 let _permit = permit;
                 match client.await {
                     Ok(client) => {
                         let (up, down) = (log.bytes_up.clone(), log.bytes_down.clone());
-                        log.relayed(relay(TokioIo::new(client), upstream, &up, &down).await);
+                        log.relayed(relay(TokioIo::new(client), upstream, &up, &down, idle).await);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "client went away before the tunnel opened");
@@ -112,12 +112,12 @@ async fn open(
     peer: SocketAddr,
     req: Request<Incoming>,
     log: &mut FlowLog,
-) -> Result<(hyper::upgrade::OnUpgrade, BoxIo, OwnedSemaphorePermit), Refusal> {
+) -> Result<(hyper::upgrade::OnUpgrade, BoxIo, FlowPermit), Refusal> {
     if req.method() != Method::CONNECT {
         return Err(Refusal::NotConnect);
     }
     let dst = authority(&req).ok_or(Refusal::BadAuthority)?;
-    let permit = proxy.admit()?;
+    let permit = proxy.admit(peer.ip())?;
     // One snapshot of the engine for the whole decision: a workload's index is only meaningful in
     // the engine it was looked up in.
     let engine = proxy.state.engine();

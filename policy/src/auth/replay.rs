@@ -5,6 +5,10 @@
 //! `t + window < now`. Memory is bounded by a capacity; when the cache is full of unexpired
 //! nonces it refuses new ones ([`AuthError::ReplayCacheFull`]) rather than forget one early.
 //!
+//! Each source address may hold at most its share of the capacity (all of it unless set with
+//! [`ReplayCache::with_source_share`]), so one source flooding genuine credentials fills its own
+//! share and refuses itself ([`AuthError::ReplaySourceFull`]), not everyone.
+//!
 //! Both maps are `BTreeMap`s: no hasher, so no randomness (which `wasm32-wasip1` would take from
 //! the host) and no hash flooding; each call costs `O(log n)` plus the evictions it performs,
 //! amortised `O(log n)`.
@@ -30,13 +34,32 @@ pub struct ReplayCache {
     expiry_of: BTreeMap<Entry, u64>,
     /// The same entries, ordered by that time.
     by_expiry: BTreeSet<(u64, Entry)>,
+    /// The most entries one source may hold.
+    source_share: usize,
+    /// How many entries each source holds.
+    per_source: BTreeMap<[u8; 16], usize>,
 }
 
 impl ReplayCache {
     /// An empty cache for `kind` credentials (which only names the errors), remembering at most
     /// `capacity` nonces, each for `window_ms` after its credential's issue time.
     pub fn new(kind: Kind, capacity: usize, window_ms: u64) -> Self {
-        ReplayCache { kind, capacity, window_ms, now_ms: 0, expiry_of: BTreeMap::new(), by_expiry: BTreeSet::new() }
+        ReplayCache {
+            kind,
+            capacity,
+            window_ms,
+            now_ms: 0,
+            expiry_of: BTreeMap::new(),
+            by_expiry: BTreeSet::new(),
+            source_share: capacity,
+            per_source: BTreeMap::new(),
+        }
+    }
+
+    /// The same cache, each source address holding at most `share` unexpired nonces.
+    pub fn with_source_share(mut self, share: usize) -> Self {
+        self.source_share = share;
+        self
     }
 
     /// Accepts a credential's nonce once.
@@ -66,9 +89,14 @@ impl ReplayCache {
         if self.expiry_of.len() >= self.capacity {
             return Err(AuthError::ReplayCacheFull { capacity: self.capacity });
         }
+        let held = self.per_source.get(&ip16(src)).copied().unwrap_or(0);
+        if held >= self.source_share {
+            return Err(AuthError::ReplaySourceFull { share: self.source_share });
+        }
         let expiry = issued_at_ms.saturating_add(self.window_ms);
         self.expiry_of.insert(entry, expiry);
         self.by_expiry.insert((expiry, entry));
+        *self.per_source.entry(ip16(src)).or_default() += 1;
         Ok(())
     }
 
@@ -100,6 +128,13 @@ impl ReplayCache {
             }
             self.by_expiry.pop_first();
             self.expiry_of.remove(&entry);
+            let src: [u8; 16] = std::array::from_fn(|i| entry.get(i).copied().unwrap_or(0));
+            if let Some(n) = self.per_source.get_mut(&src) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_source.remove(&src);
+                }
+            }
         }
     }
 }
@@ -176,6 +211,20 @@ mod tests {
         assert_eq!(c.len(), 1);
         // Back at 5 500, A's credential would verify again: the cache says it is expired.
         assert_eq!(reason(c.check_and_insert(A, [1; 12], 5_000, 5_500)), Err("token-expired"));
+    }
+
+    #[test]
+    fn one_source_fills_only_its_share() {
+        let mut c = ReplayCache::new(Kind::Token, 4, W).with_source_share(2);
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 5_000, 5_000)), Ok(()));
+        assert_eq!(reason(c.check_and_insert(A, [2; 12], 5_000, 5_000)), Ok(()));
+        assert_eq!(reason(c.check_and_insert(A, [3; 12], 5_000, 5_000)), Err("replay-cache-source-full"));
+        // Another source still gets in, and a replay is still told as a replay.
+        assert_eq!(reason(c.check_and_insert(B, [3; 12], 5_000, 5_000)), Ok(()));
+        assert_eq!(reason(c.check_and_insert(A, [1; 12], 5_000, 5_000)), Err("token-replay"));
+        // Once A's nonces leave the window, A's share is free again.
+        assert_eq!(reason(c.check_and_insert(A, [4; 12], 6_001, 6_001)), Ok(()));
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! Attacks on the gateway, mounted in-process on loopback with only what each attacker has: a
+//! compromised gateway's own certificate (another zone's), a workload's genuine credentials used
+//! to flood, a workload allowed to reach the outside aiming at the gateway itself. The end-to-end
+//! attacks (real Envoy, namespaces) are in e2e/tests/attacks.rs; docs/security.md lists them all.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use keyway_e2e::gateway::ZoneLayout;
+use keyway_e2e::loopback::*;
+use keyway_gateway::tls::{GatewayIdentity, TlsMaterial, quic_client_config, server_name};
+use keyway_policy::Protocol;
+use keyway_policy::flow::{FlowHeader, Status, StatusCode as FlowStatus};
+
+fn app(k: u8) -> Vec<W> {
+    let sc = |z: u8, n: u8| format!("127.{k}.{z}.{n}");
+    vec![
+        w("shop", "web", "web", "zone-a", "10.201.1.1", &sc(1, 1)),
+        w("shop", "cache", "cache", "zone-a", "10.201.1.2", &sc(1, 2)),
+        w("shop", "api", "api", "zone-b", "10.201.2.1", &sc(2, 1)),
+        w("shop", "api-c", "api", "zone-c", "10.201.3.1", &sc(3, 1)),
+    ]
+}
+
+const ZONES: &[ZoneLayout<'static>] = &[
+    ZoneLayout { name: "zone-a", gateways: &["a1"], failover: &[] },
+    ZoneLayout { name: "zone-b", gateways: &["b1"], failover: &[] },
+    ZoneLayout { name: "zone-c", gateways: &["c1"], failover: &[] },
+];
+
+/// cache (zone-a) accepts only zone-c's api on 8080.
+const POLICIES: &str = r#"
+kind: NetworkPolicy
+metadata: {name: cache-ingress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: cache}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}], ports: [{port: 8080}]}]
+"#;
+
+/// Attacker: a compromised gateway of zone-b (its own certificate and key, nothing else). It
+/// sends zone-a's gateway a flow header claiming a source workload of zone-c, which the policy
+/// lets in. Expected: refused, because a peer speaks only for the workloads of its own zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_gateway_cannot_speak_for_another_zones_workloads() {
+    let o = Overlay::start("att-zone", ZONES, app(41), POLICIES).await;
+    let (api_c, cache) = (o.workload("api-c").clone(), o.workload("cache").clone());
+    let b1 = &o.configs[&("zone-b".to_string(), "b1".to_string())];
+    let a1 = &o.configs[&("zone-a".to_string(), "a1".to_string())];
+    let tls = TlsMaterial::load(&b1.tls.ca, &b1.tls.cert, &b1.tls.key).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quic_client_config(&tls).unwrap());
+    let a1_id = GatewayIdentity { trust_domain: a1.trust_domain.clone(), zone: "zone-a".into(), name: "a1".into() };
+    let a1_overlay = o.gw("zone-a", "a1").overlay_addr;
+    let conn = endpoint.connect(a1_overlay, &server_name(&a1_id)).unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let header = FlowHeader {
+        flow_id: 7,
+        src: api_c.overlay,
+        dst: cache.overlay,
+        dst_port: 8080,
+        protocol: Protocol::Tcp,
+        identity: api_c.identity(),
+        src_zone: "zone-b".into(),
+        src_gateway: "b1".into(),
+        verdict: "forged".into(),
+    };
+    send.write_all(&header.encode()).await.unwrap();
+    let mut prefix = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut prefix)).await.unwrap().unwrap();
+    let (code, n) = Status::decode_prefix(&prefix).unwrap();
+    let mut reason = vec![0u8; n];
+    recv.read_exact(&mut reason).await.unwrap();
+    let reason = String::from_utf8_lossy(&reason).into_owned();
+    assert_eq!(
+        (code, reason.as_str()),
+        (FlowStatus::Refused, "flow-source-zone"),
+        "zone-b's gateway spoke for zone-c's api and was answered {code:?} {reason}"
+    );
+    assert!(o.sidecar("cache").accepted.lock().unwrap().is_empty(), "nothing reached cache");
+}
+
+/// Attacker: one workload with genuine credentials, opening as many flows as it can and holding
+/// them. Expected: it gets its share of the gateway's flows; another workload still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_cannot_take_every_flow_of_the_gateway() {
+    let o = Overlay::start_with("att-flood", ZONES, app(42), "", |c| {
+        c.limits.max_flows = 8;
+    })
+    .await;
+    let (web, cache, api) = (o.workload("web").clone(), o.workload("cache").clone(), o.workload("api").clone());
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        let t = o.token(&web, cache.overlay, 8080, None, now_ms());
+        match connect(a1, web.sidecar, SocketAddr::new(cache.overlay, 8080), Some(&t)).await {
+            Connect::Open(io) => held.push(io),
+            other => {
+                refused = Some(other.refused());
+                break;
+            }
+        }
+    }
+    assert!(held.len() < 8, "one source held every flow of the gateway ({})", held.len());
+    let (status, reason, _) = refused.unwrap();
+    assert_eq!((status, reason.as_str()), (503, "max-flows-per-source"));
+    // Another workload of the zone still gets a flow.
+    let t = o.token(&cache, api.overlay, 8080, None, now_ms());
+    let io = connect(a1, cache.sidecar, SocketAddr::new(api.overlay, 8080), Some(&t)).await.open();
+    assert_eq!(echo(io, b"still here").await, b"still here");
+    drop(held);
+}
+
+/// Attacker: a workload the policy lets reach the outside (no egress policy), aiming its flow at
+/// the gateway's own admin listener and at loopback. Expected: refused before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn external_flows_never_reach_loopback_or_the_gateway_itself() {
+    let o = Overlay::start_with("att-ssrf", ZONES, app(43), "", |c| c.delivery.external_loopback = false).await;
+    let web = o.workload("web").clone();
+    let gw = o.gw("zone-a", "a1");
+    for target in [gw.admin_addr, SocketAddr::new(IpAddr::from([127, 0, 0, 1]), gw.admin_addr.port())] {
+        let t = o.token(&web, target.ip(), target.port(), None, now_ms());
+        let (status, reason, _) = connect(gw.tunnel_addr, web.sidecar, target, Some(&t)).await.refused();
+        assert_eq!((status, reason.as_str()), (403, "external-forbidden"), "flow to {target}");
+    }
+    for (ip, port) in [("169.254.169.254", 80), ("::1", gw.admin_addr.port()), ("0.0.0.0", gw.admin_addr.port())] {
+        let target = SocketAddr::new(ip.parse().unwrap(), port);
+        let t = o.token(&web, target.ip(), target.port(), None, now_ms());
+        let (status, reason, _) = connect(gw.tunnel_addr, web.sidecar, target, Some(&t)).await.refused();
+        assert_eq!((status, reason.as_str()), (403, "external-forbidden"), "flow to {target}");
+    }
+}
+
+/// Attacker: anyone on the underlay sending QUIC Initials to a gateway's overlay port, from its
+/// own or a spoofed address. Expected: the gateway answers a first attempt with a Retry (no TLS
+/// work, no state) and serves a handshake only to an address that echoed it; the real peers'
+/// connectors get through that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quic_handshakes_are_served_only_after_a_retry() {
+    let o = Overlay::start("att-retry", ZONES, app(44), "").await;
+    let admin = o.gw("zone-a", "a1").admin_addr;
+    let retries = metric(admin, "keyway_gateway_overlay_handshakes_total", "outcome=\"retry\"").await;
+    let accepted = metric(admin, "keyway_gateway_overlay_handshakes_total", "outcome=\"accepted\"").await;
+    assert!(retries >= 1.0 && accepted >= 1.0, "retries {retries}, accepted {accepted}");
+    assert!(retries >= accepted, "every accepted handshake was retried first: {retries} < {accepted}");
+}
+
+/// Attacker: a workload holding flows open without sending anything, to pin the gateway's flows.
+/// Expected: a silent flow is closed after `limits.flow_idle_timeout_ms` (here 300 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_flow_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let o = Overlay::start_with("att-idle", ZONES, app(45), "", |c| c.limits.flow_idle_timeout_ms = 300).await;
+    let (web, cache) = (o.workload("web").clone(), o.workload("cache").clone());
+    let a1 = o.gw("zone-a", "a1");
+    let t = o.token(&web, cache.overlay, 8080, None, now_ms());
+    let mut io = connect(a1.tunnel_addr, web.sidecar, SocketAddr::new(cache.overlay, 8080), Some(&t)).await.open();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the silent flow was not closed: {n:?}");
+}
