@@ -209,14 +209,10 @@ func TestEveryReferencedExtensionIsServedWithAnAcceptedType(t *testing.T) {
 				what  string
 				cache wasm.Cache
 			}{{"module fetch failed", failingCache{}}, {"module fetched", fetchedCache{}}} {
-				converted := []*anypb.Any{anyOf(t, ec)}
-				if err := wasm.MaybeConvertWasmExtensionConfig(converted, c.cache); err != nil {
+				out, err := agentConverted(t, ec, c.cache)
+				if err != nil {
 					t.Errorf("ECDS %q: Istio's agent cannot convert it (%s): %v", r.name, c.what, err)
 					continue
-				}
-				out := &core.TypedExtensionConfig{}
-				if err := converted[0].UnmarshalTo(out); err != nil {
-					t.Fatal(err)
 				}
 				accepts(c.what, out.GetTypedConfig().GetTypeUrl())
 				if c.what == "module fetch failed" && pluginMode(t, ec) != "" {
@@ -227,6 +223,20 @@ func TestEveryReferencedExtensionIsServedWithAnAcceptedType(t *testing.T) {
 			}
 		}
 	})
+}
+
+// agentConverted is what Istio's agent sends Envoy in place of ec, fetching modules through cache.
+func agentConverted(t *testing.T, ec *core.TypedExtensionConfig, cache wasm.Cache) (*core.TypedExtensionConfig, error) {
+	t.Helper()
+	converted := []*anypb.Any{anyOf(t, proto.Clone(ec))}
+	if err := wasm.MaybeConvertWasmExtensionConfig(converted, cache); err != nil {
+		return nil, err
+	}
+	out := &core.TypedExtensionConfig{}
+	if err := converted[0].UnmarshalTo(out); err != nil {
+		t.Fatal(err)
+	}
+	return out, nil
 }
 
 // failingCache: the module cannot be fetched.
