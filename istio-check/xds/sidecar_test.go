@@ -19,7 +19,6 @@ import (
 	"istio.io/istio/pilot/pkg/simulation"
 	pilotxds "istio.io/istio/pilot/test/xds"
 	"istio.io/istio/pkg/util/protomarshal"
-	"istio.io/istio/pkg/wellknown"
 )
 
 // pins: what each pinned istio.io/istio module version is, by module version: a short name (the
@@ -217,5 +216,3 @@ func describeFilters(fc *listener.FilterChain) string {
 	}
 	return fmt.Sprintf("chain %q %v", fc.GetName(), names)
 }
-
-var _ = wellknown.TCPProxy
