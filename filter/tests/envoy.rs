@@ -77,7 +77,9 @@ fn service_config(mode: &str, overlay_ip: Option<&str>) -> String {
     )
 }
 
-fn ticket(epoch: u32, dst: &str, port: u16, issued_at_ms: u64, nonce: u8, key_epoch: u32) -> String {
+/// A ticket from cart to `dst`; `nonce` makes its nonce (distinct numbers, distinct nonces).
+fn ticket(epoch: u32, dst: &str, port: u16, issued_at_ms: u64, nonce: u64, key_epoch: u32) -> String {
+    let n = nonce.to_le_bytes();
     TicketClaims {
         epoch,
         src: ip(CART_IP),
@@ -85,7 +87,7 @@ fn ticket(epoch: u32, dst: &str, port: u16, issued_at_ms: u64, nonce: u8, key_ep
         dst_port: port,
         protocol: Protocol::Tcp,
         issued_at_ms,
-        nonce: [nonce; 12],
+        nonce: std::array::from_fn(|i| n.get(i).copied().unwrap_or(0)),
         src_identity: CART.into(),
     }
     // Sealed with the receiving workload's own ticket key (redis is the inbound side throughout).
@@ -403,7 +405,7 @@ async fn key_refresh_and_rotation_through_the_key_service() -> Result<()> {
     for (i, epoch) in [1u32, 2].into_iter().enumerate() {
         let until = std::time::Instant::now() + DEADLINE;
         loop {
-            let t = ticket(epoch, REDIS_IP, 6379, now_ms(), 100 + i as u8 * 50 + accepted, epoch);
+            let t = ticket(epoch, REDIS_IP, 6379, now_ms(), (i as u64 + 1) * 1_000_000 + accepted, epoch);
             accepted += 1;
             let r = connect_tunnel(tunnel, &authority, Some(&t)).await?;
             if r.status == 200 {
@@ -418,9 +420,10 @@ async fn key_refresh_and_rotation_through_the_key_service() -> Result<()> {
     // Once epoch 1 is gone from the bundle, its tickets are refused.
     redis.set(200, json(&bundle(REDIS, REDIS_IP, &[(2, None)], 200)));
     let until = std::time::Instant::now() + DEADLINE;
-    let mut n = 200u8;
+    // Every ticket of the loop has its own nonce: a repeated one would be a replay.
+    let mut n = 1_000u64;
     loop {
-        n = n.wrapping_add(1);
+        n += 1;
         let r = connect_tunnel(tunnel, &authority, Some(&ticket(1, REDIS_IP, 6379, now_ms(), n, 1))).await?;
         if r.status == 403 {
             assert_eq!(r.reason(), Some("ticket-epoch"));
