@@ -92,10 +92,12 @@ func worlds(t *testing.T) []*world {
 var loaded []*world
 
 // each runs f for every zone overlay and every sidecar that pass keep.
-func each(t *testing.T, keep func(*sidecar) bool, f func(t *testing.T, w *world, sc *sidecar)) {
+// It returns how many sidecars it ran f for.
+func each(t *testing.T, keep func(*sidecar) bool, f func(t *testing.T, w *world, sc *sidecar)) int {
 	if loaded == nil {
 		loaded = worlds(t)
 	}
+	n := 0
 	for _, w := range loaded {
 		for _, sc := range w.sidecars {
 			if !keep(sc) {
@@ -106,8 +108,10 @@ func each(t *testing.T, keep func(*sidecar) bool, f func(t *testing.T, w *world,
 				name += "+hbone"
 			}
 			t.Run(name, func(t *testing.T) { f(t, w, sc) })
+			n++
 		}
 	}
+	return n
 }
 
 func enforced(sc *sidecar) bool       { return sc.pod.enforced }
@@ -190,7 +194,9 @@ func (sc *sidecar) keywayFirst(t *testing.T, fc *listener.FilterChain, mode stri
 // FAIL_CLOSE, allow for FAIL_OPEN; pkg/wasm MaybeConvertWasmExtensionConfig), and what it sends
 // when the fetch succeeds (the module as a local file).
 func TestEveryReferencedExtensionIsServedWithAnAcceptedType(t *testing.T) {
-	each(t, func(*sidecar) bool { return true }, func(t *testing.T, w *world, sc *sidecar) {
+	refs := 0
+	n := each(t, func(*sidecar) bool { return true }, func(t *testing.T, w *world, sc *sidecar) {
+		refs += len(sc.refs)
 		for _, r := range sc.refs {
 			ec := sc.served(r.name)
 			if ec == nil {
@@ -223,6 +229,7 @@ func TestEveryReferencedExtensionIsServedWithAnAcceptedType(t *testing.T) {
 			}
 		}
 	})
+	t.Logf("%d sidecars, %d ECDS references, each also through the agent with the module fetched and not", n, refs)
 }
 
 // agentConverted is what Istio's agent sends Envoy in place of ec, fetching modules through cache.
@@ -300,12 +307,14 @@ func contains(l []string, s string) bool {
 // destination) takes every kind of outbound connection through it: overlay addresses to the
 // gateway tunnel, mesh Service VIPs on HTTP and TCP ports, unknown addresses (passthrough).
 func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
-	each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
+	chainCount, calls := 0, 0
+	n := each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
 		for _, l := range sc.listeners {
 			if l.GetTrafficDirection() != core.TrafficDirection_OUTBOUND {
 				continue
 			}
 			for _, fc := range chains(l) {
+				chainCount++
 				if !sc.keywayFirst(t, fc, modeOutbound) {
 					t.Errorf("outbound listener %s: %s does not start with keyway's outbound filter", l.GetName(), describeFilters(fc))
 				}
@@ -319,6 +328,7 @@ func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 				return nil
 			}}
 			r := sc.sim.Run(c.call)
+			calls++
 			what := fmt.Sprintf("%s %s:%d (%s)", c.what, c.call.Address, c.call.Port, c.call.Protocol)
 			switch {
 			case r.Error != nil:
@@ -332,6 +342,7 @@ func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 			}
 		}
 	})
+	t.Logf("%d sidecars, %d outbound filter chains, %d simulated outbound connections", n, chainCount, calls)
 }
 
 type outboundCall struct {
@@ -392,12 +403,14 @@ func outboundCalls(m *mesh) []outboundCall {
 // keyway inbound listener (15181) is there, with the ticket filter first and a CONNECT route to
 // every application port of the pod.
 func TestEveryCapturedInboundChainOfAnEnforcedPodClosesPlainConnections(t *testing.T) {
-	each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
+	chainCount, calls := 0, 0
+	n := each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
 		for _, l := range sc.listeners {
 			if !captured(l) || l.GetName() == inboundListener {
 				continue
 			}
 			for _, fc := range chains(l) {
+				chainCount++
 				if !sc.keywayFirst(t, fc, modeInboundPlain) {
 					t.Errorf("inbound listener %s: %s does not start with keyway's inbound_plain filter", l.GetName(), describeFilters(fc))
 				}
@@ -422,6 +435,7 @@ func TestEveryCapturedInboundChainOfAnEnforcedPodClosesPlainConnections(t *testi
 					return nil
 				}}
 				r := sc.sim.Run(c)
+				calls++
 				what := fmt.Sprintf("inbound %s:%d (%s, %s)", c.Address, port, c.Protocol, c.TLS)
 				if r.Error != nil && matched == nil {
 					t.Errorf("%s: %v", what, r.Error)
@@ -432,6 +446,7 @@ func TestEveryCapturedInboundChainOfAnEnforcedPodClosesPlainConnections(t *testi
 		}
 		checkInboundListener(t, sc, appPorts(sc.pod, w.mesh))
 	})
+	t.Logf("%d sidecars, %d captured inbound filter chains, %d simulated inbound connections", n, chainCount, calls)
 }
 
 // hbonePort: Istio's HBONE inbound port (its listener, connect_terminate, has no traffic direction).
@@ -527,7 +542,7 @@ func checkInboundListener(t *testing.T, sc *sidecar, ports []int) {
 // A pod without the enforce label gets exactly the listeners and clusters Istio generates for it
 // without keyway.
 func TestPodsNotEnforcedAreUnchanged(t *testing.T) {
-	each(t, notEnforcedPod, func(t *testing.T, w *world, sc *sidecar) {
+	n := each(t, notEnforcedPod, func(t *testing.T, w *world, sc *sidecar) {
 		want := w.baseline[sc.pod.key()]
 		if d := cmp.Diff(byName(want.listeners), byName(sc.listeners), protocmp.Transform()); d != "" {
 			t.Errorf("listeners differ from Istio's without keyway (-without +with):\n%s", clip(d))
@@ -539,6 +554,7 @@ func TestPodsNotEnforcedAreUnchanged(t *testing.T) {
 			t.Errorf("references ECDS: %v", sc.refs)
 		}
 	})
+	t.Logf("%d sidecars compared with Istio's output without keyway", n)
 }
 
 type named interface {
