@@ -155,7 +155,7 @@ func ecdsRefs(t *testing.T, listeners []*listener.Listener) []ecdsRef {
 	return out
 }
 
-// dump writes the sidecar's LDS, CDS and ECDS as JSON under $KEYWAY_XDS_DUMP/<release>/<zone>/
+// dump writes the sidecar's LDS, CDS and ECDS as JSON under $KEYWAY_XDS_DUMP/<pin>/<zone>/
 // <namespace>.<pod>/ (lds.json, cds.json, ecds.json: arrays of the resources as pilot sends them),
 // for the e2e run through Istio's output (issue 12, part 3). Nothing is written when unset.
 func (sc *sidecar) dump(t *testing.T, releaseName, zone, variant string) {
