@@ -113,3 +113,38 @@ fn a_pods_own_bundle_cannot_mint_tickets_for_another_workload() {
         victim.name
     );
 }
+
+/// Attacker: the app container of an enforced pod, reaching its zone's gateway over the network.
+/// It reads the admin endpoints (configuration, peers, metrics) and probes the key service to
+/// learn which addresses are workloads and where they live. Expected: the admin endpoints beyond
+/// health and readiness answer only the gateway's own host, and every key request that is not
+/// for the asking pod itself gets one and the same refusal.
+#[test]
+fn a_pod_learns_nothing_from_the_gateways_admin_and_key_service() {
+    let _l = lock();
+    let c = cluster("at2");
+    let me = c.workloads.first().expect("a workload");
+    let gw = c.gateways.iter().find(|g| g.zone == me.zone).expect("a gateway of the zone");
+    let base = format!("{}:{DEFAULT_ADMIN_PORT}", gw.pod.ip);
+    for path in ["/config_dump", "/peers", "/metrics"] {
+        let (status, body) = get_as_pod(&c, &me.pod.ns, &format!("{base}{path}"));
+        assert_eq!(status, 403, "{} read {path} of its gateway: {status} {body}", me.name);
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(get_as_pod(&c, &me.pod.ns, &format!("{base}{path}")).0, 200, "{path} stays open to probes");
+    }
+    // Its own keys: yes.
+    let keys =
+        |ip: IpAddr| get_as_pod(&c, &me.pod.ns, &format!("{base}{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={ip}"));
+    assert_eq!(keys(me.overlay).0, 200);
+    // Anything else: one answer, whatever the address is.
+    let same_zone = c.workloads.iter().find(|w| w.zone == me.zone && w.name != me.name).expect("a neighbour");
+    let other_zone = c.workloads.iter().find(|w| w.zone != me.zone).expect("a workload elsewhere");
+    let nobody: IpAddr = "10.255.255.254".parse().unwrap();
+    let answers: Vec<(u16, String)> = [same_zone.overlay, other_zone.overlay, nobody].into_iter().map(keys).collect();
+    assert_eq!(answers[0].0, 403, "a neighbour's keys: {:?}", answers[0]);
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "the key service tells a neighbour, another zone's workload and no workload apart: {answers:?}"
+    );
+}
