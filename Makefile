@@ -18,8 +18,9 @@ help: ## list the targets
 setup: ## install the Rust toolchain pieces the build needs (wasm target, rustfmt, clippy)
 	@./scripts/setup.sh
 
-check: setup ## fmt, clippy for the host (the gateway with and without kubernetes) and for keyway-policy and the filter on wasm32-wasip1, warnings are errors
+check: setup ## fmt, clippy (host, the gateway with kubernetes, wasm32-wasip1; warnings are errors, at most six arguments), no module import cycles
 	$(CARGO) fmt --all --check
+	python3 scripts/modcycles.py policy/src gateway/src filter/src e2e/src bench/src istio-check/src
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p keyway-gateway --features kubernetes --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
