@@ -101,6 +101,8 @@ pub struct Built {
     pub unaddressed: usize,
     /// The loader's and compiler's warnings.
     pub warnings: Vec<Warning>,
+    /// Cluster objects refused on their own (their source and why), the rest applied.
+    pub refused: Vec<(String, String)>,
 }
 
 use crate::state::Fingerprint;
@@ -198,15 +200,14 @@ impl KubeSource {
         let statics = self.statics()?;
 
         // Each cluster object on its own: the malformed are reported and left out.
-        let mut local: Vec<LocalObject> = Vec::new();
-        let mut taken: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut checked: Vec<(LocalObject, Vec<IpAddr>)> = Vec::new();
         let mut skipped = 0;
         let mut reported = BTreeSet::new();
         for obj in objects::local_objects(snapshot, &self.config.zone) {
             match objects::check(&obj.object()) {
                 Ok(m) => {
-                    taken.extend(objects::claimed(&m));
-                    local.push(obj);
+                    let claims = objects::claimed(&m).collect();
+                    checked.push((obj, claims));
                 }
                 Err(e) => {
                     skipped += 1;
@@ -221,14 +222,40 @@ impl KubeSource {
                 }
             }
         }
-        self.reported = reported;
 
-        let local_idents: BTreeSet<objects::Ident> = local.iter().map(|o| o.ident.clone()).collect();
+        let local_idents: BTreeSet<objects::Ident> = checked.iter().map(|(o, _)| o.ident.clone()).collect();
         let (kept, dropped) = objects::merge_static(&statics, &local_idents);
         for (why, n) in dropped {
             tracing::debug!(count = n, reason = why, "static objects dropped in favour of the cluster");
         }
-        taken.extend(kept.iter().flat_map(|s| s.claimed.iter().copied()));
+        let mut taken: BTreeSet<IpAddr> = kept.iter().flat_map(|s| s.claimed.iter().copied()).collect();
+
+        // Overlay addresses claimed by annotations must not take one that is held already: the
+        // recorded address of a pod keyway addresses, the static inventory's, or an older claim.
+        // A claim that would is refused on its own; the rest applies.
+        let record = self.record.read().await.map_err(SourceError::Record)?;
+        let wanting: BTreeSet<&String> = checked.iter().filter_map(|(o, _)| o.wants_address.as_ref()).collect();
+        let held: BTreeSet<IpAddr> =
+            record.entries.iter().filter(|(k, _)| wanting.contains(k)).map(|(_, ip)| *ip).collect();
+        checked.sort_by(|(a, _), (b, _)| (a.created(), &a.source).cmp(&(b.created(), &b.source)));
+        let mut local: Vec<LocalObject> = Vec::new();
+        let mut refused = Vec::new();
+        for (obj, claims) in checked {
+            if let Some(ip) = claims.iter().find(|ip| taken.contains(ip) || held.contains(ip)) {
+                let why = format!("claims overlay address {ip}, which another workload holds");
+                let tag = format!("{}@{}#conflict", obj.source, obj.resource_version);
+                if !self.reported.contains(&tag) {
+                    tracing::error!(object = %obj.source, address = %ip, "{why}; left out of the inventory, the rest applies");
+                }
+                reported.insert(tag);
+                refused.push((obj.source.clone(), why));
+                continue;
+            }
+            taken.extend(claims);
+            local.push(obj);
+        }
+        self.reported = reported;
+        refused.sort();
 
         let wanted: BTreeSet<String> = local.iter().filter_map(|o| o.wants_address.clone()).collect();
         let allocation = self.record.allocate(&self.prefix, &wanted, &taken).await.map_err(SourceError::Record)?;
@@ -257,6 +284,7 @@ impl KubeSource {
             from_static: kept.len(),
             unaddressed: allocation.exhausted.len(),
             warnings,
+            refused,
         })
     }
 
@@ -268,6 +296,7 @@ impl KubeSource {
                 for w in &built.warnings {
                     tracing::warn!(warning = %w, "inventory");
                 }
+                metrics.kubernetes_refused.set(built.refused.len() as i64);
                 tracing::info!(
                     objects = built.local,
                     skipped = built.skipped,

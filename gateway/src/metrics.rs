@@ -29,6 +29,9 @@ pub struct Metrics {
     pub overlay_streams: IntCounterVec,
     /// Key-service requests, by outcome.
     pub key_requests: IntCounterVec,
+    /// Cluster objects the Kubernetes source left out of the last built inventory because they
+    /// conflict with another (an overlay address another workload holds); the log names them.
+    pub kubernetes_refused: IntGauge,
     /// Incoming QUIC connection attempts, by outcome (`retry`: asked to prove its address;
     /// `accepted`; `refused-limit`: too many handshakes in progress; `failed`).
     pub handshakes: IntCounterVec,
@@ -57,6 +60,11 @@ impl Metrics {
             "Incoming QUIC connection attempts by outcome.",
             &["outcome"],
         )?;
+        let kubernetes_refused = IntGauge::new(
+            "keyway_gateway_kubernetes_refused_objects",
+            "Cluster objects left out of the inventory as conflicting (the log names them).",
+        )?;
+        registry.register(Box::new(kubernetes_refused.clone()))?;
         let active_flows = IntGauge::new("keyway_gateway_active_flows", "Flows open now.")?;
         registry.register(Box::new(active_flows.clone()))?;
         let replay_cache_entries =
@@ -86,6 +94,7 @@ impl Metrics {
             overlay_streams,
             key_requests,
             handshakes,
+            kubernetes_refused,
         })
     }
 

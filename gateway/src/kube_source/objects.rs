@@ -64,6 +64,12 @@ pub struct LocalObject {
 }
 
 impl LocalObject {
+    /// Its `metadata.creationTimestamp` (RFC 3339, UTC, so it sorts as text); objects without one
+    /// sort last.
+    pub fn created(&self) -> &str {
+        self.value.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("~")
+    }
+
     /// The loader's input.
     pub fn object(&self) -> Object {
         Object::new(self.source.clone(), self.value.clone())
@@ -74,6 +80,10 @@ impl LocalObject {
         set_annotation(&mut self.value, OVERLAY_IPS_ANNOTATION, ip.to_string());
     }
 }
+
+/// The label a pod opts in with: only pods labelled `keyway.io/enforce: "true"` (the label the
+/// Istio manifests select the sidecars to enforce with) get an overlay address from the prefix.
+pub const ENFORCE_LABEL: &str = "keyway.io/enforce";
 
 /// Sets `metadata.annotations[key]`, creating the maps when missing. A metadata or annotations
 /// value that is not a map is left alone: the loader reports it.
@@ -178,7 +188,9 @@ fn local_object(kind: Kind, obj: DynamicObject, zone: &str) -> Option<LocalObjec
             }
         }
         let mine = pod_zone.as_deref().is_none_or(|z| z == zone);
-        if mine && annotation(&value, OVERLAY_IPS_ANNOTATION).is_none_or(|s| s.trim().is_empty()) {
+        let enforced = value.pointer("/metadata/labels").and_then(|l| l.get(ENFORCE_LABEL)).and_then(Value::as_str)
+            == Some("true");
+        if mine && enforced && annotation(&value, OVERLAY_IPS_ANNOTATION).is_none_or(|s| s.trim().is_empty()) {
             wants_address = Some(super::addresses::record_key(&ns, &name));
         }
     }

@@ -95,9 +95,11 @@ fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": "shop"}}})
 }
 
-/// A pod of ReplicaSet `owner` (or a bare pod when `owner` is empty).
+/// A pod of ReplicaSet `owner` (or a bare pod when `owner` is empty), enforced (labelled
+/// `keyway.io/enforce: "true"`).
 fn pod(name: &str, owner: &str, app: &str, port: u16, pod_ip: &str) -> Value {
-    let mut meta = json!({"name": name, "namespace": "shop", "labels": {"app": app}, "uid": format!("uid-{name}")});
+    let mut meta = json!({"name": name, "namespace": "shop", "labels": {"app": app, "keyway.io/enforce": "true"},
+        "uid": format!("uid-{name}"), "creationTimestamp": "2026-01-01T00:00:00Z"});
     if !owner.is_empty() {
         meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner,
             "uid": format!("uid-{owner}"), "controller": true}]);
@@ -409,4 +411,52 @@ async fn overlay_addresses_are_recorded_stable_across_a_restart_and_never_collid
         e.inventory().workloads.iter().map(|w| (w.short_name(), w.overlay_ips.clone())).collect()
     };
     assert_eq!(by_name(&built.engine), by_name(&again.engine));
+}
+
+/// Attacker: whoever deploys a pod (any namespace) and annotates it with another workload's
+/// overlay address, to receive its traffic or to break the zone's inventory. Expected: the
+/// claiming pod alone is left out (logged, counted); the address stays with its holder (the one
+/// keyway recorded, or the older claim), and the rest of the inventory applies.
+#[tokio::test]
+async fn a_pod_claiming_another_workloads_overlay_address_is_refused_alone() {
+    let s = scratch("10.128.1.0/27");
+    let api = cluster(false).await;
+    api.set_configmap("keyway-overlay-addresses", json!({"shop.db-0": "10.128.1.29"}));
+    let claim = |name: &str, ip: &str, created: &str| {
+        let mut p = pod(name, "", name, 80, "10.0.0.60");
+        p["metadata"]["annotations"] = json!({"keyway.io/overlay-ips": ip});
+        p["metadata"]["creationTimestamp"] = json!(created);
+        p
+    };
+    // db-0's recorded address, claimed by a newcomer.
+    api.apply(PODS, claim("evil-0", "10.128.1.29", "2026-06-01T00:00:00Z"));
+    // Two annotated pods claiming one address: the older keeps it.
+    api.apply(PODS, claim("own-0", "10.128.1.3", "2026-02-01T00:00:00Z"));
+    api.apply(PODS, claim("copy-0", "10.128.1.3", "2026-06-01T00:00:00Z"));
+    let mut source = synced_source(&api, &s).await;
+    let built = source.build().await.unwrap();
+    let e = &built.engine;
+    assert_eq!(overlay(e, "shop", "db-0"), ["10.128.1.29".parse::<IpAddr>().unwrap()]);
+    assert_eq!(overlay(e, "shop", "own-0"), ["10.128.1.3".parse::<IpAddr>().unwrap()]);
+    assert!(e.inventory().find("shop", "evil-0").is_none(), "{:?}", names(e));
+    assert!(e.inventory().find("shop", "copy-0").is_none(), "{:?}", names(e));
+    let refused: Vec<&str> = built.refused.iter().map(|(source, _)| source.as_str()).collect();
+    assert_eq!(refused, ["kubernetes:pods/shop/copy-0", "kubernetes:pods/shop/evil-0"]);
+    assert!(built.refused.iter().all(|(_, why)| why.contains("overlay address")), "{:?}", built.refused);
+}
+
+/// Only pods that opt in (labelled `keyway.io/enforce: "true"`) get an overlay address.
+#[tokio::test]
+async fn only_enforced_pods_get_an_overlay_address() {
+    let s = scratch("10.128.1.0/27");
+    let api = cluster(false).await;
+    let mut plain = pod("plain-0", "", "plain", 80, "10.0.0.70");
+    plain["metadata"]["labels"] = json!({"app": "plain"});
+    api.apply(PODS, plain);
+    let mut source = synced_source(&api, &s).await;
+    let built = source.build().await.unwrap();
+    assert!(overlay(&built.engine, "shop", "plain-0").is_empty(), "a pod that did not opt in got an address");
+    assert_eq!(overlay(&built.engine, "shop", "db-0").len(), 1);
+    let recorded = api.configmap_data("keyway-overlay-addresses").unwrap();
+    assert!(!recorded.contains_key("shop.plain-0"), "{recorded:?}");
 }
