@@ -2,7 +2,7 @@
 //! impairment relay: small tokio programs run inside the network namespaces.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -207,12 +207,18 @@ struct Impairment {
     loss: f64,
 }
 
-fn read_control(path: &PathBuf) -> Impairment {
+/// Where the relay says which control text it applies (see [`applied`]).
+pub fn applied(control: &Path) -> PathBuf {
+    control.with_extension("applied")
+}
+
+/// Reads the control file: the impairment and the text it came from.
+fn read_control(path: &Path) -> (Impairment, String) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut it = text.split_whitespace();
     let delay_ms = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let loss = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0).clamp(0.0, 100.0) / 100.0;
-    Impairment { delay_ms, loss }
+    (Impairment { delay_ms, loss }, text)
 }
 
 fn coin() -> f64 {
@@ -226,14 +232,17 @@ fn coin() -> f64 {
 /// client, and the answers back, through the impairment of the control file (re-read every
 /// 100 ms).
 pub async fn relay(pairs: Vec<(SocketAddr, SocketAddr)>, control: PathBuf) -> anyhow::Result<()> {
-    let imp = Arc::new(std::sync::RwLock::new(read_control(&control)));
+    let imp = Arc::new(std::sync::RwLock::new(read_control(&control).0));
     let imp2 = imp.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            let (now, text) = read_control(&control);
             if let Ok(mut g) = imp2.write() {
-                *g = read_control(&control);
+                *g = now;
             }
+            // Only once it is in force: `Cluster::impair` waits for this.
+            let _ = std::fs::write(applied(&control), text);
         }
     });
     let mut tasks = Vec::new();

@@ -548,10 +548,14 @@ impl Cluster {
         serde_json::from_str(out.trim()).context("probe output")
     }
 
-    /// Sets the impairment of the overlay between zones (applied by the relay within 100 ms).
+    /// Sets the impairment of the overlay between zones; returns once the relay applies it.
     pub fn impair(&self, delay_ms: u64, loss_percent: f64) -> anyhow::Result<()> {
-        std::fs::write(&self.control, format!("{delay_ms} {loss_percent}\n"))?;
-        std::thread::sleep(Duration::from_millis(250));
+        let text = format!("{delay_ms} {loss_percent}\n");
+        std::fs::write(&self.control, &text)?;
+        let applied = crate::app::applied(&self.control);
+        wait_until(Duration::from_secs(5), "the relay to apply the impairment", || {
+            std::fs::read_to_string(&applied).is_ok_and(|t| t == text)
+        })?;
         Ok(())
     }
 

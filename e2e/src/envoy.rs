@@ -172,14 +172,16 @@ static_resources:
     }
 }
 
-/// The command line of every Envoy of the beds: one worker (as the end-to-end sidecars and the
-/// benchmark compare), no hot restart, warnings only.
+/// Worker threads of every Envoy of the beds.
+const WORKERS: u64 = 1;
+
+/// The command line of every Envoy of the beds: [`WORKERS`] workers (the end-to-end sidecars and
+/// every benchmark path alike), no hot restart, warnings only.
 pub fn command(envoy: &Path, config: &Path) -> Vec<String> {
-    [envoy, Path::new("-c"), config, Path::new("--concurrency"), Path::new("1")]
-        .iter()
-        .map(|p| p.display().to_string())
-        .chain(["--disable-hot-restart", "-l", "warning"].map(str::to_owned))
-        .collect()
+    let config = config.display().to_string();
+    let workers = WORKERS.to_string();
+    let args = ["-c", &config, "--concurrency", &workers, "--disable-hot-restart", "-l", "warning"];
+    std::iter::once(envoy.display().to_string()).chain(args.map(str::to_owned)).collect()
 }
 
 /// When an Envoy of a bed counts as ready.
@@ -222,13 +224,14 @@ impl Ready {
 const KEYED_PLUGINS: u64 = 2;
 
 /// Whether Envoy stats (`/stats?filter=key_refreshes`) show that the sidecar's keyway plugins have
-/// their keys: as many successful fetches as plugins that fetch (one plugin ready is not enough:
-/// the outbound plugin closes every connection until it has its keys).
+/// their keys: every plugin keeps its keys per VM, and Envoy runs a VM on each worker and on the
+/// main thread, so as many successful fetches as plugins times threads (one fetch is not enough:
+/// the outbound plugin closes every connection of a worker until that worker has its keys).
 fn keys_fetched(stats: &str) -> bool {
     stats
         .lines()
         .filter(|l| l.contains("outcome=.=ok"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum::<u64>()
-        >= KEYED_PLUGINS
+        >= KEYED_PLUGINS * (WORKERS + 1)
 }

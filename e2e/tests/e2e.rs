@@ -67,13 +67,19 @@ fn no_bypass_of_the_enforcement_points() {
     }
     // The exempt health port does answer (as a kubelet probe would).
     assert!(c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, HEALTH_PORT), T).unwrap().connected);
-    // The keyway inbound port without a ticket, and with a ticket for another destination.
+    // The keyway inbound port without a ticket, and with tickets for other destinations.
     let inbound = SocketAddr::new(cart_ip, KEYWAY_INBOUND_PORT);
     let authority = SocketAddr::new(cart.overlay, 7070);
     let out = c.raw_connect(&c.topo.router, inbound, authority, &[]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-missing"), "{out}");
-    let wrong =
+    // A ticket sealed for another workload does not verify with cart's ticket key.
+    let others =
         c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", frontend.overlay, 8080).unwrap();
+    let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &others)]).unwrap();
+    assert!(out.starts_with("status 403 reason ticket-mac"), "{out}");
+    // One sealed for cart but naming another of its ports is for another destination.
+    let wrong =
+        c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", cart.overlay, 9090).unwrap();
     let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &wrong)]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-wrong-destination"), "{out}");
     let right =
