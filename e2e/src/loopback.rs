@@ -10,6 +10,7 @@ pub mod sidecar;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +19,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keyway_gateway::app::Handle;
+use keyway_gateway::clock::ShiftedClock;
 use keyway_gateway::config::{Config, DEFAULT_TRUST_DOMAIN, Listen};
 use keyway_gateway::secrets::EpochSecrets;
 use keyway_policy::wire;
@@ -132,6 +134,8 @@ pub struct Overlay {
     pub sidecars: Vec<Sidecar>,
     /// The workloads.
     pub workloads: Vec<W>,
+    /// The gateways' clock: the system's, moved forward when a test says so.
+    pub clock: Arc<ShiftedClock>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -207,6 +211,7 @@ impl Overlay {
         let mesh = gwconfig::zones(zones, |z, n| SocketAddr::from(([127, 0, 0, 1], port_of(z, n).unwrap_or(0))));
         let mut configs = BTreeMap::new();
         let mut gateways = BTreeMap::new();
+        let clock = ShiftedClock::new();
         for z in zones {
             for n in z.gateways {
                 keyway_gateway::ca::issue_gateway(&files.ca, TD, z.name, n, &files.certs)?;
@@ -218,7 +223,8 @@ impl Overlay {
                 gwconfig::to_yaml(&config)?;
                 let key = (z.name.to_owned(), (*n).to_owned());
                 configs.insert(key.clone(), config.clone());
-                gateways.insert(key, keyway_gateway::app::build(config).await?);
+                let source = keyway_gateway::source::FileSource::new(&config);
+                gateways.insert(key, keyway_gateway::app::build_from(config, source, clock.clone()).await?);
             }
         }
         let mut sidecars = Vec::new();
@@ -234,6 +240,7 @@ impl Overlay {
             gateways,
             sidecars,
             workloads,
+            clock,
         };
         o.wait_mesh().await?;
         Ok(o)

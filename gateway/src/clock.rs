@@ -1,5 +1,6 @@
 //! Wall-clock time, injectable: tokens and tickets carry Unix milliseconds, so the gateway reads
-//! time through a [`Clock`]; tests use a [`ManualClock`] and move it instead of sleeping.
+//! time through a [`Clock`]; tests use a [`ManualClock`] or a [`ShiftedClock`] and move it
+//! instead of sleeping.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -46,6 +47,29 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The system clock moved forward by a shift that only grows (tests: a rotation's overlap ends
+/// when the test says so, while every other deadline keeps following real time).
+#[derive(Debug, Default)]
+pub struct ShiftedClock(AtomicU64);
+
+impl ShiftedClock {
+    /// A clock showing the system time.
+    pub fn new() -> Arc<ShiftedClock> {
+        Arc::new(ShiftedClock::default())
+    }
+
+    /// Moves the clock forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add(self.0.load(Ordering::SeqCst))
     }
 }
 

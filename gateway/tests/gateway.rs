@@ -308,7 +308,8 @@ async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
 
     // After the overlap the old epoch is retired.
     let old = s.valid_at(now_ms()).into_iter().find(|e| e.epoch == old_epoch).unwrap().secret.clone();
-    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    // The gateways' clock moves past the overlap (no sleeping: the clock is injected).
+    o.clock.advance(3_200);
     let key = old.workload_key(&web.identity(), web.overlay, old_epoch).unwrap();
     let t = keyway_policy::auth::TokenClaims {
         epoch: old_epoch,
@@ -390,7 +391,8 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
         .await
         .unwrap();
         println!("port {port} free after {took:?}");
-        let h = keyway_gateway::app::build(cfg).await.unwrap();
+        let source = keyway_gateway::source::FileSource::new(&cfg);
+        let h = keyway_gateway::app::build_from(cfg, source, o.clock.clone()).await.unwrap();
         o.gateways.insert(("zone-b".into(), name.into()), h);
     }
     wait_until_async(Duration::from_secs(15), "zone-b back", zone_b_up).await.unwrap();
