@@ -230,7 +230,22 @@ fn write_inventory(samples: &Path, out: &Path, sidecars: &BTreeMap<String, Strin
 
 use serde::Deserialize as _;
 
+/// One namespace bed at a time in a test process: they are heavy for two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A running bed of a test: its turn (held until the bed is gone) and the bed.
+pub type TestBed = (std::sync::MutexGuard<'static, ()>, Cluster);
+
 impl Cluster {
+    /// For tests: waits until no other bed of this process runs, then starts one whose namespaces
+    /// are named `kw<name>-…`; panics with the reason (a test never skips) when it cannot. Bind it
+    /// as `let (_turn, c) = Cluster::for_test("x")`: the bed goes first, then the turn.
+    pub fn for_test(name: &str) -> TestBed {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = Options::discover(&format!("kw{name}")).and_then(Cluster::start);
+        (turn, started.unwrap_or_else(|e| panic!("e2e setup: {e:#}")))
+    }
+
     /// Builds and starts everything; fails loudly (never skips) when it cannot.
     pub fn start(opts: Options) -> anyhow::Result<Cluster> {
         require_root()?;

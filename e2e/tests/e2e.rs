@@ -3,10 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use keyway_e2e::cluster::{Cluster, INTERNET, INTERNET_PORTS, Options};
+use keyway_e2e::cluster::{Cluster, INTERNET, INTERNET_PORTS};
 use keyway_e2e::envoy::{HEALTH_PORT, INBOUND_PLAIN_PORT, KEYWAY_INBOUND_PORT, OUTBOUND_PORT};
 use keyway_e2e::gateway::DEFAULT_TUNNEL_PORT;
 use keyway_e2e::wait::wait_until;
@@ -14,24 +13,11 @@ use keyway_policy::Verdict;
 use keyway_policy::engine::Peer;
 use keyway_policy::wire::{TICKET_HEADER, TOKEN_HEADER};
 
-/// One overlay at a time: they are heavy for two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn cluster(name: &str) -> Cluster {
-    let opts = Options::discover(&format!("kw{name}")).unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
-    Cluster::start(opts).unwrap_or_else(|e| panic!("e2e setup: {e:#}"))
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 const T: Duration = Duration::from_secs(3);
 
 #[test]
 fn matrix_every_pair_gets_the_verdict_of_keyway_policy() {
-    let _l = lock();
-    let c = cluster("mx");
+    let (_turn, c) = Cluster::for_test("mx");
     let rows = keyway_e2e::matrix::run(&c, T).unwrap();
     let table = keyway_e2e::matrix::table(&rows);
     println!("{table}");
@@ -52,8 +38,7 @@ fn matrix_every_pair_gets_the_verdict_of_keyway_policy() {
 
 #[test]
 fn no_bypass_of_the_enforcement_points() {
-    let _l = lock();
-    let c = cluster("nb");
+    let (_turn, c) = Cluster::for_test("nb");
     let cart = c.workload("shop/cart").unwrap();
     let frontend = c.workload("shop/frontend").unwrap();
     let redis = c.workload("data/redis").unwrap();
@@ -113,8 +98,7 @@ fn no_bypass_of_the_enforcement_points() {
 
 #[test]
 fn egress_default_deny_reaches_nothing() {
-    let _l = lock();
-    let c = cluster("eg");
+    let (_turn, c) = Cluster::for_test("eg");
     let pg = c.workload("data/postgres").unwrap();
     let mut targets: Vec<SocketAddr> = c
         .workloads
@@ -165,8 +149,7 @@ fn stream_of_connections(c: &Cluster, secs: u64, mut at: impl FnMut(f64)) -> (us
 
 #[test]
 fn gateway_replica_failover_keeps_new_connections_flowing() {
-    let _l = lock();
-    let mut c = cluster("gf");
+    let (_turn, mut c) = Cluster::for_test("gf");
     let mut killed_local = false;
     let mut killed_remote = false;
     let mut kill = |t: f64, c: &mut Cluster| {
@@ -209,8 +192,7 @@ fn gateway_replica_failover_keeps_new_connections_flowing() {
 
 #[test]
 fn zone_failover_by_locality_and_back() {
-    let _l = lock();
-    let mut c = cluster("zf");
+    let (_turn, mut c) = Cluster::for_test("zf");
     let frontend = c.workload("shop/frontend").unwrap();
     let vip = SocketAddr::new("10.128.9.11".parse().unwrap(), 3550);
     let who = |c: &Cluster| -> String {
@@ -243,8 +225,7 @@ fn zone_failover_by_locality_and_back() {
 
 #[test]
 fn policy_change_propagates_and_a_broken_edit_is_rejected() {
-    let _l = lock();
-    let c = cluster("pc");
+    let (_turn, c) = Cluster::for_test("pc");
     let cart = c.workload("shop/cart").unwrap();
     let redis = c.workload("data/redis").unwrap();
     let to_redis = SocketAddr::new(redis.overlay, 6379);
@@ -277,8 +258,7 @@ fn policy_change_propagates_and_a_broken_edit_is_rejected() {
 
 #[test]
 fn faults_loss_delay_and_a_cut_link() {
-    let _l = lock();
-    let c = cluster("ft");
+    let (_turn, c) = Cluster::for_test("ft");
     let frontend = c.workload("shop/frontend").unwrap();
     let checkout = c.workload("shop/checkout").unwrap();
     let target = SocketAddr::new(checkout.overlay, 8080);
@@ -309,8 +289,7 @@ fn faults_loss_delay_and_a_cut_link() {
 
 #[test]
 fn key_rotation_keeps_open_connections_and_retires_the_old_epoch() {
-    let _l = lock();
-    let c = cluster("kr");
+    let (_turn, c) = Cluster::for_test("kr");
     let frontend = c.workload("shop/frontend").unwrap();
     let checkout = c.workload("shop/checkout").unwrap();
     let target = SocketAddr::new(checkout.overlay, 8080);
