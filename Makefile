@@ -32,7 +32,7 @@ test: setup wasm manifests istio-xds ## every test layer: unit, property, confor
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
 	$(CARGO) test -p keyway-gateway --features kubernetes --locked --lib kube_source
 
-manifests: setup ## istio/ rendered with kustomize and validated with samples/ against testdata/schemas; EnvoyFilters/WasmPlugins held to the e2e sidecar
+manifests: setup ## istio/ rendered with kustomize and validated with samples/ against testdata/schemas; the EnvoyFilters held to the e2e sidecar
 	KEYWAY_KUBECTL="$$(./scripts/install-kubectl.sh)" $(CARGO) test -p keyway-istio-check --locked
 
 istio-xds: ## Istio's own pilot, at each pinned release, generates the sample sidecars' LDS/CDS/ECDS from istio/ and the harness judges them (Go; fresh machine ~25 min, then ~30 s)
