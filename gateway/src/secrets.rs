@@ -16,15 +16,17 @@
 //! Secrets never appear in logs or output: the `Debug` forms are redacted and [`EpochSecrets`]
 //! has no public serializer; only [`EpochSecrets::save`] writes them.
 //!
-//! **File mode.** [`EpochSecrets::load`] warns (it does not refuse) when group or other may
-//! access the file: Kubernetes mounts Secret volumes with mode 0644 unless the manifest sets
-//! `defaultMode`, and refusing would turn a hardening hint into an outage. The gateway logs the
-//! warning; `keyway keys` prints it on stderr.
+//! **File mode.** [`EpochSecrets::load`] warns (it does not refuse) when others may access the
+//! file, or its group may write it or is not one of the gateway's own groups: Kubernetes mounts
+//! Secret volumes with mode 0644 unless the manifest sets `defaultMode`, and with a pod
+//! `fsGroup` a 0400 Secret becomes 0440 owned by that group (which the gateway belongs to), so
+//! group read by the gateway's own group is fine. Refusing would turn a hardening hint into an
+//! outage. The gateway logs the warning; `keyway keys` prints it on stderr.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,6 +40,29 @@ pub const FILE_VERSION: u32 = 1;
 /// The default overlap of a rotation: how long the previous epoch stays valid (10 minutes; it
 /// must exceed the filters' key refresh interval plus the token window).
 pub const DEFAULT_OVERLAP_MS: u64 = 10 * 60 * 1000;
+
+/// Whether a secret file's `mode` lets anyone but this process's user and groups read it, or its
+/// group write it: other bits, group write, or group read by a group that is not one of `own`.
+fn loose_mode(mode: u32, gid: u32, own: &[u32]) -> bool {
+    let mode = mode & 0o777;
+    mode & 0o007 != 0 || mode & 0o020 != 0 || (mode & 0o070 != 0 && !own.contains(&gid))
+}
+
+/// This process's effective group and supplementary groups (Linux: `/proc/self/status`); empty
+/// when unreadable, so any group access warns.
+fn own_groups() -> Vec<u32> {
+    let Ok(status) = fs::read_to_string("/proc/self/status") else { return Vec::new() };
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let mut out: Vec<u32> = field("Gid:").get(1).copied().into_iter().collect();
+    out.extend(field("Groups:"));
+    out
+}
 
 /// The mode of every file holding a secret or a private key.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
@@ -207,14 +232,15 @@ impl EpochSecrets {
         let text = fs::read_to_string(path).map_err(|source| SecretsError::Read { path: name.clone(), source })?;
         let secrets = Self::parse(&text, &name)?;
         let mut warnings = Vec::new();
-        if let Ok(meta) = fs::metadata(path) {
+        if let Ok(meta) = fs::metadata(path)
+            && loose_mode(meta.permissions().mode(), meta.gid(), &own_groups())
+        {
             let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                warnings.push(format!(
-                    "{name}: mode {mode:04o} lets group or other access the epoch secrets; `chmod 600` it \
-                     (in Kubernetes: defaultMode: 0400 on the Secret volume)"
-                ));
-            }
+            warnings.push(format!(
+                "{name}: mode {mode:04o} (group {}) lets others access the epoch secrets; `chmod 600` it \
+                 (in Kubernetes: defaultMode: 0400 on the Secret volume, 0440 with the pod's fsGroup)",
+                meta.gid()
+            ));
         }
         Ok((secrets, warnings))
     }
@@ -528,6 +554,19 @@ mod tests {
         assert!(err.to_string().contains("--force"), "{err}");
         assert_eq!(fs::read_to_string(&path).unwrap(), "keep");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn group_read_by_an_own_group_is_fine_anything_looser_warns() {
+        let own = [1000, 2000];
+        assert!(!loose_mode(0o100600, 1000, &own));
+        assert!(!loose_mode(0o100400, 5, &own), "no group bits: any group");
+        assert!(!loose_mode(0o100440, 2000, &own), "fsGroup's 0440, the gateway in that group");
+        assert!(loose_mode(0o100440, 3000, &own), "another group may read");
+        assert!(loose_mode(0o100460, 2000, &own), "group write");
+        assert!(loose_mode(0o100444, 2000, &own), "others may read");
+        assert!(loose_mode(0o100640, 2000, &[]), "groups unknown");
+        assert!(own_groups().contains(&fs::metadata("/proc/self/status").map(|m| m.gid()).unwrap_or(u32::MAX)));
     }
 
     #[test]
