@@ -160,3 +160,28 @@ async fn a_silent_flow_is_closed_after_the_idle_timeout() {
     let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await;
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the silent flow was not closed: {n:?}");
 }
+
+/// Attacker: anyone reaching the tunnel port, opening TCP connections and sending nothing (or
+/// only part of a preface), to hold the gateway's sockets. Expected: a connection that has not
+/// sent a request within `limits.header_timeout_ms` (here 2 s) is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_tunnel_connection_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let o = Overlay::start_with("att-hdr", ZONES, app(46), "", |c| c.limits.header_timeout_ms = 2_000).await;
+    let tunnel = o.gw("zone-a", "a1").tunnel_addr;
+    for preface in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let mut tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
+        tcp.write_all(preface).await.unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // the server's SETTINGS and the like
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a connection that sent {preface:?} and then nothing stayed open");
+    }
+}

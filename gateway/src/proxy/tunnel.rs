@@ -7,13 +7,15 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use keyway_policy::Engine;
 use keyway_policy::auth::{TokenClaims, decode_token};
 use keyway_policy::engine::Peer;
@@ -25,6 +27,11 @@ use super::{Decision, Entry, Flow, FlowPermit, Proxy, Refusal, Route, deliver, o
 use keyway_policy::wire::{DENY_REASON_HEADER, RULE_HEADER, TOKEN_HEADER};
 
 type Resp = Response<Empty<Bytes>>;
+
+/// HTTP/2 keep-alive on sidecar connections: a ping this often, and the connection is dropped when
+/// one goes unanswered this long.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many zones a service's flow may fail over through.
 const MAX_FAILOVERS: usize = 8;
@@ -39,14 +46,17 @@ fn refuse(r: &Refusal) -> Resp {
     resp
 }
 
-/// Accepts sidecar connections until the gateway stops.
+/// Accepts sidecar connections until the gateway stops. A connection that has not sent a
+/// request within `limits.header_timeout_ms` is closed; HTTP/2 keep-alive pings drop peers that
+/// vanished without closing.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    let header_timeout = Duration::from_millis(proxy.config.limits.header_timeout_ms);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "tunnel accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -54,13 +64,37 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
         let p = proxy.clone();
         proxy.tasks.spawn(async move {
             let tasks = p.tasks.clone();
+            let requested = Arc::new(AtomicBool::new(false));
+            let seen = requested.clone();
             let svc = service_fn(move |req| {
+                seen.store(true, Ordering::Release);
                 let p = p.clone();
                 async move { Ok::<_, Infallible>(handle(p, peer, req).await) }
             });
             let mut builder = hyper::server::conn::http2::Builder::new(tasks);
-            builder.initial_stream_window_size(4 * 1024 * 1024).initial_connection_window_size(16 * 1024 * 1024);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+            builder
+                .initial_stream_window_size(4 * 1024 * 1024)
+                .initial_connection_window_size(16 * 1024 * 1024)
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep(header_timeout) => {
+                    if !requested.load(Ordering::Acquire) {
+                        tracing::debug!(peer = %peer, "no request within the header timeout; closed");
+                        return;
+                    }
+                }
+            }
+            if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
             }
         });
