@@ -238,13 +238,17 @@ impl Bed {
         let files = Files::in_dir(&dir);
         let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
         sh(&[&keyway, "ca", "init", "--out", &path(&files.ca)])?;
-        sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets)])?;
         std::fs::create_dir_all(&files.inventory)?;
         std::fs::write(files.inventory.join("bench.yaml"), manifests())?;
         let layout = [
             ZoneLayout { name: "zone-a", gateways: &["gw-1"], failover: &["zone-b"] },
             ZoneLayout { name: "zone-b", gateways: &["gw-1"], failover: &["zone-a"] },
         ];
+        // Each zone its own epoch secrets: never one zone's file copied to another.
+        std::fs::create_dir_all(&files.secrets_dir)?;
+        for z in &layout {
+            sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets(z.name))])?;
+        }
         let zones = gwconfig::zones(&layout, |z, _| SocketAddr::new(gateway_ip(zone_number(z)), DEFAULT_OVERLAY_PORT));
         for z in layout {
             let zone = z.name;

@@ -154,8 +154,8 @@ pub struct Cluster {
     pub engine: Engine,
     /// The relay's impairment control file.
     pub control: PathBuf,
-    /// The epoch secrets.
-    pub secrets: PathBuf,
+    /// The gateways' files (each zone's epoch secrets: [`Cluster::secrets`]).
+    pub files: Files,
     /// The manifest directory the gateways watch.
     pub inventory: PathBuf,
     /// Where things are.
@@ -303,7 +303,11 @@ impl Cluster {
         let files = Files::in_dir(&dir);
         let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
         sh(&[&keyway, "ca", "init", "--out", &path(&files.ca)])?;
-        sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets)])?;
+        // Each zone its own epoch secrets: never one zone's file copied to another.
+        std::fs::create_dir_all(&files.secrets_dir)?;
+        for zone in ZONES {
+            sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets(zone))])?;
+        }
         write_inventory(&opts.samples, &files.inventory, &sidecar_ips)?;
 
         // The relay in the router namespace carries the overlay between zones.
@@ -342,7 +346,7 @@ impl Cluster {
             dir: dir.clone(),
             engine,
             control,
-            secrets: files.secrets.clone(),
+            files: files.clone(),
             inventory: files.inventory.clone(),
             opts: opts.clone(),
         };
@@ -581,23 +585,42 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// The epoch secrets file of `zone` (its gateways' only).
+    pub fn secrets(&self, zone: &str) -> PathBuf {
+        self.files.secrets(zone)
+    }
+
     /// A token sealed for `src` (its identity and overlay address) to `dst`:`port`, with the
-    /// given epoch (default: current), as the filter would make it.
+    /// given epoch (default: current) of `src`'s zone, as the filter would make it.
     pub fn mint_token(&self, src: &WorkloadPod, dst: IpAddr, port: u16, epoch: Option<u32>) -> anyhow::Result<String> {
         let wl = self.engine.inventory().workloads.get(src.index).context("workload")?;
         let identity = wl.identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN);
         let now = crate::credentials::now_ms();
-        crate::credentials::token(&self.secrets, &identity, src.overlay, SocketAddr::new(dst, port), epoch, now)
+        crate::credentials::token(
+            &self.secrets(&src.zone),
+            &identity,
+            src.overlay,
+            SocketAddr::new(dst, port),
+            epoch,
+            now,
+        )
     }
 
     /// A ticket for `dst`:`port` naming `src_identity`, sealed as the gateway of `dst`'s zone seals
-    /// it (with the ticket key of the workload at `dst`).
+    /// it (with that zone's ticket key of the workload at `dst`).
     pub fn mint_ticket(&self, src: IpAddr, src_identity: &str, dst: IpAddr, port: u16) -> anyhow::Result<String> {
         let Peer::Workload(w) = self.engine.peer_for(dst) else { anyhow::bail!("{dst} is not a workload's address") };
         let w = self.engine.inventory().workloads.get(w).context("workload")?;
         let key_ip = w.overlay_ips.first().copied().unwrap_or(dst);
         let identity = w.identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN);
-        crate::credentials::ticket(&self.secrets, (&identity, key_ip), src, src_identity, SocketAddr::new(dst, port))
+        let zone = w.zone.as_deref().with_context(|| format!("{} has no zone", w.display_name()))?;
+        crate::credentials::ticket(
+            &self.secrets(zone),
+            (&identity, key_ip),
+            src,
+            src_identity,
+            SocketAddr::new(dst, port),
+        )
     }
 
     /// Sends a raw HTTP/2 CONNECT from inside `ns` as Envoy's user (so the capture rules do not
@@ -648,18 +671,25 @@ impl Cluster {
             .collect())
     }
 
-    /// Runs `keyway keys rotate` on the shared secrets file.
+    /// Runs `keyway keys rotate` on every zone's secrets file; returns the new epoch (the same
+    /// number in every zone: they were made and rotated together).
     pub fn rotate_keys(&self, overlap: &str) -> anyhow::Result<u32> {
-        let out = sh(&[
-            self.opts.keyway.to_str().unwrap_or_default(),
-            "keys",
-            "rotate",
-            "--out",
-            self.secrets.to_str().unwrap_or_default(),
-            "--overlap",
-            overlap,
-        ])?;
-        Ok(out.trim().parse()?)
+        let mut epochs = BTreeMap::new();
+        for zone in ZONES {
+            let out = sh(&[
+                self.opts.keyway.to_str().unwrap_or_default(),
+                "keys",
+                "rotate",
+                "--out",
+                self.secrets(zone).to_str().unwrap_or_default(),
+                "--overlap",
+                overlap,
+            ])?;
+            epochs.insert(zone, out.trim().parse::<u32>()?);
+        }
+        let first = epochs.values().next().copied().context("no zone")?;
+        anyhow::ensure!(epochs.values().all(|e| *e == first), "the zones rotated to different epochs: {epochs:?}");
+        Ok(first)
     }
 
     /// Cuts or restores a zone's link to the router.

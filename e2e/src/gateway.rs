@@ -41,28 +41,34 @@ pub fn zones(layout: &[ZoneLayout<'_>], address: impl Fn(&str, &str) -> SocketAd
         .collect()
 }
 
-/// The files every gateway of a bed shares.
+/// The files of a bed's gateways: shared (CA, inventory) and per zone (epoch secrets).
 #[derive(Debug, Clone)]
 pub struct Files {
     /// The CA directory (`keyway ca init --out`).
     pub ca: PathBuf,
     /// Where gateway certificates are issued (`keyway ca issue --out`).
     pub certs: PathBuf,
-    /// The epoch secrets (`keyway keys init --out`).
-    pub secrets: PathBuf,
+    /// Where each zone's epoch secrets file is (see [`Files::secrets`]).
+    pub secrets_dir: PathBuf,
     /// The manifest directory.
     pub inventory: PathBuf,
 }
 
 impl Files {
-    /// The files of a bed rooted at `dir`: `ca/`, `certs/`, `epochs.json`, `manifests/`.
+    /// The files of a bed rooted at `dir`: `ca/`, `certs/`, `secrets/<zone>.json`, `manifests/`.
     pub fn in_dir(dir: &Path) -> Files {
         Files {
             ca: dir.join("ca"),
             certs: dir.join("certs"),
-            secrets: dir.join("epochs.json"),
+            secrets_dir: dir.join("secrets"),
             inventory: dir.join("manifests"),
         }
+    }
+
+    /// The epoch secrets of `zone` (`keyway keys init --out`), held by that zone's gateways only:
+    /// one file per zone, so a leaked zone impersonates none of another zone's workloads.
+    pub fn secrets(&self, zone: &str) -> PathBuf {
+        self.secrets_dir.join(format!("{zone}.json"))
     }
 
     /// The TLS files of gateway `zone`/`name`.
@@ -79,7 +85,7 @@ struct Required<'a> {
     name: &'a str,
     listen: &'a Listen,
     tls: TlsFiles,
-    secrets: &'a Path,
+    secrets: PathBuf,
     inventory: &'a Path,
     zones: &'a [Zone],
 }
@@ -92,7 +98,7 @@ pub fn config(zone: &str, name: &str, listen: Listen, files: &Files, zones: &[Zo
         name,
         listen: &listen,
         tls: files.tls(zone, name),
-        secrets: &files.secrets,
+        secrets: files.secrets(zone),
         inventory: &files.inventory,
         zones,
     };
@@ -148,11 +154,12 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.tls.cert, Path::new("/run/bed/certs/zone-a-gw-2.pem"));
         assert_eq!(back.tls.ca, Path::new("/run/bed/ca/ca.pem"));
+        assert_eq!(back.secrets, Path::new("/run/bed/secrets/zone-a.json"), "the zone's own secrets");
         assert_eq!(back.zones[0].gateways[1].address, "10.0.0.1:15444".parse().unwrap());
         assert_eq!(back.zones[0].failover, ["zone-b"]);
         // Everything left out has the default of a file that leaves it out.
         let minimal = Config::parse(
-            "zone: zone-a\nname: gw-2\ntls: {ca: /run/bed/ca/ca.pem, cert: /run/bed/certs/zone-a-gw-2.pem, key: /run/bed/certs/zone-a-gw-2-key.pem}\nsecrets: /run/bed/epochs.json\ninventory: /run/bed/manifests\nzones: [{name: zone-a, gateways: [{name: gw-1, address: \"10.0.0.1:15443\"}, {name: gw-2, address: \"10.0.0.1:15444\"}], failover: [zone-b]}, {name: zone-b, gateways: [{name: gw-1, address: \"10.0.0.2:15443\"}]}]\n",
+            "zone: zone-a\nname: gw-2\ntls: {ca: /run/bed/ca/ca.pem, cert: /run/bed/certs/zone-a-gw-2.pem, key: /run/bed/certs/zone-a-gw-2-key.pem}\nsecrets: /run/bed/secrets/zone-a.json\ninventory: /run/bed/manifests\nzones: [{name: zone-a, gateways: [{name: gw-1, address: \"10.0.0.1:15443\"}, {name: gw-2, address: \"10.0.0.1:15444\"}], failover: [zone-b]}, {name: zone-b, gateways: [{name: gw-1, address: \"10.0.0.2:15443\"}]}]\n",
             "t",
         )
         .unwrap();

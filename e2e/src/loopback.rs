@@ -120,8 +120,8 @@ pub fn w(
 pub struct Overlay {
     /// Its directory (CA, certificates, secrets, manifests).
     pub scratch: Scratch,
-    /// The epoch secrets file.
-    pub secrets: PathBuf,
+    /// Its gateways' files (each zone's epoch secrets: [`Overlay::secrets`]).
+    pub files: Files,
     /// The manifest directory the gateways watch.
     pub inventory: PathBuf,
     /// The port every fake sidecar listens on.
@@ -194,7 +194,11 @@ impl Overlay {
         let scratch = Scratch::new(name)?;
         let files = Files::in_dir(&scratch.0);
         keyway_gateway::ca::init_ca(&files.ca, TD)?;
-        EpochSecrets::generate(now_ms())?.save(&files.secrets)?;
+        // Each zone its own epoch secrets, as `keyway keys init` per zone makes them.
+        std::fs::create_dir_all(&files.secrets_dir)?;
+        for z in zones {
+            EpochSecrets::generate(now_ms())?.save(&files.secrets(z.name))?;
+        }
         std::fs::create_dir_all(&files.inventory)?;
         let manifests: Vec<String> = workloads.iter().map(W::manifest).collect();
         std::fs::write(files.inventory.join("workloads.yaml"), manifests.join("---\n"))?;
@@ -229,12 +233,12 @@ impl Overlay {
         }
         let mut sidecars = Vec::new();
         for w in &workloads {
-            sidecars.push(Sidecar::start(w, sidecar_port, files.secrets.clone()).await?);
+            sidecars.push(Sidecar::start(w, sidecar_port, files.secrets(w.zone)).await?);
         }
         let o = Overlay {
             scratch,
-            secrets: files.secrets,
-            inventory: files.inventory,
+            inventory: files.inventory.clone(),
+            files,
             sidecar_port,
             configs,
             gateways,
@@ -280,10 +284,16 @@ impl Overlay {
         self.sidecars.iter().find(|s| s.overlay_ip == ip).unwrap_or_else(|| panic!("no sidecar of {workload}"))
     }
 
-    /// A token for `src` to `dst`:`port`, sealed with the current epoch (or `epoch`).
+    /// The epoch secrets file of `zone` (its gateways' only).
+    pub fn secrets(&self, zone: &str) -> PathBuf {
+        self.files.secrets(zone)
+    }
+
+    /// A token for `src` to `dst`:`port`, sealed with the current epoch (or `epoch`) of the
+    /// secrets of `src`'s zone, as its sidecar's filter seals it.
     pub fn token(&self, src: &W, dst: IpAddr, port: u16, epoch: Option<u32>, issued_at_ms: u64) -> String {
         crate::credentials::token(
-            &self.secrets,
+            &self.secrets(src.zone),
             &src.identity(),
             src.overlay,
             SocketAddr::new(dst, port),

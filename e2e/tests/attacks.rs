@@ -12,11 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use keyway_e2e::cluster::{Cluster, Options, WorkloadPod};
 use keyway_e2e::envoy::{ENVOY_UID, KEYWAY_INBOUND_PORT};
 use keyway_e2e::topology::ns_sh;
-use keyway_gateway::config::DEFAULT_ADMIN_PORT;
+use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_TUNNEL_PORT};
 use keyway_policy::auth::TicketClaims;
 use keyway_policy::engine::Peer;
 use keyway_policy::keyservice::KeyBundle;
-use keyway_policy::wire::{KEY_SERVICE_IP_PARAM, KEY_SERVICE_PATH, TICKET_HEADER};
+use keyway_policy::wire::{KEY_SERVICE_IP_PARAM, KEY_SERVICE_PATH, TICKET_HEADER, TOKEN_HEADER};
 use keyway_policy::{Protocol, Verdict};
 
 /// One overlay at a time: they are heavy for two cores.
@@ -147,4 +147,70 @@ fn a_pod_learns_nothing_from_the_gateways_admin_and_key_service() {
         answers.iter().all(|a| *a == answers[0]),
         "the key service tells a neighbour, another zone's workload and no workload apart: {answers:?}"
     );
+}
+
+/// Attacker: whoever holds one zone's leaked epoch secrets file (a compromised gateway of that
+/// zone, or one read of its Secret). It mints a token for a workload of another zone (its
+/// identity, its overlay address, a genuine epoch of the leaked zone) and sends it to that zone's
+/// gateway from the workload's own pod as the proxy's UID, and it mints a ticket for a workload of
+/// the other zone and connects to that workload's keyway inbound port. Expected: both refused,
+/// because each zone's gateways hold only their own zone's secrets.
+#[test]
+fn one_zones_leaked_secrets_impersonate_no_workload_of_another_zone() {
+    let _l = lock();
+    let c = cluster("at3");
+    // The bed's zone-a secrets file, as the attacker read it.
+    let leaked = c.secrets("zone-a");
+    // A workload of zone-b and a destination its policy allows, so only the token stands in the way.
+    let (src, dst, port) = c
+        .workloads
+        .iter()
+        .filter(|s| s.zone == "zone-b")
+        .find_map(|s| {
+            c.workloads.iter().filter(|d| d.name != s.name).find_map(|d| {
+                let allowed = |p: &&u16| {
+                    c.engine.decide(Peer::Workload(s.index), Peer::Workload(d.index), Protocol::Tcp, **p).verdict
+                        == Verdict::Allow
+                };
+                d.ports.iter().find(allowed).map(|p| (s, d, *p))
+            })
+        })
+        .expect("a zone-b workload with an allowed destination");
+    let identity = c.engine.inventory().workloads[src.index].identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN);
+    let target = SocketAddr::new(dst.overlay, port);
+    let token = keyway_e2e::credentials::token(&leaked, &identity, src.overlay, target, None, now_ms()).unwrap();
+    let gw = SocketAddr::new(c.gateway_ip("zone-b", "gw-1").unwrap(), DEFAULT_TUNNEL_PORT);
+    let mut taken = Vec::new();
+    let out = c.raw_connect(&src.pod.ns, gw, target, &[(TOKEN_HEADER, &token)]).unwrap();
+    if !out.starts_with("status 403 reason token-mac") {
+        taken.push(format!("a token of {} ({}) sent to zone-b's gateway: {out}", src.name, src.zone));
+    }
+
+    // A ticket for a zone-b workload, sealed with zone-a's secret, straight to its inbound port.
+    let victim = c.workloads.iter().find(|w| w.zone == "zone-b" && !w.ports.is_empty()).expect("a zone-b workload");
+    let vport = victim.ports[0];
+    let ticket = keyway_e2e::credentials::ticket(
+        &leaked,
+        (
+            &c.engine.inventory().workloads[victim.index].identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN),
+            victim.overlay,
+        ),
+        src.overlay,
+        &identity,
+        SocketAddr::new(victim.overlay, vport),
+    )
+    .unwrap();
+    let victim_ip: IpAddr = victim.pod.ip.parse().unwrap();
+    let out = c
+        .raw_connect(
+            &c.topo.router,
+            SocketAddr::new(victim_ip, KEYWAY_INBOUND_PORT),
+            SocketAddr::new(victim.overlay, vport),
+            &[(TICKET_HEADER, &ticket)],
+        )
+        .unwrap();
+    if !out.starts_with("status 403 reason ticket-mac") {
+        taken.push(format!("a ticket sent to {} ({}): {out}", victim.name, victim.zone));
+    }
+    assert!(taken.is_empty(), "zone-a's leaked secrets impersonated zone-b workloads:\n{}", taken.join("\n"));
 }

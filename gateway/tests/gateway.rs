@@ -3,6 +3,7 @@
 //! tickets with the filter's own code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -123,6 +124,23 @@ async fn tokens_are_verified_and_denials_name_the_reason_or_rule() {
         ),
         ("used from another address", Some(good()), cache.sidecar, "token-source-address"),
         (
+            // Another zone's leaked secrets impersonate none of this zone's workloads.
+            "sealed with zone-b's secrets",
+            Some(
+                keyway_e2e::credentials::token(
+                    &o.secrets("zone-b"),
+                    &web.identity(),
+                    web.overlay,
+                    to_api,
+                    None,
+                    now_ms(),
+                )
+                .unwrap(),
+            ),
+            web.sidecar,
+            "token-mac",
+        ),
+        (
             "unknown identity",
             Some(o.token(
                 &w("shop", "ghost", "x", "zone-a", "10.200.9.9", "127.12.9.9"),
@@ -180,7 +198,7 @@ async fn admin_endpoints_and_key_service() {
     assert_eq!(s, 200);
     assert!(m.contains("keyway_gateway_peers_up{zone=\"zone-b\"} 2"), "{m}");
     let (_, dump) = http_get(a1, "/config_dump").await;
-    let secrets = EpochSecrets::load(&o.secrets).unwrap();
+    let secrets = EpochSecrets::load(&o.secrets("zone-a")).unwrap();
     let secret = secrets.current(now_ms()).unwrap().secret.to_base64url();
     assert!(dump.contains("[redacted]") && !dump.contains(&secret), "config dump must not show secrets");
     assert!(dump.contains("\"workloads\": 5"), "{dump}");
@@ -285,11 +303,17 @@ async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
     let t = o.token(&web, api.overlay, 8080, None, now_ms());
     let mut open = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
     roundtrip(&mut open, b"before rotation").await;
-    let old_epoch = EpochSecrets::load(&o.secrets).unwrap().current(now_ms()).unwrap().epoch;
+    let old_epoch = EpochSecrets::load(&o.secrets("zone-a")).unwrap().current(now_ms()).unwrap().epoch;
 
-    let mut s = EpochSecrets::load(&o.secrets).unwrap();
-    let new_epoch = s.rotate(now_ms(), 3_000).unwrap();
-    s.save(&o.secrets).unwrap();
+    // Every zone rotates its own secrets (web's tokens are zone-a's, api's tickets zone-b's).
+    let mut rotated = BTreeMap::new();
+    for z in ZONES {
+        let mut s = EpochSecrets::load(&o.secrets(z.name)).unwrap();
+        let new_epoch = s.rotate(now_ms(), 3_000).unwrap();
+        s.save(&o.secrets(z.name)).unwrap();
+        rotated.insert(z.name, (new_epoch, s));
+    }
+    let (new_epoch, s) = rotated.remove("zone-a").unwrap();
     for h in o.gateways.values() {
         let admin = h.admin_addr;
         wait_until_async(Duration::from_secs(10), "the secrets reloaded", || async move {

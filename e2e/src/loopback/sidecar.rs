@@ -81,7 +81,7 @@ impl Shared {
 
 impl Sidecar {
     /// Serves the sidecar of `workload` on its sidecar address and `port`, with the keys of the
-    /// epoch secrets file `secrets`.
+    /// epoch secrets file `secrets` (its zone's).
     pub async fn start(workload: &W, port: u16, secrets: PathBuf) -> anyhow::Result<Sidecar> {
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(workload.sidecar, port)).await?;
         let addr = listener.local_addr()?;
