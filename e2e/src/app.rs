@@ -15,11 +15,28 @@ pub fn banner(workload: &str, port: u16) -> String {
     format!("keyway-app {workload} port {port}\n")
 }
 
+/// What the app answers to a UDP datagram on `port`: who answered, then the datagram.
+pub fn udp_banner(workload: &str, port: u16) -> String {
+    format!("keyway-app {workload} udp port {port}: ")
+}
+
 /// Serves every port: writes the banner, then echoes every byte until the client half-closes,
-/// then half-closes too. A line `GET ` is answered as HTTP/1.1 with the banner as the body.
+/// then half-closes too. A line `GET ` is answered as HTTP/1.1 with the banner as the body. Each
+/// port also answers UDP: every datagram comes back after [`udp_banner`].
 pub async fn serve(workload: String, ports: Vec<u16>) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for port in ports {
+        let udp = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+        let prefix = udp_banner(&workload, port);
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
+                let mut reply = prefix.clone().into_bytes();
+                reply.extend_from_slice(buf.get(..n).unwrap_or_default());
+                let _ = udp.send_to(&reply, from).await;
+            }
+        }));
         let l = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
         let workload = workload.clone();
         tasks.push(tokio::spawn(async move {

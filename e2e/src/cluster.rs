@@ -34,6 +34,9 @@ const LAYOUT: [ZoneLayout<'static>; 3] = [
 pub const INTERNET: &str = "172.31.250.10";
 /// Ports the internet host serves.
 pub const INTERNET_PORTS: [u16; 2] = [443, 8443];
+/// The DNS port: the internet host answers UDP there too, to stand in for a cluster resolver
+/// ([`Options::resolver`]).
+pub use crate::envoy::DNS_PORT;
 
 /// Where the pieces are.
 #[derive(Debug, Clone)]
@@ -52,6 +55,9 @@ pub struct Options {
     pub wasm: PathBuf,
     /// Namespace name prefix of this run.
     pub prefix: String,
+    /// The cluster resolver: the one destination enforced pods may send UDP to (its port
+    /// [`DNS_PORT`]). None (the default): every UDP datagram of an enforced pod is refused.
+    pub resolver: Option<IpAddr>,
 }
 
 impl Options {
@@ -91,7 +97,16 @@ impl Options {
         if !wasm.exists() {
             bail!("the filter module {} is missing: run `make wasm`", wasm.display());
         }
-        Ok(Options { samples: repo.join("samples/shop"), repo, keyway, e2e, envoy, wasm, prefix: prefix.to_owned() })
+        Ok(Options {
+            samples: repo.join("samples/shop"),
+            repo,
+            keyway,
+            e2e,
+            envoy,
+            wasm,
+            prefix: prefix.to_owned(),
+            resolver: None,
+        })
     }
 }
 
@@ -327,7 +342,7 @@ impl Cluster {
         let mut relay_args = vec![e2e.clone(), "relay".into(), "--control".into(), control.display().to_string()];
         relay_args.extend(pairs);
         let relay = Proc::start("relay", &topo.router, None, &relay_args, &dir.join("logs/relay.log"), &[])?;
-        let ports: Vec<String> = INTERNET_PORTS.iter().map(u16::to_string).collect();
+        let ports: Vec<String> = INTERNET_PORTS.iter().chain(&[DNS_PORT]).map(u16::to_string).collect();
         let internet = Proc::start(
             "internet",
             &topo.router,
@@ -378,6 +393,7 @@ impl Cluster {
         // Workloads: iptables capture, the app, the sidecar.
         for mut w in workload_pods {
             Sidecar::capture(&w.pod.ns, &[])?;
+            Sidecar::refuse_non_tcp(&w.pod.ns, cluster.opts.resolver)?;
             let mut app_ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
             app_ports.push(HEALTH_PORT.to_string());
             let slug = w.name.replace('/', "-");
@@ -548,6 +564,31 @@ impl Cluster {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = ns_sh(&src.pod.ns, &argv)?;
         out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("probe output {l:?}"))).collect()
+    }
+
+    /// Sends what keyway does not carry from `src`'s pod as its app container can (root): one
+    /// UDP datagram to each of `udp`, and an ICMP echo request and an SCTP INIT to each of `raw`.
+    pub fn datagrams(
+        &self,
+        src: &WorkloadPod,
+        udp: &[SocketAddr],
+        raw: &[IpAddr],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<crate::datagram::DatagramResult>> {
+        let e2e = self.opts.e2e.display().to_string();
+        let ms = timeout.as_millis().to_string();
+        let mut out = String::new();
+        if !udp.is_empty() {
+            let mut args = vec![e2e.clone(), "udp".into(), "--timeout-ms".into(), ms.clone()];
+            args.extend(udp.iter().map(ToString::to_string));
+            out += &ns_sh(&src.pod.ns, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        }
+        if !raw.is_empty() {
+            let mut args = vec![e2e, "raw".into(), "--timeout-ms".into(), ms];
+            args.extend(raw.iter().map(ToString::to_string));
+            out += &ns_sh(&src.pod.ns, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        }
+        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("datagram probe output {l:?}"))).collect()
     }
 
     /// Tries one connection from a pod's namespace straight at an address, bypassing nothing on

@@ -4,6 +4,7 @@
 //! keyway inbound CONNECT listener on 15181, where the filter verifies tickets; every other inbound
 //! connection redirected to 15006, where the filter closes what is not exempt.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub const INBOUND_PLAIN_PORT: u16 = 15006;
 pub const KEYWAY_INBOUND_PORT: u16 = 15181;
 /// The health port every test app serves, exempt from the plain-inbound guard (as kubelet probes).
 pub const HEALTH_PORT: u16 = 15021;
+/// The DNS port: the one UDP port an enforced pod may send to, on the cluster resolver only.
+pub const DNS_PORT: u16 = 53;
 
 /// What one sidecar needs to know.
 #[derive(Debug, Clone)]
@@ -157,6 +160,48 @@ static_resources:
             r(&format!("iptables -t nat -A KEYWAY_INBOUND -p tcp --dport {KEYWAY_INBOUND_PORT} -j RETURN")),
             r(&format!("iptables -t nat -A KEYWAY_INBOUND -p tcp -j REDIRECT --to-ports {INBOUND_PLAIN_PORT}")),
         ]
+    }
+
+    /// The filter rules that refuse what keyway does not carry yet: every UDP, SCTP and ICMP
+    /// packet the pod sends (IPv4 and IPv6), except Envoy's own, the pod's loopback and, when
+    /// `resolver` is set, UDP to its port 53 (the cluster resolver). REJECTed, never dropped
+    /// silently, so an app fails at once (`sendto`: operation not permitted).
+    pub fn non_tcp_rules(resolver: Option<IpAddr>) -> Vec<Vec<String>> {
+        let r = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        let mut rules = Vec::new();
+        for (tool, icmp, reject) in
+            [("iptables", "icmp", "icmp-admin-prohibited"), ("ip6tables", "ipv6-icmp", "icmp6-adm-prohibited")]
+        {
+            rules.push(r(&format!("{tool} -N KEYWAY_NON_TCP")));
+            for proto in ["udp", "sctp", icmp] {
+                rules.push(r(&format!("{tool} -A OUTPUT -p {proto} -j KEYWAY_NON_TCP")));
+            }
+            rules.push(r(&format!("{tool} -A KEYWAY_NON_TCP -m owner --uid-owner {ENVOY_UID} -j RETURN")));
+            rules.push(r(&format!("{tool} -A KEYWAY_NON_TCP -o lo -j RETURN")));
+            if tool == "ip6tables" {
+                // IPv6 needs neighbour discovery (the kernel's own, not the app's).
+                for t in ["router-solicitation", "neighbour-solicitation", "neighbour-advertisement"] {
+                    rules.push(r(&format!("{tool} -A KEYWAY_NON_TCP -p {icmp} --icmpv6-type {t} -j RETURN")));
+                }
+            }
+            match resolver {
+                Some(ip) if ip.is_ipv4() == (tool == "iptables") => {
+                    rules.push(r(&format!("{tool} -A KEYWAY_NON_TCP -p udp -d {ip} --dport {DNS_PORT} -j RETURN")));
+                }
+                _ => {}
+            }
+            rules.push(r(&format!("{tool} -A KEYWAY_NON_TCP -j REJECT --reject-with {reject}")));
+        }
+        rules
+    }
+
+    /// Applies [`Sidecar::non_tcp_rules`] in the pod `ns`.
+    pub fn refuse_non_tcp(ns: &str, resolver: Option<IpAddr>) -> anyhow::Result<()> {
+        for rule in Sidecar::non_tcp_rules(resolver) {
+            let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+            ns_sh(ns, &args)?;
+        }
+        Ok(())
     }
 
     /// Applies [`Sidecar::iptables`] in the pod `ns`, then `extra` rules (whitespace-separated).

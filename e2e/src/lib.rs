@@ -7,6 +7,7 @@
 pub mod app;
 pub mod cluster;
 pub mod credentials;
+pub mod datagram;
 pub mod demo;
 pub mod envoy;
 pub mod gateway;

@@ -67,6 +67,26 @@ enum Command {
         #[arg(long = "header")]
         headers: Vec<String>,
     },
+    /// Send one UDP datagram to each target and wait for its echo; one JSON result per target.
+    Udp {
+        /// How long to wait for each echo, ms.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Targets `ip:port`.
+        targets: Vec<SocketAddr>,
+    },
+    /// Send one ICMP echo request (raw socket, root) to each target and one SCTP INIT to port
+    /// `sctp_port` of each; one JSON result per probe.
+    Raw {
+        /// How long to wait for each echo reply, ms.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// The SCTP destination port.
+        #[arg(long, default_value_t = 9)]
+        sctp_port: u16,
+        /// Target addresses.
+        targets: Vec<std::net::IpAddr>,
+    },
     /// HTTP/1.1 GET `host:port/path`; prints the status, then the body.
     Get {
         /// `host:port/path`.
@@ -111,6 +131,21 @@ fn main() -> ExitCode {
             }
             Command::Connect { to, authority, headers } => {
                 println!("{}", keyway_e2e::app::connect(to, &authority, &headers).await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Udp { timeout_ms, targets } => {
+                let t = Duration::from_millis(timeout_ms);
+                for target in targets {
+                    println!("{}", serde_json::to_string(&keyway_e2e::datagram::udp(target, t).await)?);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Raw { timeout_ms, sctp_port, targets } => {
+                let t = Duration::from_millis(timeout_ms);
+                for target in targets {
+                    println!("{}", serde_json::to_string(&keyway_e2e::datagram::icmp(target, t))?);
+                    println!("{}", serde_json::to_string(&keyway_e2e::datagram::sctp(target, sctp_port))?);
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Get { url } => {

@@ -7,9 +7,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyway_e2e::cluster::{Cluster, Options, WorkloadPod};
+use keyway_e2e::cluster::{Cluster, DNS_PORT, INTERNET, INTERNET_PORTS, Options, WorkloadPod};
 use keyway_e2e::envoy::{ENVOY_UID, KEYWAY_INBOUND_PORT};
 use keyway_e2e::topology::ns_sh;
 use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_TUNNEL_PORT};
@@ -213,4 +213,45 @@ fn one_zones_leaked_secrets_impersonate_no_workload_of_another_zone() {
         taken.push(format!("a ticket sent to {} ({}): {out}", victim.name, victim.zone));
     }
     assert!(taken.is_empty(), "zone-a's leaked secrets impersonated zone-b workloads:\n{}", taken.join("\n"));
+}
+
+/// Attacker: the app container of an enforced pod (root, as these app containers run), sending
+/// what keyway does not carry yet: UDP to another workload's pod and to a host outside the
+/// overlay, SCTP, ICMP echo. Expected: refused in the pod itself (REJECT, so the send fails at
+/// once), nothing reaches; UDP to the cluster resolver's DNS port is the one exception (the bed's
+/// resolver is the internet host here).
+#[test]
+fn udp_sctp_and_icmp_of_an_enforced_pod_reach_nothing() {
+    let _l = lock();
+    let mut opts = Options::discover("kwat4").unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
+    let internet: IpAddr = INTERNET.parse().unwrap();
+    opts.resolver = Some(internet);
+    let c = Cluster::start(opts).unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
+    let me = c.workload("shop/frontend").unwrap();
+    let other = c.workloads.iter().find(|w| w.name != me.name && !w.ports.is_empty()).expect("another workload");
+    let other_ip: IpAddr = other.pod.ip.parse().unwrap();
+    let refused = [
+        SocketAddr::new(other_ip, other.ports[0]),
+        SocketAddr::new(other_ip, DNS_PORT),
+        SocketAddr::new(internet, INTERNET_PORTS[0]),
+    ];
+    let mut udp: Vec<SocketAddr> = refused.to_vec();
+    udp.push(SocketAddr::new(internet, DNS_PORT));
+    let results = c.datagrams(me, &udp, &[other_ip, internet], Duration::from_secs(1)).unwrap();
+    for r in &results {
+        println!("{}: sent {}, reply {:?}, error {:?}", r.target, r.sent, r.reply, r.error);
+    }
+    let (dns, rest): (Vec<_>, Vec<_>) =
+        results.iter().partition(|r| r.target == format!("udp {}", SocketAddr::new(internet, DNS_PORT)));
+    let got_out: Vec<_> = rest.iter().filter(|r| r.sent || !r.reply.is_empty()).collect();
+    assert!(got_out.is_empty(), "{} sent what keyway does not carry: {got_out:#?}", me.name);
+    assert_eq!(rest.len(), refused.len() + 4, "{results:#?}");
+    assert!(
+        rest.iter().all(|r| r.error.contains("not permitted")),
+        "every refusal is immediate (REJECT), none a silent drop: {rest:#?}"
+    );
+    assert!(
+        dns.len() == 1 && dns[0].sent && dns[0].reply.starts_with("keyway-app internet udp port 53"),
+        "UDP to the resolver's DNS port stays open: {dns:?}"
+    );
 }
