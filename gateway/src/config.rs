@@ -240,7 +240,7 @@ pub struct Admin {
 }
 
 /// Who may fetch keys from the key service.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KeyService {
     /// Serve a workload's keys only to requests from its own addresses (overlay or sidecar).
@@ -259,6 +259,12 @@ pub struct KeyService {
 
 fn default_key_refresh() -> u64 {
     DEFAULT_KEY_REFRESH_MS
+}
+
+impl Default for KeyService {
+    fn default() -> Self {
+        KeyService { allow_any_source: false, refresh_ms: DEFAULT_KEY_REFRESH_MS, activation_ms: None }
+    }
 }
 
 /// Default namespace of the overlay address record (the gateway's own namespace).
@@ -574,6 +580,12 @@ zones:
         assert_eq!(c.window_ms, DEFAULT_WINDOW_MS);
         assert_eq!(c.delivery.sidecar_port, DEFAULT_SIDECAR_INBOUND_PORT);
         assert!(!c.key_service.allow_any_source);
+        assert_eq!(c.key_service.refresh_ms, DEFAULT_KEY_REFRESH_MS, "the section left out takes the field defaults");
+        assert_eq!(
+            (c.limits.flows_per_source(), c.limits.replay_share()),
+            (DEFAULT_MAX_FLOWS / 4, DEFAULT_REPLAY_CAPACITY / 4)
+        );
+        assert!(!c.admin.remote && !c.delivery.external_loopback);
         assert_eq!(c.kubernetes, None);
         let k = Config::parse(&format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24}}\n"), "c.yaml").unwrap();
         let k = k.kubernetes.unwrap();

@@ -11,7 +11,7 @@ use crate::config::Config;
 ///
 /// The configuration file (YAML) names the zone, this gateway, the TLS files of the overlay CA,
 /// the epoch secrets, the manifest directory (inventory and policies) and every zone's gateways;
-/// see the README's "Gateway configuration". The inventory and secrets are reloaded when their
+/// see docs/gateway.md, "Configuration". The inventory and secrets are reloaded when their
 /// files change or on SIGHUP; a broken new set is rejected and the running one stays.
 ///
 /// Logs: RUST_LOG (default info), LOG_FORMAT=json|plain (default plain).
