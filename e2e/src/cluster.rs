@@ -256,8 +256,16 @@ impl Cluster {
     /// are named `kw<name>-…`; panics with the reason (a test never skips) when it cannot. Bind it
     /// as `let (_turn, c) = Cluster::for_test("x")`: the bed goes first, then the turn.
     pub fn for_test(name: &str) -> TestBed {
+        Cluster::for_test_with(name, |_| {})
+    }
+
+    /// As [`Cluster::for_test`], with `tweak` applied to the discovered options first.
+    pub fn for_test_with(name: &str, tweak: impl FnOnce(&mut Options)) -> TestBed {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let started = Options::discover(&format!("kw{name}")).and_then(Cluster::start);
+        let started = Options::discover(&format!("kw{name}")).and_then(|mut opts| {
+            tweak(&mut opts);
+            Cluster::start(opts)
+        });
         (turn, started.unwrap_or_else(|e| panic!("e2e setup: {e:#}")))
     }
 

@@ -6,10 +6,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keyway_e2e::cluster::{Cluster, DNS_PORT, INTERNET, INTERNET_PORTS, Options, WorkloadPod};
+use keyway_e2e::cluster::{Cluster, DNS_PORT, INTERNET, INTERNET_PORTS, WorkloadPod};
 use keyway_e2e::envoy::{ENVOY_UID, KEYWAY_INBOUND_PORT};
 use keyway_e2e::topology::ns_sh;
 use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_TUNNEL_PORT};
@@ -18,18 +17,6 @@ use keyway_policy::engine::Peer;
 use keyway_policy::keyservice::KeyBundle;
 use keyway_policy::wire::{KEY_SERVICE_IP_PARAM, KEY_SERVICE_PATH, TICKET_HEADER, TOKEN_HEADER};
 use keyway_policy::{Protocol, Verdict};
-
-/// One overlay at a time: they are heavy for two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn cluster(name: &str) -> Cluster {
-    let opts = Options::discover(&format!("kw{name}")).unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
-    Cluster::start(opts).unwrap_or_else(|e| panic!("e2e setup: {e:#}"))
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// An HTTP GET from inside the pod `ns` as the app container of that pod can send it. The app
 /// runs as root in these pods, so it can take the proxy's UID and step around the capture rules
@@ -77,8 +64,7 @@ fn denied_pair(c: &Cluster) -> (&WorkloadPod, &WorkloadPod, u16) {
 /// because a bundle's ticket key verifies only tickets addressed to its own workload.
 #[test]
 fn a_pods_own_bundle_cannot_mint_tickets_for_another_workload() {
-    let _l = lock();
-    let c = cluster("at1");
+    let (_turn, c) = Cluster::for_test("at1");
     let (attacker, victim, port) = denied_pair(&c);
     let bundle = own_bundle(&c, attacker);
     let now = now_ms();
@@ -121,8 +107,7 @@ fn a_pods_own_bundle_cannot_mint_tickets_for_another_workload() {
 /// for the asking pod itself gets one and the same refusal.
 #[test]
 fn a_pod_learns_nothing_from_the_gateways_admin_and_key_service() {
-    let _l = lock();
-    let c = cluster("at2");
+    let (_turn, c) = Cluster::for_test("at2");
     let me = c.workloads.first().expect("a workload");
     let gw = c.gateways.iter().find(|g| g.zone == me.zone).expect("a gateway of the zone");
     let base = format!("{}:{DEFAULT_ADMIN_PORT}", gw.pod.ip);
@@ -157,8 +142,7 @@ fn a_pod_learns_nothing_from_the_gateways_admin_and_key_service() {
 /// because each zone's gateways hold only their own zone's secrets.
 #[test]
 fn one_zones_leaked_secrets_impersonate_no_workload_of_another_zone() {
-    let _l = lock();
-    let c = cluster("at3");
+    let (_turn, c) = Cluster::for_test("at3");
     // The bed's zone-a secrets file, as the attacker read it.
     let leaked = c.secrets("zone-a");
     // A workload of zone-b and a destination its policy allows, so only the token stands in the way.
@@ -222,11 +206,8 @@ fn one_zones_leaked_secrets_impersonate_no_workload_of_another_zone() {
 /// resolver is the internet host here).
 #[test]
 fn udp_sctp_and_icmp_of_an_enforced_pod_reach_nothing() {
-    let _l = lock();
-    let mut opts = Options::discover("kwat4").unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
     let internet: IpAddr = INTERNET.parse().unwrap();
-    opts.resolver = Some(internet);
-    let c = Cluster::start(opts).unwrap_or_else(|e| panic!("e2e setup: {e:#}"));
+    let (_turn, c) = Cluster::for_test_with("at4", |opts| opts.resolver = Some(internet));
     let me = c.workload("shop/frontend").unwrap();
     let other = c.workloads.iter().find(|w| w.name != me.name && !w.ports.is_empty()).expect("another workload");
     let other_ip: IpAddr = other.pod.ip.parse().unwrap();
