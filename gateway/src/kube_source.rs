@@ -255,7 +255,6 @@ impl KubeSource {
             local.push(obj);
         }
         self.reported = reported;
-        refused.sort();
 
         let wanted: BTreeSet<String> = local.iter().filter_map(|o| o.wants_address.clone()).collect();
         let allocation = self.record.allocate(&self.prefix, &wanted, &taken).await.map_err(SourceError::Record)?;
@@ -271,11 +270,24 @@ impl KubeSource {
             }
         }
 
-        let mut all: Vec<Object> = local.iter().map(LocalObject::object).collect();
-        all.extend(kept.iter().map(|s| s.object.clone()));
-        let m = keyway_policy::manifest::load_objects(all).map_err(SourceError::Load)?;
-        let engine = Engine::compile(m.inventory, m.policies).map_err(SourceError::Load)?;
-        let mut warnings = m.warnings;
+        // The set as a whole: an error that one cluster object causes (it contradicts another, or
+        // splits its workload) leaves that object out, and the rest is tried again.
+        let (engine, mut warnings) = loop {
+            let mut all: Vec<Object> = local.iter().map(LocalObject::object).collect();
+            all.extend(kept.iter().map(|s| s.object.clone()));
+            let built = keyway_policy::manifest::load_objects(all)
+                .and_then(|m| Engine::compile(m.inventory, m.policies).map(|e| (e, m.warnings)));
+            match built {
+                Ok(done) => break done,
+                Err(e) => {
+                    let Some(i) = culprit(&e, &local) else { return Err(SourceError::Load(e)) };
+                    let obj = local.remove(i);
+                    tracing::error!(object = %obj.source, error = %e, "object left out of the inventory; the rest applies");
+                    refused.push((obj.source, e.to_string()));
+                }
+            }
+        };
+        refused.sort();
         warnings.extend(engine.warnings().iter().cloned());
         Ok(Built {
             engine,
@@ -391,6 +403,22 @@ impl InventorySource for KubeSource {
     async fn run(self, sink: Sink) {
         self.keep_current(sink).await;
     }
+}
+
+/// The cluster object (index in `local`) a whole-set error is about, if it is one: the object an
+/// `Invalid`/`Duplicate`/`NotAnObject` error names, or the pod that splits its workload.
+fn culprit(e: &LoadError, local: &[LocalObject]) -> Option<usize> {
+    let source = match e {
+        LoadError::Invalid { file, .. } | LoadError::Duplicate { file, .. } | LoadError::NotAnObject { file, .. } => {
+            file.clone()
+        }
+        LoadError::WorkloadLabelsDiffer { workload, pod_b, .. } => {
+            let (namespace, _) = workload.split_once('/')?;
+            format!("kubernetes:pods/{namespace}/{pod_b}")
+        }
+        _ => return None,
+    };
+    local.iter().position(|o| o.source == source)
 }
 
 /// Starts a gateway fed by the cluster (see [`KubeSource`]).
