@@ -11,8 +11,9 @@
 //!
 //! Every build feeds all objects, parsed once, to [`keyway_policy::manifest::load_objects`], the one loader, and
 //! compiles the result. An object that does not load on its own is reported (its source name,
-//! the field and the reason, once per `resourceVersion`) and left out; the rest applies. A set
-//! that does not load or compile as a whole is rejected
+//! the field and the reason, once per `resourceVersion`) and left out; the rest applies. So is an
+//! object that makes the whole set fail (an address another workload holds, a pod splitting its
+//! workload). A set that still does not load or compile is rejected
 //! (`keyway_gateway_reloads_total{what="kubernetes",outcome="rejected"}`) and the running engine
 //! stays. A new engine is installed with [`State::install`]: open flows are not touched.
 //! [`KubeSource`] is one of the two [`InventorySource`]s (the other is the file source).
