@@ -23,18 +23,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/load.rs"]
+mod load;
+
 #[path = "../tests/envoy/harness.rs"]
 #[allow(dead_code)]
 mod harness;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use harness::{EchoApp, Envoy, free_port, render, wasm_module};
 use keyway_policy::auth::EpochSecret;
 use keyway_policy::keyservice::{EpochKey, KeyBundle};
+use load::{closed_loop, env_or, percentile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -119,10 +121,6 @@ static_resources:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: ${ECHO_PORT} } } }
 "#;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 /// One connection: connect, one byte, its echo, reset. The sample in µs.
 async fn one(port: u16) -> Option<u32> {
     let start = Instant::now();
@@ -141,38 +139,7 @@ async fn one(port: u16) -> Option<u32> {
 
 /// Runs `clients` loops against `port` for `seconds`: (samples, failures).
 async fn round(port: u16, clients: u64, seconds: u64) -> (Vec<u32>, u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut samples, mut failures) = (Vec::new(), 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                match one(port).await {
-                    Some(us) => samples.push(us),
-                    None => failures += 1,
-                }
-            }
-            (samples, failures)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(seconds)).await; // the measurement period, not a synchronisation
-    stop.store(true, Ordering::Relaxed);
-    let (mut all, mut failed) = (Vec::new(), 0);
-    for t in tasks {
-        let (s, f) = t.await.unwrap();
-        all.extend(s);
-        failed += f;
-    }
-    (all, failed)
-}
-
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    closed_loop(clients, seconds, move || one(port)).await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]

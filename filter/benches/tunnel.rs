@@ -24,6 +24,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/load.rs"]
+mod load;
+
 #[path = "../tests/envoy/harness.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -31,13 +34,14 @@ mod harness;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use harness::{EchoApp, Envoy, connect_tunnel, free_port, render, wasm_module};
 use keyway_policy::Protocol;
 use keyway_policy::auth::{EpochSecret, TicketClaims, TicketKey};
 use keyway_policy::keyservice::{EpochKey, KeyBundle};
+use load::{closed_loop, env_or, percentile};
 
 const VARIANTS: [&str; 3] = ["tunnel_none", "keyway_no_replay", "keyway"];
 const ID: &str = "spiffe://cluster.local/ns/data/sa/redis";
@@ -137,10 +141,6 @@ static_resources:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: ${ECHO_PORT} } } }
 "#;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -164,43 +164,21 @@ fn ticket(key: &TicketKey, n: u64) -> String {
 
 /// Runs `clients` loops against `port` for `seconds`: (samples in µs, failures).
 async fn round(port: u16, clients: u64, seconds: u64, key: Arc<TicketKey>, n: Arc<AtomicU64>) -> (Vec<u32>, u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (stop, key, n) = (stop.clone(), key.clone(), n.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut samples, mut failures) = (Vec::new(), 0u64);
-            let authority = format!("{IP}:6379");
-            while !stop.load(Ordering::Relaxed) {
-                let t = ticket(&key, n.fetch_add(1, Ordering::Relaxed));
-                let start = Instant::now();
-                match connect_tunnel(port, &authority, Some(&t)).await {
-                    Ok(r) if r.status == 200 && r.echo.as_deref() == Some(b"ping") => {
-                        samples.push(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    }
-                    _ => failures += 1,
+    let authority = Arc::new(format!("{IP}:6379"));
+    closed_loop(clients, seconds, move || {
+        let (key, n, authority) = (key.clone(), n.clone(), authority.clone());
+        async move {
+            let t = ticket(&key, n.fetch_add(1, Ordering::Relaxed));
+            let start = Instant::now();
+            match connect_tunnel(port, &authority, Some(&t)).await {
+                Ok(r) if r.status == 200 && r.echo.as_deref() == Some(b"ping") => {
+                    Some(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX))
                 }
+                _ => None,
             }
-            (samples, failures)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(seconds)).await; // the measurement period, not a synchronisation
-    stop.store(true, Ordering::Relaxed);
-    let (mut all, mut failed) = (Vec::new(), 0);
-    for t in tasks {
-        let (s, f) = t.await.unwrap();
-        all.extend(s);
-        failed += f;
-    }
-    (all, failed)
-}
-
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+        }
+    })
+    .await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
