@@ -257,6 +257,7 @@ fn rendered_overlays_hang_together_and_the_gateway_accepts_their_configuration()
             );
         }
         assert_eq!(mounts.get(&config.inventory.display().to_string()).map(String::as_str), Some("inventory"));
+        mesh_certificates_come_from_the_istio_agent(&dir, set, pod, &config, &volume_of);
         // The ports: container, Services and gateway configuration agree.
         let port_of = |name: &str| {
             c["ports"]
@@ -307,6 +308,68 @@ fn rendered_overlays_hang_together_and_the_gateway_accepts_their_configuration()
         assert!(deploy.value["spec"].get("replicas").is_none(), "{dir}: the HPA owns the replica count");
         assert_eq!(c["startupProbe"]["httpGet"]["path"], "/healthz", "{dir}: startup probe");
     }
+}
+
+/// The gateway's mesh workload certificate (`mesh:` in its configuration, issue 11) is the one the
+/// istio-proxy sidecar of the gateway pod writes: the pod asks for the sidecar (the namespace does
+/// not refuse it), the sidecar intercepts nothing, its agent writes `OUTPUT_CERTS` into the volume
+/// the gateway reads `mesh.ca`, `mesh.cert` and `mesh.key` from (an in-memory emptyDir shared by
+/// the two containers), under the names the agent uses.
+fn mesh_certificates_come_from_the_istio_agent(
+    dir: &str,
+    set: &[Object],
+    pod: &Value,
+    config: &keyway_gateway::config::Config,
+    volume_of: &dyn Fn(&Path) -> (String, String),
+) {
+    let ns = find(set, "Namespace", "keyway-system").unwrap_or_else(|| panic!("{dir}: no Namespace keyway-system"));
+    assert!(
+        ns.value["metadata"]["labels"].get("istio-injection").is_none(),
+        "{dir}: the namespace must not refuse the gateway's certificate sidecar (istio-injection label)"
+    );
+    assert_eq!(pod["metadata"]["labels"]["sidecar.istio.io/inject"], "true", "{dir}: the certificate sidecar");
+    let notes = &pod["metadata"]["annotations"];
+    assert_eq!(
+        notes["traffic.sidecar.istio.io/includeInboundPorts"], "",
+        "{dir}: the sidecar intercepts no inbound port"
+    );
+    assert_eq!(notes["traffic.sidecar.istio.io/includeOutboundIPRanges"], "", "{dir}: nor any outbound range");
+    let proxy_config: Value = serde_yaml_ng::from_str(notes["proxy.istio.io/config"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{dir}: proxy.istio.io/config: {e}"));
+    let out_dir = proxy_config["proxyMetadata"]["OUTPUT_CERTS"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{dir}: no proxyMetadata OUTPUT_CERTS in proxy.istio.io/config"));
+    let user_mounts: Value =
+        serde_json::from_str(notes["sidecar.istio.io/userVolumeMount"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{dir}: sidecar.istio.io/userVolumeMount: {e}"));
+    let mut volumes = BTreeSet::new();
+    for (file, agent_name) in
+        [(&config.mesh.ca, "root-cert.pem"), (&config.mesh.cert, "cert-chain.pem"), (&config.mesh.key, "key.pem")]
+    {
+        let (volume, key) = volume_of(file);
+        assert_eq!(key, agent_name, "{dir}: {} is not a file istio-agent writes", file.display());
+        let v = pod["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == volume.as_str())
+            .unwrap_or_else(|| panic!("{dir}: volume {volume}"));
+        assert_eq!(v["emptyDir"]["medium"], "Memory", "{dir}: {volume}: the key stays in memory");
+        assert!(
+            user_mounts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["name"] == volume.as_str() && m["mountPath"] == out_dir),
+            "{dir}: the sidecar does not mount {volume} at OUTPUT_CERTS {out_dir}: {user_mounts}"
+        );
+        volumes.insert(volume);
+    }
+    assert_eq!(volumes.len(), 1, "{dir}: the three files in one volume");
+    assert!(
+        !config.tls.cert.starts_with(out_dir),
+        "{dir}: the overlay certificate is the overlay CA's, not the mesh's"
+    );
 }
 
 /// The errors name the file, the object and the field.

@@ -13,6 +13,7 @@ import (
 	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	httpwasm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/wasm/v3"
 	networkrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	networkwasm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/wasm/v3"
 	wasmext "github.com/envoyproxy/go-control-plane/envoy/extensions/wasm/v3"
 	"github.com/google/go-cmp/cmp"
@@ -34,6 +35,7 @@ const (
 	gatewayCluster    = "keyway_gateway"
 	keyServiceCluster = "keyway_keyservice"
 	inboundListener   = "keyway_inbound"
+	overlayChain      = "keyway_overlay"
 	inboundPort       = 15181
 	// unknownIP: an address outside the mesh and the overlay (TEST-NET-3); nothing is sent to it,
 	// the simulation only walks the generated configuration.
@@ -45,6 +47,7 @@ const (
 // world is one zone overlay loaded into pilot, with the baseline (the mesh without keyway).
 type world struct {
 	release, proxyVersion string // the pin's short name, the proxy version
+	trustDomain           string // the mesh's, as pilot has it
 	mesh                  *mesh
 	zone                  overlay
 	sidecars              []*sidecar
@@ -69,6 +72,7 @@ func worlds(t *testing.T) []*world {
 	for _, o := range overlays(t) {
 		w := &world{release: name, proxyVersion: version, mesh: m, zone: o, baseline: baseline}
 		s := server(t, m, o.istio, o.kube)
+		w.trustDomain = s.PushContext().Mesh.GetTrustDomain()
 		for _, p := range m.pods {
 			variants := []bool{false}
 			if p.enforced {
@@ -302,12 +306,17 @@ func contains(l []string, s string) bool {
 	return false
 }
 
-// Every outbound filter chain of an enforced pod starts with keyway's outbound filter; and the
-// simulation of Istio's capture (iptables to 15001, then the listener of the original
-// destination) takes every kind of outbound connection through it: overlay addresses to the
-// gateway tunnel, mesh Service VIPs on HTTP and TCP ports, unknown addresses (passthrough).
+// Egress default deny (issue 11, finding 3): every outbound filter chain of an enforced pod, on
+// 15001 (its passthrough and blackhole chains included) and on every per-port and per-Service
+// listener, starts with keyway's outbound filter and ends in the tcp_proxy that tunnels to the
+// gateway with the token; no chain keeps Istio's own route (an HTTP connection manager, a
+// tcp_proxy to a Service, PassthroughCluster or BlackHoleCluster). And the simulation of Istio's
+// capture (iptables to 15001, then the listener of the original destination) takes every kind of
+// outbound connection through the filter into the keyway tunnel: overlay addresses, mesh Service
+// VIPs on HTTP and TCP ports, unknown addresses (passthrough), over TCP and HTTP.
 func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 	chainCount, calls := 0, 0
+	kinds := map[string]int{}
 	n := each(t, enforced, func(t *testing.T, w *world, sc *sidecar) {
 		for _, l := range sc.listeners {
 			if l.GetTrafficDirection() != core.TrafficDirection_OUTBOUND {
@@ -317,6 +326,9 @@ func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 				chainCount++
 				if !sc.keywayFirst(t, fc, modeOutbound) {
 					t.Errorf("outbound listener %s: %s does not start with keyway's outbound filter", l.GetName(), describeFilters(fc))
+				}
+				if err := tunnelsToTheGateway(t, fc); err != nil {
+					t.Errorf("outbound listener %s: %s: %v", l.GetName(), describeFilters(fc), err)
 				}
 			}
 		}
@@ -335,14 +347,54 @@ func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 				t.Errorf("%s: %v (listener %q)", what, r.Error, r.ListenerMatched)
 			case matched == nil || !sc.keywayFirst(t, matched, modeOutbound):
 				t.Errorf("%s: listener %s, %s: does not reach keyway's outbound filter", what, r.ListenerMatched, describeFilters(matched))
-			case c.overlay && r.ClusterMatched != gatewayCluster:
+			case r.ClusterMatched != gatewayCluster:
 				t.Errorf("%s: listener %s chain %q goes to %q, not the keyway tunnel %s", what, r.ListenerMatched, r.FilterChainMatched, r.ClusterMatched, gatewayCluster)
-			case !c.overlay && r.ClusterMatched == gatewayCluster:
-				t.Errorf("%s: goes to the keyway tunnel", what)
+			case c.overlay && r.FilterChainMatched != overlayChain:
+				t.Errorf("%s: listener %s takes chain %q, not keyway's overlay chain %s", what, r.ListenerMatched, r.FilterChainMatched, overlayChain)
 			}
+			kinds[strings.SplitN(c.what, " ", 3)[0]+" "+strings.SplitN(c.what, " ", 3)[1]]++
 		}
 	})
-	t.Logf("%d sidecars, %d outbound filter chains, %d simulated outbound connections", n, chainCount, calls)
+	for _, k := range []string{"overlay address", "mesh Service", "unknown address"} {
+		if kinds[k] == 0 {
+			t.Errorf("no simulated connection to a %s reached the tunnel", k)
+		}
+	}
+	t.Logf("%d sidecars, %d outbound filter chains, %d simulated outbound connections, all into the tunnel (%v)", n, chainCount, calls, kinds)
+}
+
+// tunnelsToTheGateway checks that an outbound filter chain ends in keyway's tunnel: tcp_proxy to
+// the gateway cluster, HTTP/2 CONNECT to the original destination with the token.
+func tunnelsToTheGateway(t *testing.T, fc *listener.FilterChain) error {
+	t.Helper()
+	filters := fc.GetFilters()
+	if len(filters) == 0 {
+		return fmt.Errorf("no filters")
+	}
+	for _, f := range filters {
+		if connectionManager(t, f) != nil {
+			return fmt.Errorf("keeps an HTTP connection manager (Istio's routes)")
+		}
+	}
+	last := filters[len(filters)-1]
+	tp := &tcpproxy.TcpProxy{}
+	if last.GetTypedConfig().GetTypeUrl() != typeURL(tp) {
+		return fmt.Errorf("ends in %s, not tcp_proxy", last.GetName())
+	}
+	if err := last.GetTypedConfig().UnmarshalTo(tp); err != nil {
+		t.Fatal(err)
+	}
+	tc := tp.GetTunnelingConfig()
+	switch {
+	case tp.GetCluster() != gatewayCluster:
+		return fmt.Errorf("tcp_proxy goes to %q, not the keyway tunnel %s", tp.GetCluster(), gatewayCluster)
+	case tc.GetHostname() != "%DOWNSTREAM_LOCAL_ADDRESS%":
+		return fmt.Errorf("tcp_proxy does not tunnel to the original destination (tunneling_config %v)", tc)
+	case len(tc.GetHeadersToAdd()) != 1 || tc.GetHeadersToAdd()[0].GetHeader().GetKey() != "x-keyway-token" ||
+		tc.GetHeadersToAdd()[0].GetHeader().GetValue() != "%FILTER_STATE(wasm.keyway_token:PLAIN)%":
+		return fmt.Errorf("the tunnel does not carry the token: %v", tc.GetHeadersToAdd())
+	}
+	return nil
 }
 
 type outboundCall struct {
