@@ -412,3 +412,93 @@ fn errors_name_the_file_the_object_and_the_field() {
     let objects = keyway_istio_check::parse_yaml("ok.yaml", ok).unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(schemas.validate(&objects[0]), Ok(Outcome::Valid { .. })));
 }
+
+/// Every workload of samples/shop that keyway enforces (label `keyway.io/enforce: "true"`) carries
+/// what an Istio install needs of an enforced pod (docs/install-istio.md): Istio's inbound capture
+/// leaves the keyway inbound port alone, and the init container `keyway-refuse-non-tcp`, the same in
+/// every pod, installs exactly the end-to-end sidecar's rules for UDP, SCTP and ICMP
+/// (`Sidecar::non_tcp_rules`): its script, run here with `iptables` and `ip6tables` replaced by a
+/// recorder, issues those commands in that order, for no resolver, an IPv4 one, an IPv6 one, and
+/// the nameservers of the pod's resolv.conf by default.
+#[test]
+fn enforced_sample_pods_refuse_udp_sctp_and_icmp_as_the_e2e_sidecar_does() {
+    use keyway_e2e::envoy::Sidecar;
+    let path = repo().join("samples/shop/workloads.yaml");
+    let objects = load_file(&path, "samples/shop/workloads.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let mut scripts = BTreeSet::new();
+    let mut enforced = 0;
+    for d in objects.iter().filter(|o| o.kind() == "Deployment") {
+        let pod = &d.value["spec"]["template"];
+        if pod["metadata"]["labels"]["keyway.io/enforce"] != "true" {
+            continue;
+        }
+        enforced += 1;
+        let what = d.describe();
+        assert_eq!(
+            pod["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeInboundPorts"],
+            keyway_e2e::envoy::KEYWAY_INBOUND_PORT.to_string(),
+            "{what}: Istio's inbound capture must leave the keyway inbound port alone"
+        );
+        let init: Vec<&Value> = pod["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "keyway-refuse-non-tcp")
+            .collect();
+        assert_eq!(init.len(), 1, "{what}: no init container keyway-refuse-non-tcp");
+        let c = init[0];
+        assert_eq!(c["command"], serde_json::json!(["sh", "-c"]), "{what}");
+        let caps = &c["securityContext"]["capabilities"];
+        assert_eq!(caps["add"], serde_json::json!(["NET_ADMIN", "NET_RAW"]), "{what}: what iptables needs, no more");
+        assert_eq!(caps["drop"], serde_json::json!(["ALL"]), "{what}");
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false, "{what}");
+        scripts.insert(c["args"][0].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(enforced >= 8, "samples/shop enforces its workloads ({enforced} labelled)");
+    assert_eq!(scripts.len(), 1, "one script for every enforced pod");
+    let script = scripts.pop_first().unwrap_or_default();
+
+    let dir = std::env::temp_dir().join(format!("keyway-non-tcp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.join("log");
+    for tool in ["iptables", "ip6tables"] {
+        let shim = dir.join(tool);
+        std::fs::write(&shim, format!("#!/bin/sh\necho \"{tool} $*\" >> '{}'\n", log.display()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "search shop.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(script.contains("/etc/resolv.conf"), "the default resolver comes from the pod's resolv.conf");
+    let script_here = script.replace("/etc/resolv.conf", &resolv.display().to_string());
+    let run = |dns: Option<&str>| -> Vec<String> {
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c").arg(&script_here);
+        cmd.env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()));
+        cmd.env_remove("KEYWAY_DNS");
+        if let Some(d) = dns {
+            cmd.env("KEYWAY_DNS", d);
+        }
+        let out = cmd.output().unwrap_or_else(|e| panic!("sh: {e}"));
+        assert!(out.status.success(), "the script failed: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect()
+    };
+    let want = |resolver: Option<&str>| -> Vec<String> {
+        Sidecar::non_tcp_rules(resolver.map(|r| r.parse().unwrap_or_else(|e| panic!("{r}: {e}"))))
+            .iter()
+            .map(|r| r.join(" "))
+            .collect()
+    };
+    assert_eq!(run(Some("")), want(None), "KEYWAY_DNS=\"\": all UDP refused");
+    assert_eq!(run(Some("10.96.0.10")), want(Some("10.96.0.10")), "an IPv4 resolver");
+    assert_eq!(run(Some("fd00::a")), want(Some("fd00::a")), "an IPv6 resolver");
+    assert_eq!(run(None), want(Some("10.96.0.10")), "by default, the pod's resolv.conf nameserver");
+    let _ = std::fs::remove_dir_all(&dir);
+}

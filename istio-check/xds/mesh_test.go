@@ -20,7 +20,8 @@ import (
 // name over its container ports (Istio's protocol by port name: http, grpc, https; postgres and
 // redis declared `appProtocol: tcp`, so they are plain TCP Services with their own VIP listener).
 // Pod addresses come from podCIDR, Service VIPs from serviceCIDR: neither overlaps the overlay
-// prefix. Workloads are enforced (label keyway.io/enforce: "true") except those in notEnforced.
+// prefix. Workloads are enforced (label keyway.io/enforce: "true", as samples/shop has it) except
+// those in notEnforced, whose label the harness removes.
 const (
 	podCIDR     = "10.244.0."
 	serviceCIDR = "10.96.0."
@@ -183,6 +184,8 @@ func loadShop(t *testing.T) *mesh {
 		enforced := !notEnforced[ns+"/"+name]
 		if enforced {
 			labels[enforceKey] = "true"
+		} else {
+			delete(labels, enforceKey)
 		}
 		sa := str(tmpl, "spec", "serviceAccountName")
 		if sa == "" {
