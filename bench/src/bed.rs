@@ -238,6 +238,7 @@ impl Bed {
         let files = Files::in_dir(&dir);
         let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
         sh(&[&keyway, "ca", "init", "--out", &path(&files.ca)])?;
+        keyway_e2e::mesh::init_ca_cli(&keyway, &files)?;
         std::fs::create_dir_all(&files.inventory)?;
         std::fs::write(files.inventory.join("bench.yaml"), manifests())?;
         let layout = [
@@ -266,6 +267,7 @@ impl Bed {
                 "--out",
                 &path(&files.certs),
             ])?;
+            keyway_e2e::mesh::issue_gateway_cli(&keyway, &files, zone, "gw-1")?;
             let listen = Listen { overlay: SocketAddr::new(gateway_ip(n), DEFAULT_OVERLAY_PORT), ..Listen::default() };
             let config = dir.join(format!("gateway-{zone}.yaml"));
             gwconfig::write(&gwconfig::config(zone, "gw-1", listen, &files, &zones)?, &config)?;
@@ -305,7 +307,8 @@ impl Bed {
                 app_ports: vec![HTTP_PORT, IPERF_PORT],
                 gateways: vec![gateway_ip(z).to_string()],
                 tunnel_port: DEFAULT_TUNNEL_PORT,
-                admin_port: DEFAULT_ADMIN_PORT,
+                mesh: keyway_e2e::mesh::issue_sidecar_cli(&keyway, &files, "bench", sa)?,
+                gateway_identity: keyway_e2e::mesh::gateway_identity(keyway_e2e::loopback::TD),
                 wasm: wasm.display().to_string(),
             };
             let cfg = dir.join(format!("envoy-{name}.yaml"));

@@ -32,23 +32,10 @@ pub fn baseline() -> String {
     bootstrap(&capture("passthrough", false), ORIGINAL_DST_CLUSTER)
 }
 
-/// A TLS transport socket, its lines shifted right by `indent` spaces.
+/// A TLS transport socket with the certificates of `dir` (`cert.pem`, `key.pem`, `ca.pem`).
 fn tls_context(kind: &str, dir: &str, extra: &str, indent: usize) -> String {
-    let text = format!(
-        r#"transport_socket:
-  name: envoy.transport_sockets.tls
-  typed_config:
-    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}
-{extra}    common_tls_context:
-      alpn_protocols: [h2]
-      tls_certificates:
-      - certificate_chain: {{ filename: "{dir}/cert.pem" }}
-        private_key: {{ filename: "{dir}/key.pem" }}
-      validation_context:
-        trusted_ca: {{ filename: "{dir}/ca.pem" }}
-"#
-    );
-    yaml::indent(&text, indent)
+    let (cert, key, ca) = (format!("{dir}/cert.pem"), format!("{dir}/key.pem"), format!("{dir}/ca.pem"));
+    yaml::tls_socket(kind, yaml::TlsFiles { cert: &cert, key: &key, ca: &ca, peer: None }, extra, indent)
 }
 
 /// The HBONE-shaped client sidecar: captured connections tunnel to `server_ip`:15008.

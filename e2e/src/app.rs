@@ -315,22 +315,34 @@ fn forward(imp: &std::sync::RwLock<Impairment>, sock: Arc<UdpSocket>, data: Vec<
     });
 }
 
-/// Sends one HTTP/2 CONNECT to `to` with `authority` and `headers` (`name=value`); returns
-/// `status <code> reason <x-keyway-deny-reason>` and, on 200, ` banner <first line>`.
-pub async fn connect(to: SocketAddr, authority: &str, headers: &[String]) -> anyhow::Result<String> {
+/// Sends one HTTP/2 CONNECT to `to`, spoken as `how`, with `authority` and `headers`
+/// (`name=value`); returns `status <code> reason <x-keyway-deny-reason>` and, on 200,
+/// ` banner <first line>`; a connection or handshake that fails is `refused <why>`.
+pub async fn connect(
+    to: SocketAddr,
+    how: crate::mesh::Speak<'_>,
+    authority: &str,
+    headers: &[String],
+) -> anyhow::Result<String> {
     use bytes::Bytes;
     use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let tcp = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(to)).await??;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
+    use hyper_util::rt::TokioIo;
+    let mut sender = match crate::mesh::h2(to, None, how).await {
+        Ok((sender, _)) => sender,
+        Err(e) => return Ok(format!("refused {e:#}")),
+    };
     let mut req = http::Request::builder().method(http::Method::CONNECT).uri(authority);
     for h in headers {
         let (k, v) = h.split_once('=').ok_or_else(|| anyhow::anyhow!("{h}: expected name=value"))?;
         req = req.header(k, v);
     }
-    let resp =
-        tokio::time::timeout(Duration::from_secs(5), sender.send_request(req.body(Empty::<Bytes>::new())?)).await??;
+    let resp = match tokio::time::timeout(Duration::from_secs(5), sender.send_request(req.body(Empty::<Bytes>::new())?))
+        .await
+    {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return Ok(format!("refused {e:#}")),
+        Err(_) => return Ok("refused no answer within 5 s".to_owned()),
+    };
     let status = resp.status().as_u16();
     let reason = resp
         .headers()

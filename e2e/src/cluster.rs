@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Listen};
+use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Listen, MeshFiles};
 use keyway_policy::engine::Peer;
 use keyway_policy::{Engine, Protocol, Verdict};
 
@@ -326,6 +326,7 @@ impl Cluster {
         let files = Files::in_dir(&dir);
         let path = |p: &Path| p.to_str().unwrap_or_default().to_owned();
         sh(&[&keyway, "ca", "init", "--out", &path(&files.ca)])?;
+        crate::mesh::init_ca_cli(&keyway, &files)?;
         // Each zone its own epoch secrets: never one zone's file copied to another.
         std::fs::create_dir_all(&files.secrets_dir)?;
         for zone in ZONES {
@@ -389,6 +390,7 @@ impl Cluster {
                 "--out",
                 &path(&files.certs),
             ])?;
+            crate::mesh::issue_gateway_cli(&keyway, &files, &zone, &name)?;
             let config = dir.join(format!("gateway-{zone}-{name}.yaml"));
             gwconfig::write(&gateway_config(&zone, &name, &pod.ip, &files)?, &config)?;
             cluster.gateways.push(GatewayPod { zone, name, pod, config, proc: None, log_n: 0 });
@@ -429,7 +431,8 @@ impl Cluster {
                 app_ports: w.ports.clone(),
                 gateways: (0..REPLICAS.len()).map(|i| gateway_ip(z, i).to_string()).collect(),
                 tunnel_port: DEFAULT_TUNNEL_PORT,
-                admin_port: DEFAULT_ADMIN_PORT,
+                mesh: crate::mesh::issue_sidecar_cli(&keyway, &cluster.files, &wl.namespace, &wl.service_account)?,
+                gateway_identity: crate::mesh::gateway_identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN),
                 wasm: wasm.display().to_string(),
             };
             let cfg = dir.join(format!("envoy-{slug}.yaml"));
@@ -672,33 +675,72 @@ impl Cluster {
         )
     }
 
-    /// Sends a raw HTTP/2 CONNECT from inside `ns` as Envoy's user (so the capture rules do not
-    /// apply): returns `status N reason R [banner B]`.
+    /// The mesh certificate files of `w`'s sidecar.
+    pub fn sidecar_mesh(&self, w: &WorkloadPod) -> anyhow::Result<MeshFiles> {
+        let wl = self.engine.inventory().workloads.get(w.index).context("workload")?;
+        Ok(self.files.workload_mesh(&wl.namespace, &wl.service_account))
+    }
+
+    /// The mesh certificate files of gateway replica `zone`/`name`.
+    pub fn gateway_mesh(&self, zone: &str, name: &str) -> MeshFiles {
+        self.files.mesh(zone, name)
+    }
+
+    /// The `keyway-e2e` command line run inside `ns`: in a workload pod as Envoy's user (so the
+    /// capture rules do not apply; it reads the sidecar's mesh key as Envoy does), elsewhere as
+    /// root; with `mesh` files as `--cert/--key/--ca`.
+    fn e2e_args(&self, ns: &str, mesh: Option<&MeshFiles>, args: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if ns != self.topo.router {
+            out.extend(["setpriv".to_owned(), format!("--reuid={ENVOY_UID}"), format!("--regid={ENVOY_UID}")]);
+            out.push("--clear-groups".into());
+        }
+        out.push(self.opts.e2e.display().to_string());
+        out.extend(args.iter().cloned());
+        if let Some(m) = mesh {
+            for (flag, p) in [("--cert", &m.cert), ("--key", &m.key), ("--ca", &m.ca)] {
+                out.extend([flag.to_owned(), p.display().to_string()]);
+            }
+        }
+        out
+    }
+
+    /// Sends a raw HTTP/2 CONNECT from inside `ns` ([`Cluster::e2e_args`]), with the mesh
+    /// certificate `mesh` or in cleartext: returns `status N reason R [banner B]`, or
+    /// `refused …` when the connection or TLS handshake fails.
     pub fn raw_connect(
         &self,
         ns: &str,
+        mesh: Option<&MeshFiles>,
         to: SocketAddr,
         authority: SocketAddr,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<String> {
-        let mut args = vec![
-            "setpriv".to_owned(),
-            format!("--reuid={ENVOY_UID}"),
-            format!("--regid={ENVOY_UID}"),
-            "--clear-groups".into(),
-            self.opts.e2e.display().to_string(),
-            "connect".into(),
-            "--to".into(),
-            to.to_string(),
-            "--authority".into(),
-            authority.to_string(),
-        ];
+        let mut args =
+            vec!["connect".to_owned(), "--to".into(), to.to_string(), "--authority".into(), authority.to_string()];
         for (k, v) in headers {
             args.push("--header".into());
             args.push(format!("{k}={v}"));
         }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let argv = self.e2e_args(ns, mesh, &args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         Ok(ns_sh(ns, &argv)?.trim().to_owned())
+    }
+
+    /// Asks the key service at `to` (a gateway's tunnel) for the keys of `ip` from inside `ns`
+    /// ([`Cluster::e2e_args`]), with `mesh` or in cleartext: status and body; status 0 with the
+    /// error when the connection or TLS handshake fails.
+    pub fn raw_keys(&self, ns: &str, mesh: Option<&MeshFiles>, to: SocketAddr, ip: IpAddr) -> (u16, String) {
+        let args = ["keys".to_owned(), "--to".into(), to.to_string(), "--ip".into(), ip.to_string()];
+        let argv = self.e2e_args(ns, mesh, &args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        match ns_sh(ns, &argv) {
+            Ok(out) => {
+                let (status, body) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+                (status.trim().parse().unwrap_or(0), body.to_owned())
+            }
+            Err(e) => (0, format!("{e:#}")),
+        }
     }
 
     /// The underlay address of a gateway replica.

@@ -2,13 +2,17 @@
 //! (mirroring `filter/tests/envoy/*.yaml`): outbound capture by iptables REDIRECT to 15001, where
 //! the keyway filter seals a token and `tcp_proxy` tunnels to the zone's gateways with it; the
 //! keyway inbound CONNECT listener on 15181, where the filter verifies tickets; every other inbound
-//! connection redirected to 15006, where the filter closes what is not exempt.
+//! connection redirected to 15006, where the filter closes what is not exempt. Both keyway legs
+//! are mutual TLS with the workload's mesh certificate (Istio's SDS `default` and `ROOTCA`): to
+//! the gateway's tunnel port (tunnel and key service, HTTP/2), whose certificate must be the
+//! gateways' mesh identity, and on 15181, which only that identity may connect to.
 
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use keyway_gateway::config::MeshFiles;
 use keyway_policy::wire;
 
 use crate::proc::Proc;
@@ -45,10 +49,12 @@ pub struct Sidecar {
     pub app_ports: Vec<u16>,
     /// The zone's gateways' underlay addresses.
     pub gateways: Vec<String>,
-    /// Gateway tunnel port.
+    /// Gateway tunnel port (the key service too).
     pub tunnel_port: u16,
-    /// Gateway admin port (key service).
-    pub admin_port: u16,
+    /// The workload's mesh certificate, key and the mesh root (readable by Envoy's user).
+    pub mesh: MeshFiles,
+    /// The gateways' mesh identity (their certificate's SPIFFE id).
+    pub gateway_identity: String,
     /// The wasm module.
     pub wasm: String,
 }
@@ -76,6 +82,9 @@ impl Sidecar {
     /// The Envoy bootstrap (YAML).
     pub fn bootstrap(&self) -> String {
         let key_service = serde_json::json!({"cluster": "keyway_keyservice", "timeout_ms": 1000, "retry_ms": 200});
+        let (cert, key, ca) = (self.mesh.cert.display(), self.mesh.key.display(), self.mesh.ca.display());
+        let (cert, key, ca) = (cert.to_string(), key.to_string(), ca.to_string());
+        let files = yaml::TlsFiles { cert: &cert, key: &key, ca: &ca, peer: Some(&self.gateway_identity) };
         let outbound_cfg = serde_json::json!({"mode": "outbound", "key_service": key_service});
         let tunnel_cfg = serde_json::json!({"mode": "inbound_tunnel", "key_service": key_service});
         let plain_cfg = serde_json::json!({"mode": "inbound_plain", "exempt_ports": [HEALTH_PORT]});
@@ -102,7 +111,7 @@ impl Sidecar {
                 KEYWAY_INBOUND_PORT,
                 &yaml::app_routes(&self.app_ports),
                 &wasm_filter("http", "keyway.inbound_tunnel", &self.wasm, &tunnel_cfg, 10),
-                "",
+                &yaml::tls_socket("DownstreamTlsContext", files, "    require_client_certificate: true\n", 6),
             ),
             yaml::capture_listener(
                 "inbound_plain",
@@ -113,8 +122,12 @@ impl Sidecar {
             ),
         ];
         let clusters = [
-            yaml::static_cluster("keyway_gateway", &self.gateways, self.tunnel_port, true),
-            yaml::static_cluster("keyway_keyservice", &self.gateways, self.admin_port, false),
+            yaml::static_cluster("keyway_gateway", &self.gateways, self.tunnel_port, true)
+                + &yaml::tls_socket("UpstreamTlsContext", files, "", 4),
+            // The key service is on the tunnel port too; its own cluster keeps key fetches off
+            // the tunnels' connection pool.
+            yaml::static_cluster("keyway_keyservice", &self.gateways, self.tunnel_port, true)
+                + &yaml::tls_socket("UpstreamTlsContext", files, "", 4),
             yaml::static_cluster("health", &["127.0.0.1"], HEALTH_PORT, false),
             yaml::app_clusters(&self.app_ports),
         ];

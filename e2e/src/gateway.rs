@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use keyway_gateway::ca::{CaFiles, IssuedPaths};
-use keyway_gateway::config::{GatewayPeer, TlsFiles};
+use keyway_gateway::config::{GatewayPeer, MeshFiles, TlsFiles};
 use serde::Serialize;
 
 /// What a bed sets of a configuration (for beds that do not link the gateway themselves).
@@ -41,13 +41,19 @@ pub fn zones(layout: &[ZoneLayout<'_>], address: impl Fn(&str, &str) -> SocketAd
         .collect()
 }
 
-/// The files of a bed's gateways: shared (CA, inventory) and per zone (epoch secrets).
+/// The files of a bed's gateways: shared (CAs, inventory), per zone (epoch secrets) and per
+/// replica (certificates).
 #[derive(Debug, Clone)]
 pub struct Files {
-    /// The CA directory (`keyway ca init --out`).
+    /// The overlay CA directory (`keyway ca init --out`).
     pub ca: PathBuf,
     /// Where gateway certificates are issued (`keyway ca issue --out`).
     pub certs: PathBuf,
+    /// The mesh CA directory: the beds' istiod, issuing workload certificates.
+    pub mesh_ca: PathBuf,
+    /// Where mesh certificates are issued (`keyway ca issue-workload --out`): sidecars' in it,
+    /// each gateway replica's in a directory of its own ([`Files::mesh`]).
+    pub mesh_certs: PathBuf,
     /// Where each zone's epoch secrets file is (see [`Files::secrets`]).
     pub secrets_dir: PathBuf,
     /// The manifest directory.
@@ -55,11 +61,14 @@ pub struct Files {
 }
 
 impl Files {
-    /// The files of a bed rooted at `dir`: `ca/`, `certs/`, `secrets/<zone>.json`, `manifests/`.
+    /// The files of a bed rooted at `dir`: `ca/`, `certs/`, `mesh-ca/`, `mesh/`,
+    /// `secrets/<zone>.json`, `manifests/`.
     pub fn in_dir(dir: &Path) -> Files {
         Files {
             ca: dir.join("ca"),
             certs: dir.join("certs"),
+            mesh_ca: dir.join("mesh-ca"),
+            mesh_certs: dir.join("mesh"),
             secrets_dir: dir.join("secrets"),
             inventory: dir.join("manifests"),
         }
@@ -78,6 +87,30 @@ impl Files {
     }
 }
 
+impl Files {
+    /// Where the mesh certificate of gateway replica `zone`/`name` is issued (its own key).
+    pub fn mesh_dir(&self, zone: &str, name: &str) -> PathBuf {
+        self.mesh_certs.join(format!("gateway-{zone}-{name}"))
+    }
+
+    /// The mesh files of gateway replica `zone`/`name` (the certificate of the gateways' service
+    /// account, [`crate::mesh::GATEWAY_SERVICE_ACCOUNT`]).
+    pub fn mesh(&self, zone: &str, name: &str) -> MeshFiles {
+        let issued = IssuedPaths::in_dir(
+            &self.mesh_dir(zone, name),
+            crate::mesh::GATEWAY_NAMESPACE,
+            crate::mesh::GATEWAY_SERVICE_ACCOUNT,
+        );
+        MeshFiles { ca: CaFiles::in_dir(&self.mesh_ca).cert, cert: issued.cert, key: issued.key }
+    }
+
+    /// The mesh files of the workload `namespace`/`service_account` (its sidecar's).
+    pub fn workload_mesh(&self, namespace: &str, service_account: &str) -> MeshFiles {
+        let issued = IssuedPaths::in_dir(&self.mesh_certs, namespace, service_account);
+        MeshFiles { ca: CaFiles::in_dir(&self.mesh_ca).cert, cert: issued.cert, key: issued.key }
+    }
+}
+
 /// What a configuration file must say; everything else takes the gateway's defaults.
 #[derive(Serialize)]
 struct Required<'a> {
@@ -85,6 +118,7 @@ struct Required<'a> {
     name: &'a str,
     listen: &'a Listen,
     tls: TlsFiles,
+    mesh: MeshFiles,
     secrets: PathBuf,
     inventory: &'a Path,
     zones: &'a [Zone],
@@ -98,6 +132,7 @@ pub fn config(zone: &str, name: &str, listen: Listen, files: &Files, zones: &[Zo
         name,
         listen: &listen,
         tls: files.tls(zone, name),
+        mesh: files.mesh(zone, name),
         secrets: files.secrets(zone),
         inventory: &files.inventory,
         zones,
@@ -159,7 +194,7 @@ mod tests {
         assert_eq!(back.zones[0].failover, ["zone-b"]);
         // Everything left out has the default of a file that leaves it out.
         let minimal = Config::parse(
-            "zone: zone-a\nname: gw-2\ntls: {ca: /run/bed/ca/ca.pem, cert: /run/bed/certs/zone-a-gw-2.pem, key: /run/bed/certs/zone-a-gw-2-key.pem}\nsecrets: /run/bed/secrets/zone-a.json\ninventory: /run/bed/manifests\nzones: [{name: zone-a, gateways: [{name: gw-1, address: \"10.0.0.1:15443\"}, {name: gw-2, address: \"10.0.0.1:15444\"}], failover: [zone-b]}, {name: zone-b, gateways: [{name: gw-1, address: \"10.0.0.2:15443\"}]}]\n",
+            "zone: zone-a\nname: gw-2\ntls: {ca: /run/bed/ca/ca.pem, cert: /run/bed/certs/zone-a-gw-2.pem, key: /run/bed/certs/zone-a-gw-2-key.pem}\nmesh: {ca: /run/bed/mesh-ca/ca.pem, cert: /run/bed/mesh/gateway-zone-a-gw-2/keyway-system-keyway-gateway.pem, key: /run/bed/mesh/gateway-zone-a-gw-2/keyway-system-keyway-gateway-key.pem}\nsecrets: /run/bed/secrets/zone-a.json\ninventory: /run/bed/manifests\nzones: [{name: zone-a, gateways: [{name: gw-1, address: \"10.0.0.1:15443\"}, {name: gw-2, address: \"10.0.0.1:15444\"}], failover: [zone-b]}, {name: zone-b, gateways: [{name: gw-1, address: \"10.0.0.2:15443\"}]}]\n",
             "t",
         )
         .unwrap();

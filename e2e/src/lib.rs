@@ -13,6 +13,7 @@ pub mod envoy;
 pub mod gateway;
 pub mod loopback;
 pub mod matrix;
+pub mod mesh;
 pub mod proc;
 pub mod topology;
 pub mod wait;

@@ -1,7 +1,9 @@
 //! The in-process bed: gateways of several zones running in this process on loopback (real
 //! QUIC and TLS, a test CA, real epoch secrets), fake destination sidecars that decide with the
 //! filter's own verdict code and echo ([`Sidecar`]), and a client that speaks to a gateway as a
-//! sidecar's `tcp_proxy` does. The gateway's integration tests run on it.
+//! sidecar's `tcp_proxy` does. Every sidecar leg is mutual TLS with mesh certificates a mesh CA
+//! of the bed issues (as istiod would): each workload its own, each gateway replica its own of
+//! the gateways' service account. The gateway's integration tests run on it.
 //!
 //! Its helpers panic on failure, with a message: they are test steps.
 
@@ -17,7 +19,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use keyway_gateway::app::Handle;
 use keyway_gateway::clock::ShiftedClock;
 use keyway_gateway::config::{Config, DEFAULT_TRUST_DOMAIN, Listen};
@@ -27,7 +29,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use crate::credentials::now_ms;
 use crate::gateway::{self as gwconfig, Files, ZoneLayout};
+use crate::mesh::{GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT, Speak};
 pub use crate::wait::wait_until_async;
+use keyway_gateway::mesh::MeshTls;
 pub use sidecar::Sidecar;
 
 /// The trust domain of the bed.
@@ -136,6 +140,8 @@ pub struct Overlay {
     pub workloads: Vec<W>,
     /// The gateways' clock: the system's, moved forward when a test says so.
     pub clock: Arc<ShiftedClock>,
+    /// Each workload's mesh certificate (its sidecar's), by workload name.
+    pub mesh: BTreeMap<String, Arc<MeshTls>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -194,6 +200,12 @@ impl Overlay {
         let scratch = Scratch::new(name)?;
         let files = Files::in_dir(&scratch.0);
         keyway_gateway::ca::init_ca(&files.ca, TD)?;
+        keyway_gateway::ca::init_ca(&files.mesh_ca, TD)?;
+        let mut workload_mesh = BTreeMap::new();
+        for w in &workloads {
+            let m = crate::mesh::issue(&files.mesh_ca, w.ns, w.name, &files.mesh_certs)?;
+            workload_mesh.insert(w.name.to_owned(), Arc::new(MeshTls::load(&m)?));
+        }
         // Each zone its own epoch secrets, as `keyway keys init` per zone makes them.
         std::fs::create_dir_all(&files.secrets_dir)?;
         for z in zones {
@@ -219,6 +231,12 @@ impl Overlay {
         for z in zones {
             for n in z.gateways {
                 keyway_gateway::ca::issue_gateway(&files.ca, TD, z.name, n, &files.certs)?;
+                crate::mesh::issue(
+                    &files.mesh_ca,
+                    GATEWAY_NAMESPACE,
+                    GATEWAY_SERVICE_ACCOUNT,
+                    &files.mesh_dir(z.name, n),
+                )?;
                 let port = port_of(z.name, n).context("overlay port")?;
                 let mut config = gateway_config(z.name, n, port, &files, &mesh)?;
                 config.delivery.sidecar_port = sidecar_port;
@@ -233,7 +251,8 @@ impl Overlay {
         }
         let mut sidecars = Vec::new();
         for w in &workloads {
-            sidecars.push(Sidecar::start(w, sidecar_port, files.secrets(w.zone)).await?);
+            let m = workload_mesh.get(w.name).context("mesh certificate")?.clone();
+            sidecars.push(Sidecar::start(w, sidecar_port, files.secrets(w.zone), m).await?);
         }
         let o = Overlay {
             scratch,
@@ -245,6 +264,7 @@ impl Overlay {
             sidecars,
             workloads,
             clock,
+            mesh: workload_mesh,
         };
         o.wait_mesh().await?;
         Ok(o)
@@ -282,6 +302,25 @@ impl Overlay {
     pub fn sidecar(&self, workload: &str) -> &Sidecar {
         let ip = self.workload(workload).overlay;
         self.sidecars.iter().find(|s| s.overlay_ip == ip).unwrap_or_else(|| panic!("no sidecar of {workload}"))
+    }
+
+    /// The mesh certificate of the workload called `name` (its sidecar's).
+    pub fn mesh_of(&self, name: &str) -> &MeshTls {
+        self.mesh.get(name).unwrap_or_else(|| panic!("no mesh certificate of {name}"))
+    }
+
+    /// Opens an HTTP/2 CONNECT to a gateway's tunnel as `src`'s sidecar does: from its address,
+    /// with its mesh certificate, with an optional token.
+    pub async fn connect(&self, gateway: SocketAddr, src: &W, dst: SocketAddr, token: Option<&str>) -> Connect {
+        connect_speaking(gateway, src.sidecar, Speak::As(self.mesh_of(src.name)), dst, token).await
+    }
+
+    /// Asks a gateway's key service for the keys of `ip` as `src`'s sidecar does (from its
+    /// address, with its mesh certificate): status and body.
+    pub async fn keys(&self, gateway: SocketAddr, src: &W, ip: IpAddr) -> (u16, String) {
+        keys_speaking(gateway, Some(src.sidecar), Speak::As(self.mesh_of(src.name)), ip)
+            .await
+            .unwrap_or_else(|e| panic!("GET keys of {ip} from {gateway}: {e:#}"))
     }
 
     /// The epoch secrets file of `zone` (its gateways' only).
@@ -347,23 +386,48 @@ impl Connect {
     }
 }
 
-/// Opens an HTTP/2 CONNECT to a gateway's tunnel from `from` (a sidecar address), as Envoy's
-/// tcp_proxy tunnelling does, with an optional token.
-pub async fn connect(gateway: SocketAddr, from: IpAddr, dst: SocketAddr, token: Option<&str>) -> Connect {
-    try_connect(gateway, from, dst, token).await.unwrap_or_else(|e| panic!("CONNECT {dst} via {gateway}: {e:#}"))
+/// Opens an HTTP/2 CONNECT to a gateway's tunnel from `from` (a sidecar address), spoken as
+/// `how`, as Envoy's tcp_proxy tunnelling does, with an optional token.
+pub async fn connect_speaking(
+    gateway: SocketAddr,
+    from: IpAddr,
+    how: Speak<'_>,
+    dst: SocketAddr,
+    token: Option<&str>,
+) -> Connect {
+    try_connect(gateway, from, how, dst, token).await.unwrap_or_else(|e| panic!("CONNECT {dst} via {gateway}: {e:#}"))
+}
+
+/// Asks a gateway's key service (on its tunnel port) for the keys of `ip`, from `from`, spoken as
+/// `how`: status and body.
+pub async fn keys_speaking(
+    gateway: SocketAddr,
+    from: Option<IpAddr>,
+    how: Speak<'_>,
+    ip: IpAddr,
+) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt as _;
+    let (mut sender, _) = crate::mesh::h2(gateway, from, how).await?;
+    let uri = format!("https://{gateway}{}?{}={ip}", wire::KEY_SERVICE_PATH, wire::KEY_SERVICE_IP_PARAM);
+    let resp = sender.send_request(Request::get(uri).body(Empty::<Bytes>::new())?).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 async fn try_connect(
     gateway: SocketAddr,
     from: IpAddr,
+    how: Speak<'_>,
     dst: SocketAddr,
     token: Option<&str>,
 ) -> anyhow::Result<Connect> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(from, 0))?;
-    let tcp = sock.connect(gateway).await?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
+    let (mut sender, server) = crate::mesh::h2(gateway, Some(from), how).await?;
+    if matches!(how, Speak::As(_)) {
+        // As the sidecar's cluster matches the gateway's SAN.
+        let want = crate::mesh::gateway_identity(TD);
+        anyhow::ensure!(server.as_deref() == Some(want.as_str()), "the tunnel's certificate is {server:?}, not {want}");
+    }
     let mut req = Request::builder().method(Method::CONNECT).uri(dst.to_string());
     if let Some(t) = token {
         req = req.header(wire::TOKEN_HEADER, t);

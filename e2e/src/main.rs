@@ -66,6 +66,20 @@ enum Command {
         /// `name=value` headers.
         #[arg(long = "header")]
         headers: Vec<String>,
+        #[command(flatten)]
+        tls: Tls,
+    },
+    /// A key request as a sidecar sends it to its gateway's key service (on the tunnel port);
+    /// prints the status, then the body.
+    Keys {
+        /// The gateway's tunnel (`ip:port`).
+        #[arg(long)]
+        to: SocketAddr,
+        /// The overlay address whose keys are asked for.
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        #[command(flatten)]
+        tls: Tls,
     },
     /// Send one UDP datagram to each target and wait for its echo; one JSON result per target.
     Udp {
@@ -93,6 +107,33 @@ enum Command {
         url: String,
     },
 }
+
+/// The mesh certificate to speak with: all three files, or none for cleartext HTTP/2.
+#[derive(Debug, clap::Args)]
+struct Tls {
+    /// Mesh certificate chain (PEM); with --key and --ca: mutual TLS.
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires_all = ["cert", "ca"])]
+    key: Option<PathBuf>,
+    /// The mesh root (PEM).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+}
+
+impl Tls {
+    fn load(self) -> anyhow::Result<Option<keyway_gateway::mesh::MeshTls>> {
+        match (self.cert, self.key, self.ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Ok(Some(keyway_gateway::mesh::MeshTls::load(&keyway_gateway::config::MeshFiles { ca, cert, key })?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+use keyway_e2e::mesh::Speak;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -129,8 +170,17 @@ fn main() -> ExitCode {
                 keyway_e2e::app::relay(parsed, control).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Connect { to, authority, headers } => {
-                println!("{}", keyway_e2e::app::connect(to, &authority, &headers).await?);
+            Command::Connect { to, authority, headers, tls } => {
+                let tls = tls.load()?;
+                let how = tls.as_ref().map_or(Speak::Plain, Speak::As);
+                println!("{}", keyway_e2e::app::connect(to, how, &authority, &headers).await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Keys { to, ip, tls } => {
+                let tls = tls.load()?;
+                let how = tls.as_ref().map_or(Speak::Plain, Speak::As);
+                let (status, body) = keyway_e2e::loopback::keys_speaking(to, None, how, ip).await?;
+                println!("{status}\n{body}");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Udp { timeout_ms, targets } => {

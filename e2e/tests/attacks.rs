@@ -30,11 +30,17 @@ fn get_as_pod(c: &Cluster, ns: &str, url: &str) -> (u16, String) {
     (status.trim().parse().unwrap_or(0), body.to_owned())
 }
 
-/// The key bundle `w`'s own pod fetches from its zone's gateway, over the network.
-fn own_bundle(c: &Cluster, w: &WorkloadPod) -> KeyBundle {
+/// The tunnel port (and key service) of the first gateway of `w`'s zone.
+fn zone_tunnel(c: &Cluster, w: &WorkloadPod) -> SocketAddr {
     let gw = c.gateways.iter().find(|g| g.zone == w.zone).expect("a gateway of the zone");
-    let url = format!("{}:{DEFAULT_ADMIN_PORT}{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={}", gw.pod.ip, w.overlay);
-    let (status, body) = get_as_pod(c, &w.pod.ns, &url);
+    SocketAddr::new(gw.pod.ip.parse().unwrap(), DEFAULT_TUNNEL_PORT)
+}
+
+/// The key bundle `w`'s own pod fetches from its zone's gateway, over the network, with its
+/// sidecar's mesh certificate (the most an app container could hold).
+fn own_bundle(c: &Cluster, w: &WorkloadPod) -> KeyBundle {
+    let mesh = c.sidecar_mesh(w).unwrap();
+    let (status, body) = c.raw_keys(&w.pod.ns, Some(&mesh), zone_tunnel(c, w), w.overlay);
     assert_eq!(status, 200, "{} fetches its own bundle: {body}", w.name);
     serde_json::from_str(&body).unwrap()
 }
@@ -60,8 +66,10 @@ fn denied_pair(c: &Cluster) -> (&WorkloadPod, &WorkloadPod, u16) {
 
 /// Attacker: the app container of an enforced pod. It fetches its own key bundle from the key
 /// service (as its sidecar does), seals a ticket with the bundle's ticket key naming any source
-/// identity, and connects straight to another workload's keyway inbound port. Expected: refused,
-/// because a bundle's ticket key verifies only tickets addressed to its own workload.
+/// identity, and connects straight to another workload's keyway inbound port with its own mesh
+/// certificate. Expected: refused (the port accepts gateways' certificates only); and were it a
+/// gateway, the ticket would still be refused, because a bundle's ticket key verifies only
+/// tickets addressed to its own workload.
 #[test]
 fn a_pods_own_bundle_cannot_mint_tickets_for_another_workload() {
     let (_turn, c) = Cluster::for_test("at1");
@@ -84,16 +92,22 @@ fn a_pods_own_bundle_cannot_mint_tickets_for_another_workload() {
     .seal(&key)
     .unwrap();
     let victim_ip: IpAddr = victim.pod.ip.parse().unwrap();
-    let out = c
-        .raw_connect(
-            &attacker.pod.ns,
-            SocketAddr::new(victim_ip, KEYWAY_INBOUND_PORT),
-            SocketAddr::new(victim.overlay, port),
-            &[(TICKET_HEADER, &forged)],
-        )
-        .unwrap();
+    let inbound = SocketAddr::new(victim_ip, KEYWAY_INBOUND_PORT);
+    let own = c.sidecar_mesh(attacker).unwrap();
+    let headers = [(TICKET_HEADER, forged.as_str())];
+    let authority = SocketAddr::new(victim.overlay, port);
+    let out = c.raw_connect(&attacker.pod.ns, Some(&own), inbound, authority, &headers).unwrap();
     assert!(
-        out.starts_with("status 403"),
+        out.starts_with("refused"),
+        "{} reached {}'s keyway inbound port with its own certificate: {out}",
+        attacker.name,
+        victim.name
+    );
+    // Past the certificate check (a gateway's certificate, from the underlay), the ticket itself.
+    let gw_mesh = c.gateway_mesh(&victim.zone, "gw-1");
+    let out = c.raw_connect(&c.topo.router, Some(&gw_mesh), inbound, authority, &headers).unwrap();
+    assert!(
+        out.starts_with("status 403 reason ticket-mac"),
         "{} minted a ticket for {}:{port} from its own bundle and got in: {out}",
         attacker.name,
         victim.name
@@ -118,9 +132,13 @@ fn a_pod_learns_nothing_from_the_gateways_admin_and_key_service() {
     for path in ["/healthz", "/readyz"] {
         assert_eq!(get_as_pod(&c, &me.pod.ns, &format!("{base}{path}")).0, 200, "{path} stays open to probes");
     }
-    // Its own keys: yes.
-    let keys =
-        |ip: IpAddr| get_as_pod(&c, &me.pod.ns, &format!("{base}{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={ip}"));
+    // No key service on the admin port.
+    let on_admin =
+        get_as_pod(&c, &me.pod.ns, &format!("{base}{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={}", me.overlay));
+    assert_eq!(on_admin.0, 404, "{on_admin:?}");
+    // Its own keys, with its own certificate, on the tunnel port: yes.
+    let mesh = c.sidecar_mesh(me).unwrap();
+    let keys = |ip: IpAddr| c.raw_keys(&me.pod.ns, Some(&mesh), zone_tunnel(&c, me), ip);
     assert_eq!(keys(me.overlay).0, 200);
     // Anything else: one answer, whatever the address is.
     let same_zone = c.workloads.iter().find(|w| w.zone == me.zone && w.name != me.name).expect("a neighbour");
@@ -165,7 +183,9 @@ fn one_zones_leaked_secrets_impersonate_no_workload_of_another_zone() {
     let token = keyway_e2e::credentials::token(&leaked, &identity, src.overlay, target, None, now_ms()).unwrap();
     let gw = SocketAddr::new(c.gateway_ip("zone-b", "gw-1").unwrap(), DEFAULT_TUNNEL_PORT);
     let mut taken = Vec::new();
-    let out = c.raw_connect(&src.pod.ns, gw, target, &[(TOKEN_HEADER, &token)]).unwrap();
+    // Sent from the workload's pod with its certificate: only the token stands in the way.
+    let src_mesh = c.sidecar_mesh(src).unwrap();
+    let out = c.raw_connect(&src.pod.ns, Some(&src_mesh), gw, target, &[(TOKEN_HEADER, &token)]).unwrap();
     if !out.starts_with("status 403 reason token-mac") {
         taken.push(format!("a token of {} ({}) sent to zone-b's gateway: {out}", src.name, src.zone));
     }
@@ -185,9 +205,12 @@ fn one_zones_leaked_secrets_impersonate_no_workload_of_another_zone() {
     )
     .unwrap();
     let victim_ip: IpAddr = victim.pod.ip.parse().unwrap();
+    // A compromised zone-a gateway's own mesh certificate gets it to the port.
+    let gw_mesh = c.gateway_mesh("zone-a", "gw-1");
     let out = c
         .raw_connect(
             &c.topo.router,
+            Some(&gw_mesh),
             SocketAddr::new(victim_ip, KEYWAY_INBOUND_PORT),
             SocketAddr::new(victim.overlay, vport),
             &[(TICKET_HEADER, &ticket)],

@@ -52,47 +52,66 @@ fn no_bypass_of_the_enforcement_points() {
     }
     // The exempt health port does answer (as a kubelet probe would).
     assert!(c.probe_from_ns(&c.topo.router, SocketAddr::new(cart_ip, HEALTH_PORT), T).unwrap().connected);
-    // The keyway inbound port without a ticket, and with tickets for other destinations.
+    // The keyway inbound port: in cleartext, or with a mesh certificate that is not a gateway's,
+    // nothing; it accepts only gateways' certificates.
     let inbound = SocketAddr::new(cart_ip, KEYWAY_INBOUND_PORT);
     let authority = SocketAddr::new(cart.overlay, 7070);
-    let out = c.raw_connect(&c.topo.router, inbound, authority, &[]).unwrap();
+    let out = c.raw_connect(&c.topo.router, None, inbound, authority, &[]).unwrap();
+    assert!(out.starts_with("refused"), "cleartext: {out}");
+    let frontends = c.sidecar_mesh(frontend).unwrap();
+    let out = c.raw_connect(&c.topo.router, Some(&frontends), inbound, authority, &[]).unwrap();
+    assert!(out.starts_with("refused"), "a sidecar's certificate: {out}");
+    // With a gateway's certificate, without a ticket and with tickets for other destinations.
+    let gw_mesh = c.gateway_mesh("zone-a", "gw-1");
+    let as_gw = Some(&gw_mesh);
+    let out = c.raw_connect(&c.topo.router, as_gw, inbound, authority, &[]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-missing"), "{out}");
     // A ticket sealed for another workload does not verify with cart's ticket key.
     let others =
         c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", frontend.overlay, 8080).unwrap();
-    let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &others)]).unwrap();
+    let out = c.raw_connect(&c.topo.router, as_gw, inbound, authority, &[(TICKET_HEADER, &others)]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-mac"), "{out}");
     // One sealed for cart but naming another of its ports is for another destination.
     let wrong =
         c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", cart.overlay, 9090).unwrap();
-    let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &wrong)]).unwrap();
+    let out = c.raw_connect(&c.topo.router, as_gw, inbound, authority, &[(TICKET_HEADER, &wrong)]).unwrap();
     assert!(out.starts_with("status 403 reason ticket-wrong-destination"), "{out}");
     let right =
         c.mint_ticket(frontend.overlay, "spiffe://cluster.local/ns/shop/sa/frontend", cart.overlay, 7070).unwrap();
-    let out = c.raw_connect(&c.topo.router, inbound, authority, &[(TICKET_HEADER, &right)]).unwrap();
+    let out = c.raw_connect(&c.topo.router, as_gw, inbound, authority, &[(TICKET_HEADER, &right)]).unwrap();
     assert!(
         out.starts_with("status 200") && out.contains("keyway-app shop/cart port 7070"),
         "a valid ticket is the only way in: {out}"
     );
 
-    // Tokens at the gateway, sent by cart's own pod but not through its sidecar.
+    // Tokens at the gateway, sent by cart's own pod (with its sidecar's certificate) but not
+    // through its sidecar.
     let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), DEFAULT_TUNNEL_PORT);
+    let carts = c.sidecar_mesh(cart).unwrap();
+    let as_cart = Some(&carts);
     let dst = SocketAddr::new(redis.overlay, 6379);
     let good = c.mint_token(cart, redis.overlay, 6379, None).unwrap();
     let mut forged = good.clone().into_bytes();
     let i = forged.len() - 3;
     forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[(TOKEN_HEADER, &forged)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, as_cart, gw, dst, &[(TOKEN_HEADER, &forged)]).unwrap();
     assert!(out.starts_with("status 403 reason token-mac"), "forged: {out}");
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[(TOKEN_HEADER, &good)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, as_cart, gw, dst, &[(TOKEN_HEADER, &good)]).unwrap();
     assert!(out.starts_with("status 200") && out.contains("keyway-app data/redis port 6379"), "genuine: {out}");
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[(TOKEN_HEADER, &good)]).unwrap();
+    let out = c.raw_connect(&cart.pod.ns, as_cart, gw, dst, &[(TOKEN_HEADER, &good)]).unwrap();
     assert!(out.starts_with("status 403 reason token-replay"), "replayed: {out}");
     let stolen = c.mint_token(cart, redis.overlay, 6379, None).unwrap();
-    let out = c.raw_connect(&frontend.pod.ns, gw, dst, &[(TOKEN_HEADER, &stolen)]).unwrap();
-    assert!(out.starts_with("status 403 reason token-source-address"), "used from another address: {out}");
-    let out = c.raw_connect(&cart.pod.ns, gw, dst, &[]).unwrap();
+    let out = c.raw_connect(&frontend.pod.ns, Some(&frontends), gw, dst, &[(TOKEN_HEADER, &stolen)]).unwrap();
+    assert!(out.starts_with("status 403 reason token-peer-identity"), "used by another workload: {out}");
+    let out = c.raw_connect(&frontend.pod.ns, as_cart, gw, dst, &[(TOKEN_HEADER, &stolen)]).unwrap();
+    assert!(
+        out.starts_with("status 403 reason token-source-address"),
+        "with cart's certificate, from another address: {out}"
+    );
+    let out = c.raw_connect(&cart.pod.ns, None, gw, dst, &[(TOKEN_HEADER, &stolen)]).unwrap();
+    assert!(out.starts_with("refused"), "in cleartext: {out}");
+    let out = c.raw_connect(&cart.pod.ns, as_cart, gw, dst, &[]).unwrap();
     assert!(out.starts_with("status 403 reason token-missing"), "{out}");
 }
 
@@ -324,7 +343,10 @@ fn key_rotation_keeps_open_connections_and_retires_the_old_epoch() {
     let cart = c.workload("shop/cart").unwrap();
     let gw = SocketAddr::new(c.gateway_ip("zone-a", "gw-1").unwrap(), DEFAULT_TUNNEL_PORT);
     let t = c.mint_token(cart, redis.overlay, 6379, Some(old_epoch)).unwrap();
-    let out = c.raw_connect(&cart.pod.ns, gw, SocketAddr::new(redis.overlay, 6379), &[(TOKEN_HEADER, &t)]).unwrap();
+    let carts = c.sidecar_mesh(cart).unwrap();
+    let out = c
+        .raw_connect(&cart.pod.ns, Some(&carts), gw, SocketAddr::new(redis.overlay, 6379), &[(TOKEN_HEADER, &t)])
+        .unwrap();
     assert!(out.starts_with("status 403 reason token-epoch"), "{out}");
     let _ = Peer::Ip(INTERNET.parse().unwrap());
 }

@@ -1,15 +1,14 @@
-//! The admin face, on its own small runtime so a slow scrape never adds latency to flows:
-//! `/healthz`, `/readyz`, `/metrics`, `/config_dump`, `/peers` and the key service
-//! `/v1/keys?ip=<overlay address>`.
+//! The admin face, plain HTTP/1 on its own small runtime so a slow scrape never adds latency to
+//! flows: `/healthz`, `/readyz`, `/metrics`, `/config_dump`, `/peers`. (The key service is on
+//! the tunnel port, over mutual TLS: [`crate::keyservice`].)
 //!
-//! Health, readiness and the key service answer the network (kubelet probes, sidecars); the
-//! others answer only the gateway's own host unless `admin.remote` is set. Open connections are
-//! capped (`limits.max_admin_connections`) and each must send its request headers within
-//! `limits.header_timeout_ms`. The key service answers a workload's own addresses only, and every
-//! refusal is the same answer, so probing it tells nothing about the inventory.
+//! Health and readiness answer the network (kubelet probes); the others answer only the
+//! gateway's own host unless `admin.remote` is set. Open connections are capped
+//! (`limits.max_admin_connections`) and each must send its request headers within
+//! `limits.header_timeout_ms`.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use keyway_policy::engine::Peer;
 
 use crate::proxy::Proxy;
 
@@ -122,10 +120,9 @@ fn route(ctx: &Proxy, peer: SocketAddr, req: Request<Incoming>) -> Response<Full
         }
         "/config_dump" => config_dump(ctx),
         "/peers" => json(StatusCode::OK, &serde_json::to_value(ctx.routing.view()).unwrap_or_default()),
-        keyway_policy::wire::KEY_SERVICE_PATH => keys(ctx, peer, req.uri().query().unwrap_or_default()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /readyz, /metrics, /config_dump, /peers, /v1/keys?ip=ADDRESS\n",
+            "not found; try /healthz, /readyz, /metrics, /config_dump, /peers (the key service is on the tunnel port, over mutual TLS)\n",
         ),
     }
 }
@@ -156,59 +153,4 @@ fn config_dump(ctx: &Proxy) -> Response<Full<Bytes>> {
             },
         }),
     )
-}
-
-/// The one answer to every key request that is not served: the same status and body whether the
-/// address is no workload's, another zone's, or a workload's asked from another address.
-fn keys_refused() -> Response<Full<Bytes>> {
-    text(
-        StatusCode::FORBIDDEN,
-        "keys refused: ask the gateway of your zone, from the workload's own address, for its own overlay address\n",
-    )
-}
-
-fn keys(ctx: &Proxy, peer: SocketAddr, query: &str) -> Response<Full<Bytes>> {
-    let outcome = |o: &str| ctx.metrics.key_requests.with_label_values(&[o]).inc();
-    let param = keyway_policy::wire::KEY_SERVICE_IP_PARAM;
-    let ip = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(param).and_then(|r| r.strip_prefix('=')))
-        .and_then(|v| v.parse::<IpAddr>().ok());
-    let Some(ip) = ip else {
-        outcome("bad-request");
-        return text(StatusCode::BAD_REQUEST, format!("expected ?{param}=<the workload's overlay address>\n"));
-    };
-    let engine = ctx.state.engine();
-    let Peer::Workload(w) = engine.peer_for(ip) else {
-        outcome("unknown-workload");
-        return keys_refused();
-    };
-    let Some(workload) = engine.inventory().workloads.get(w) else {
-        outcome("unknown-workload");
-        return keys_refused();
-    };
-    if workload.zone.as_deref() != Some(ctx.config.zone.as_str()) {
-        outcome("other-zone");
-        return keys_refused();
-    }
-    let from = peer.ip().to_canonical();
-    let own = workload.sidecar_ips.iter().chain(workload.overlay_ips.iter()).any(|a| a.to_canonical() == from);
-    if !own && !ctx.config.key_service.allow_any_source {
-        outcome("wrong-source");
-        return keys_refused();
-    }
-    let identity = workload.identity(&ctx.config.trust_domain);
-    let key_ip = workload.overlay_ips.first().copied().unwrap_or(ip);
-    let holder = crate::secrets::Holder { identity: &identity, overlay_ip: ip, key_ip, zone: &ctx.config.zone };
-    let (refresh_ms, activation_ms) = (ctx.config.key_service.refresh_ms, ctx.config.activation_ms());
-    match crate::secrets::key_bundle_activating(&ctx.state.secrets(), ctx.now_ms(), holder, refresh_ms, activation_ms) {
-        Ok(bundle) => {
-            outcome("ok");
-            json(StatusCode::OK, &serde_json::to_value(bundle).unwrap_or_default())
-        }
-        Err(e) => {
-            outcome("error");
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
-        }
-    }
 }

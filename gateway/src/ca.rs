@@ -393,6 +393,16 @@ impl Ca {
     pub fn issue(&self, zone: &str, name: &str, days: u32, now: SystemTime) -> Result<IssuedCert, CaError> {
         let identity =
             GatewayIdentity::new(&self.trust_domain, zone, name).map_err(|e| CaError::BadName(e.to_string()))?;
+        let (not_before, not_after) = self.validity_within(days, now)?;
+        let host = server_name(&identity);
+        let sans = vec![SanType::URI(identity.spiffe_id().try_into()?), SanType::DnsName(host.as_str().try_into()?)];
+        let (cert_pem, key_pem) = self.sign(&host, sans, not_before, not_after)?;
+        Ok(IssuedCert { identity, cert_pem, key_pem, not_after_unix: i64::try_from(not_after).unwrap_or(i64::MAX) })
+    }
+
+    /// Refuses a certificate valid `days` from `now` that would outlive the CA; returns its
+    /// validity period (unix seconds).
+    fn validity_within(&self, days: u32, now: SystemTime) -> Result<(u64, u64), CaError> {
         check_days(days)?;
         let (not_before, not_after) = validity(now, days);
         let ca_end = u64::try_from(self.not_after_unix).unwrap_or(0);
@@ -410,14 +420,24 @@ impl Ca {
                 ),
             });
         }
-        let host = server_name(&identity);
+        Ok((not_before, not_after))
+    }
+
+    /// Signs a leaf certificate (server and client use) with a new P-256 key; returns the
+    /// certificate and the key, PEM.
+    fn sign(
+        &self,
+        common_name: &str,
+        sans: Vec<SanType>,
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<(String, String), CaError> {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, ORGANIZATION);
-        dn.push(DnType::CommonName, host.clone());
+        dn.push(DnType::CommonName, common_name);
         p.distinguished_name = dn;
-        p.subject_alt_names =
-            vec![SanType::URI(identity.spiffe_id().try_into()?), SanType::DnsName(host.as_str().try_into()?)];
+        p.subject_alt_names = sans;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -437,12 +457,38 @@ impl Ca {
                     .into(),
             });
         }
-        Ok(IssuedCert {
-            identity,
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            not_after_unix: i64::try_from(not_after).unwrap_or(i64::MAX),
-        })
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Issues a mesh workload certificate, as istiod issues one to a sidecar: the one SAN
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, valid `days` from `now`,
+    /// a new P-256 key. For a mesh without Istio (the test beds, the demo) and for the gateway's
+    /// own mesh certificate there; returns the certificate and key, PEM.
+    pub fn issue_workload(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        days: u32,
+        now: SystemTime,
+    ) -> Result<(String, String), CaError> {
+        for (what, v) in [("namespace", namespace), ("service account", service_account)] {
+            let ok = !v.is_empty()
+                && v.len() <= 253
+                && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(CaError::BadName(format!(
+                    "{what} {v:?}: expected a Kubernetes name (lower-case letters, digits, '-', '.')"
+                )));
+            }
+        }
+        let (not_before, not_after) = self.validity_within(days, now)?;
+        let id = format!("spiffe://{}/ns/{namespace}/sa/{service_account}", self.trust_domain);
+        self.sign(
+            &format!("{service_account}.{namespace}"),
+            vec![SanType::URI(id.as_str().try_into()?)],
+            not_before,
+            not_after,
+        )
     }
 }
 
@@ -493,6 +539,24 @@ pub fn issue_gateway_with(
     std::fs::create_dir_all(out).map_err(|source| CaError::Write { path: out.display().to_string(), source })?;
     let paths = issued.save(out)?;
     Ok((paths, issued))
+}
+
+/// Issues a mesh workload certificate ([`Ca::issue_workload`]) with a loaded CA into `out`
+/// (created if missing): `<namespace>-<service account>.pem` (0644) and `…-key.pem` (0600),
+/// replacing earlier ones, the key first.
+pub fn issue_workload_with(
+    ca: &Ca,
+    namespace: &str,
+    service_account: &str,
+    days: u32,
+    out: &Path,
+) -> Result<IssuedPaths, CaError> {
+    let (cert, key) = ca.issue_workload(namespace, service_account, days, SystemTime::now())?;
+    std::fs::create_dir_all(out).map_err(|source| CaError::Write { path: out.display().to_string(), source })?;
+    let paths = IssuedPaths::in_dir(out, namespace, service_account);
+    write(&paths.key, &key, PRIVATE_FILE_MODE, Replace::Yes)?;
+    write(&paths.cert, &cert, CERT_FILE_MODE, Replace::Yes)?;
+    Ok(paths)
 }
 
 /// The UTC date `YYYY-MM-DD` of a unix time in seconds (for messages; proleptic Gregorian).

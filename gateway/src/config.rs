@@ -87,6 +87,22 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The gateway's mesh workload certificate (PEM files), for the legs to and from sidecars: the
+/// tunnel and key service it serves, and delivery to sidecars' keyway inbound port. In Istio,
+/// the files istio-agent writes with `OUTPUT_CERTS` (`root-cert.pem`, `cert-chain.pem`,
+/// `key.pem`); re-read when they change.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshFiles {
+    /// The mesh root certificate(s): sidecars' certificates must chain to one of them.
+    pub ca: PathBuf,
+    /// This gateway's mesh certificate chain, leaf first (a SPIFFE URI SAN,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
 /// A gateway replica of a zone.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +359,8 @@ pub struct Config {
     pub listen: Listen,
     /// Overlay TLS files.
     pub tls: TlsFiles,
+    /// Mesh TLS files: the sidecar legs are mutual TLS with mesh workload certificates.
+    pub mesh: MeshFiles,
     /// The epoch secrets file (`keyway keys init`).
     pub secrets: PathBuf,
     /// The directory of manifests: inventory and policies.
@@ -562,6 +580,7 @@ mod tests {
 zone: zone-a
 name: gw-1
 tls: {ca: ca.pem, cert: gw.pem, key: gw-key.pem}
+mesh: {ca: mesh-ca.pem, cert: mesh.pem, key: mesh-key.pem}
 secrets: epochs.json
 inventory: manifests/
 zones:

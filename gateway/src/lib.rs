@@ -16,10 +16,12 @@ pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod keyservice;
 #[cfg(feature = "kubernetes")]
 pub mod kube_source;
 /// The flow header (gateway to gateway), from `keyway-policy` where the other wire formats live.
 pub use keyway_policy::flow;
+pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;

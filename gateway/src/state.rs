@@ -10,6 +10,7 @@ use keyway_policy::Engine;
 use keyway_policy::auth::ReplayCache;
 
 use crate::config::Config;
+use crate::mesh::MeshTls;
 use crate::metrics::Metrics;
 use crate::secrets::EpochSecrets;
 
@@ -59,18 +60,58 @@ pub(crate) fn manifest_paths(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Policy, inventory and secrets, swapped atomically on reload.
+/// A value loaded from files, replaced when they change and the change has settled.
+#[derive(Debug)]
+struct Watched<T> {
+    paths: Vec<PathBuf>,
+    value: RwLock<Arc<T>>,
+    print: Mutex<Fingerprint>,
+    /// A changed fingerprint seen once, waiting to be seen again (settled) before it is loaded.
+    pending: Mutex<Option<Fingerprint>>,
+}
+
+impl<T> Watched<T> {
+    fn load<E>(paths: Vec<PathBuf>, load: impl FnOnce() -> Result<T, E>) -> Result<Watched<T>, E> {
+        let print = fingerprint(&paths);
+        let value = load()?;
+        Ok(Watched { paths, value: RwLock::new(Arc::new(value)), print: Mutex::new(print), pending: Mutex::new(None) })
+    }
+
+    fn get(&self) -> Arc<T> {
+        match self.value.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Loads the files again if they changed and settled (`force`: now): `None` when nothing
+    /// was loaded, else whether the new value was installed (an error leaves the old one).
+    fn reload<E>(&self, force: bool, load: impl FnOnce() -> Result<T, E>) -> Option<Result<(), E>> {
+        let print = fingerprint(&self.paths);
+        let changed = self.print.lock().map(|p| *p != print).unwrap_or(true);
+        if !(force || (changed && settled(&self.pending, &print))) {
+            return None;
+        }
+        if let Ok(mut p) = self.print.lock() {
+            *p = print;
+        }
+        Some(load().map(|v| match self.value.write() {
+            Ok(mut g) => *g = Arc::new(v),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(v),
+        }))
+    }
+}
+
+/// Policy, inventory, secrets and the mesh certificate, swapped atomically on reload.
 #[derive(Debug)]
 pub struct State {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     engine: RwLock<Arc<Engine>>,
-    secrets: RwLock<Arc<EpochSecrets>>,
+    secrets: Watched<EpochSecrets>,
+    mesh: Watched<MeshTls>,
     /// Nonces of tokens seen within the window.
     pub replay: Mutex<ReplayCache>,
-    /// A changed fingerprint seen once, waiting to be seen again (settled) before it is loaded.
-    secrets_pending: Mutex<Option<Fingerprint>>,
-    secrets_print: Mutex<Fingerprint>,
 }
 
 /// Why the initial state could not be built.
@@ -87,6 +128,9 @@ pub enum StateError {
     /// The epoch secrets.
     #[error("secrets: {0}")]
     Secrets(String),
+    /// The mesh certificate.
+    #[error("mesh: {0}")]
+    Mesh(String),
 }
 
 /// Loads and compiles the inventory directory, logging the loader's warnings.
@@ -103,19 +147,14 @@ impl State {
     /// The state of a gateway starting with `engine` (from its inventory source) and the secrets
     /// named by the configuration.
     pub fn load(config: Arc<Config>, metrics: Arc<Metrics>, engine: Engine) -> Result<State, StateError> {
-        let secrets_print = fingerprint(std::slice::from_ref(&config.secrets));
-        let secrets = EpochSecrets::load(&config.secrets).map_err(|e| StateError::Secrets(e.to_string()))?;
+        let secrets = Watched::load(vec![config.secrets.clone()], || EpochSecrets::load(&config.secrets))
+            .map_err(|e| StateError::Secrets(e.to_string()))?;
+        let m = &config.mesh;
+        let mesh = Watched::load(vec![m.ca.clone(), m.cert.clone(), m.key.clone()], || MeshTls::load(m))
+            .map_err(|e| StateError::Mesh(e.to_string()))?;
         let replay = ReplayCache::new(keyway_policy::auth::Kind::Token, config.limits.replay_cache, config.window_ms)
             .with_source_share(config.limits.replay_share());
-        Ok(State {
-            config,
-            metrics,
-            engine: RwLock::new(Arc::new(engine)),
-            secrets: RwLock::new(Arc::new(secrets)),
-            replay: Mutex::new(replay),
-            secrets_pending: Mutex::new(None),
-            secrets_print: Mutex::new(secrets_print),
-        })
+        Ok(State { config, metrics, engine: RwLock::new(Arc::new(engine)), secrets, mesh, replay: Mutex::new(replay) })
     }
 
     /// The current engine.
@@ -128,10 +167,12 @@ impl State {
 
     /// The current epoch secrets.
     pub fn secrets(&self) -> Arc<EpochSecrets> {
-        match self.secrets.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.secrets.get()
+    }
+
+    /// The current mesh certificate (the sidecar legs' mutual TLS).
+    pub fn mesh(&self) -> Arc<MeshTls> {
+        self.mesh.get()
     }
 
     /// The configuration.
@@ -149,29 +190,33 @@ impl State {
         }
     }
 
-    /// Reloads the epoch secrets if their file changed and has settled (`force`: reload now).
-    /// Returns whether new secrets were installed.
+    /// Reloads the epoch secrets and the mesh certificate if their files changed and have
+    /// settled (`force`: reload now). Returns whether new secrets were installed. A set that
+    /// fails to load is rejected (metric, error log); the running one stays in force.
     pub fn reload_secrets(&self, force: bool) -> bool {
+        let config = &self.config;
         let mut changed = false;
-        let print = fingerprint(std::slice::from_ref(&self.config.secrets));
-        let secrets_changed = self.secrets_print.lock().map(|p| *p != print).unwrap_or(true);
-        if force || (secrets_changed && settled(&self.secrets_pending, &print)) {
-            if let Ok(mut p) = self.secrets_print.lock() {
-                *p = print;
+        match self.secrets.reload(force, || EpochSecrets::load(&config.secrets)) {
+            None => {}
+            Some(Ok(())) => {
+                self.metrics.reloads.with_label_values(&["secrets", "ok"]).inc();
+                tracing::info!("epoch secrets reloaded");
+                changed = true;
             }
-            match EpochSecrets::load(&self.config.secrets) {
-                Ok(s) => {
-                    if let Ok(mut g) = self.secrets.write() {
-                        *g = Arc::new(s);
-                    }
-                    self.metrics.reloads.with_label_values(&["secrets", "ok"]).inc();
-                    tracing::info!("epoch secrets reloaded");
-                    changed = true;
-                }
-                Err(e) => {
-                    self.metrics.reloads.with_label_values(&["secrets", "rejected"]).inc();
-                    tracing::error!(error = %e, "new epoch secrets rejected; the running ones stay in force");
-                }
+            Some(Err(e)) => {
+                self.metrics.reloads.with_label_values(&["secrets", "rejected"]).inc();
+                tracing::error!(error = %e, "new epoch secrets rejected; the running ones stay in force");
+            }
+        }
+        match self.mesh.reload(force, || MeshTls::load(&config.mesh)) {
+            None => {}
+            Some(Ok(())) => {
+                self.metrics.reloads.with_label_values(&["mesh", "ok"]).inc();
+                tracing::info!(identity = %self.mesh().identity(), "mesh certificate reloaded");
+            }
+            Some(Err(e)) => {
+                self.metrics.reloads.with_label_values(&["mesh", "rejected"]).inc();
+                tracing::error!(error = %e, "new mesh certificate rejected; the running one stays in force");
             }
         }
         changed

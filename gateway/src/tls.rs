@@ -328,11 +328,11 @@ impl TlsMaterial {
 }
 
 /// The one crypto provider of keyway: ring.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(pem: &[u8], path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn certs(pem: &[u8], path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem { path: path.to_owned(), reason: e.to_string() })?;
@@ -342,7 +342,7 @@ fn certs(pem: &[u8], path: &str) -> Result<Vec<CertificateDer<'static>>, TlsErro
     Ok(certs)
 }
 
-fn root_store(ca: &[CertificateDer<'static>], path: &str) -> Result<RootCertStore, TlsError> {
+pub(crate) fn root_store(ca: &[CertificateDer<'static>], path: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for (index, c) in ca.iter().enumerate() {
         roots.add(c.clone()).map_err(|e| TlsError::X509 { path: path.to_owned(), index, reason: e.to_string() })?;

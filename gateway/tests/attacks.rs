@@ -94,7 +94,7 @@ async fn one_source_cannot_take_every_flow_of_the_gateway() {
     let mut refused = None;
     for _ in 0..8 {
         let t = o.token(&web, cache.overlay, 8080, None, now_ms());
-        match connect(a1, web.sidecar, SocketAddr::new(cache.overlay, 8080), Some(&t)).await {
+        match o.connect(a1, &web, SocketAddr::new(cache.overlay, 8080), Some(&t)).await {
             Connect::Open(io) => held.push(io),
             other => {
                 refused = Some(other.refused());
@@ -107,7 +107,7 @@ async fn one_source_cannot_take_every_flow_of_the_gateway() {
     assert_eq!((status, reason.as_str()), (503, "max-flows-per-source"));
     // Another workload of the zone still gets a flow.
     let t = o.token(&cache, api.overlay, 8080, None, now_ms());
-    let io = connect(a1, cache.sidecar, SocketAddr::new(api.overlay, 8080), Some(&t)).await.open();
+    let io = o.connect(a1, &cache, SocketAddr::new(api.overlay, 8080), Some(&t)).await.open();
     assert_eq!(echo(io, b"still here").await, b"still here");
     drop(held);
 }
@@ -121,13 +121,13 @@ async fn external_flows_never_reach_loopback_or_the_gateway_itself() {
     let gw = o.gw("zone-a", "a1");
     for target in [gw.admin_addr, SocketAddr::new(IpAddr::from([127, 0, 0, 1]), gw.admin_addr.port())] {
         let t = o.token(&web, target.ip(), target.port(), None, now_ms());
-        let (status, reason, _) = connect(gw.tunnel_addr, web.sidecar, target, Some(&t)).await.refused();
+        let (status, reason, _) = o.connect(gw.tunnel_addr, &web, target, Some(&t)).await.refused();
         assert_eq!((status, reason.as_str()), (403, "external-forbidden"), "flow to {target}");
     }
     for (ip, port) in [("169.254.169.254", 80), ("::1", gw.admin_addr.port()), ("0.0.0.0", gw.admin_addr.port())] {
         let target = SocketAddr::new(ip.parse().unwrap(), port);
         let t = o.token(&web, target.ip(), target.port(), None, now_ms());
-        let (status, reason, _) = connect(gw.tunnel_addr, web.sidecar, target, Some(&t)).await.refused();
+        let (status, reason, _) = o.connect(gw.tunnel_addr, &web, target, Some(&t)).await.refused();
         assert_eq!((status, reason.as_str()), (403, "external-forbidden"), "flow to {target}");
     }
 }
@@ -155,7 +155,7 @@ async fn a_silent_flow_is_closed_after_the_idle_timeout() {
     let (web, cache) = (o.workload("web").clone(), o.workload("cache").clone());
     let a1 = o.gw("zone-a", "a1");
     let t = o.token(&web, cache.overlay, 8080, None, now_ms());
-    let mut io = connect(a1.tunnel_addr, web.sidecar, SocketAddr::new(cache.overlay, 8080), Some(&t)).await.open();
+    let mut io = o.connect(a1.tunnel_addr, &web, SocketAddr::new(cache.overlay, 8080), Some(&t)).await.open();
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await;
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the silent flow was not closed: {n:?}");

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test harness
 //! `keyway policy` as a user runs it: real process, real files, exit codes and streams.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -212,12 +213,33 @@ fn gateway_check_verifies_everything_and_opens_nothing() {
             .success()
     );
     assert!(keyway(&["keys", "init", "--out", &d("epochs.json")]).status.success());
+    // The gateway's mesh certificate, from a mesh CA (where no istiod issues it).
+    assert!(keyway(&["ca", "init", "--out", &d("mesh-ca")]).status.success());
+    let out = keyway(&[
+        "ca",
+        "issue-workload",
+        "--ca",
+        &d("mesh-ca"),
+        "--namespace",
+        "keyway-system",
+        "--service-account",
+        "keyway-gateway",
+        "--out",
+        &d("mesh"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("issued spiffe://cluster.local/ns/keyway-system/sa/keyway-gateway"));
+    let mode = std::fs::metadata(dir.join("mesh/keyway-system-keyway-gateway-key.pem")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is private");
     let shop = root().join("samples/shop");
     let config = format!(
-        "zone: zone-a\nname: gw-1\ntls: {{ca: {}, cert: {}, key: {}}}\nsecrets: {}\ninventory: {}\nzones:\n- name: zone-a\n  gateways: [{{name: gw-1, address: \"127.0.0.1:1\"}}]\n",
+        "zone: zone-a\nname: gw-1\ntls: {{ca: {}, cert: {}, key: {}}}\nmesh: {{ca: {}, cert: {}, key: {}}}\nsecrets: {}\ninventory: {}\nzones:\n- name: zone-a\n  gateways: [{{name: gw-1, address: \"127.0.0.1:1\"}}]\n",
         d("ca/ca.pem"),
         d("certs/zone-a-gw-1.pem"),
         d("certs/zone-a-gw-1-key.pem"),
+        d("mesh-ca/ca.pem"),
+        d("mesh/keyway-system-keyway-gateway.pem"),
+        d("mesh/keyway-system-keyway-gateway-key.pem"),
         d("epochs.json"),
         shop.display()
     );
@@ -248,4 +270,14 @@ fn gateway_check_verifies_everything_and_opens_nothing() {
     let out = keyway(&["gateway", "--config", &d("bad3.yaml"), "--check"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("/no/such/inventory"), "{}", text(&out.stderr));
+    // A mesh certificate of another mesh's CA: refused, naming the files.
+    let bad4 = config.replace(&d("mesh-ca/ca.pem"), &d("ca/ca.pem"));
+    std::fs::write(dir.join("bad4.yaml"), bad4).unwrap();
+    let out = keyway(&["gateway", "--config", &d("bad4.yaml"), "--check"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("mesh:") && err.contains("keyway-system-keyway-gateway.pem: does not verify against the CA"),
+        "{err}"
+    );
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use keyway_e2e::gateway::ZoneLayout;
 use keyway_e2e::loopback::*;
+use keyway_e2e::mesh::Speak;
 use keyway_gateway::secrets::EpochSecrets;
 use keyway_policy::keyservice::KeyBundle;
 
@@ -63,7 +64,7 @@ async fn allowed_flows_carry_bytes_intact_and_identity_survives() {
     // Cross-zone: two PEPs and the QUIC overlay; 4 MiB both ways with half-close.
     let data = payload(4 * 1024 * 1024 + 17);
     let t = o.token(&web, api.overlay, 8080, None, now_ms());
-    let io = connect(a1, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    let io = o.connect(a1, &web, dst(&api, 8080), Some(&t)).await.open();
     assert!(echo(io, &data).await == data, "cross-zone bytes differ");
     assert_eq!(
         o.sidecar("api").accepted.lock().unwrap().as_slice(),
@@ -73,7 +74,7 @@ async fn allowed_flows_carry_bytes_intact_and_identity_survives() {
 
     // Same zone: one PEP, local delivery.
     let t = o.token(&web, cache.overlay, 8080, None, now_ms());
-    let io = connect(a1, web.sidecar, dst(&cache, 8080), Some(&t)).await.open();
+    let io = o.connect(a1, &web, dst(&cache, 8080), Some(&t)).await.open();
     assert_eq!(echo(io, b"hello cache").await, b"hello cache");
 
     // Outside the overlay (web has no egress policy): straight out from the gateway.
@@ -85,7 +86,7 @@ async fn allowed_flows_carry_bytes_intact_and_identity_survives() {
         tokio::io::copy(&mut r, &mut w).await.unwrap();
     });
     let t = o.token(&web, ext_addr.ip(), ext_addr.port(), None, now_ms());
-    let io = connect(a1, web.sidecar, ext_addr, Some(&t)).await.open();
+    let io = o.connect(a1, &web, ext_addr, Some(&t)).await.open();
     assert_eq!(echo(io, b"to the internet").await, b"to the internet");
 
     // The access-log drop guard counted them.
@@ -153,25 +154,31 @@ async fn tokens_are_verified_and_denials_name_the_reason_or_rule() {
             "token-unknown-source",
         ),
     ];
+    // Each with web's own mesh certificate: the address is the second factor.
     for (what, token, from, want) in cases {
-        let (status, reason, _) = connect(a1, from, to_api, token.as_deref()).await.refused();
+        let how = Speak::As(o.mesh_of("web"));
+        let (status, reason, _) = connect_speaking(a1, from, how, to_api, token.as_deref()).await.refused();
         assert_eq!((status, reason.as_str()), (403, want), "{what}");
     }
+    // Web's token presented by cache, from cache's address with cache's certificate: the
+    // certificate says who asks.
+    let (status, reason, _) = o.connect(a1, &cache, to_api, Some(&good())).await.refused();
+    assert_eq!((status, reason.as_str()), (403, "token-peer-identity"), "another workload's token");
 
     // Replayed: the first use passes, the second is refused.
     let t = good();
-    let io = connect(a1, web.sidecar, to_api, Some(&t)).await.open();
+    let io = o.connect(a1, &web, to_api, Some(&t)).await.open();
     assert_eq!(echo(io, b"once").await, b"once");
-    let (status, reason, _) = connect(a1, web.sidecar, to_api, Some(&t)).await.refused();
+    let (status, reason, _) = o.connect(a1, &web, to_api, Some(&t)).await.refused();
     assert_eq!((status, reason.as_str()), (403, "token-replay"));
 
     // Policy denials name the deciding rule.
     let t = o.token(&web, db.overlay, 5432, None, now_ms());
-    let (status, reason, rule) = connect(a1, web.sidecar, dst(&db, 5432), Some(&t)).await.refused();
+    let (status, reason, rule) = o.connect(a1, &web, dst(&db, 5432), Some(&t)).await.refused();
     assert_eq!((status, reason.as_str()), (403, "policy-denied"));
     assert!(rule.contains("data/db-ingress") && rule.contains("Deny"), "{rule}");
     let t = o.token(&web, api.overlay, 9999, None, now_ms());
-    let (_, reason, rule) = connect(a1, web.sidecar, dst(&api, 9999), Some(&t)).await.refused();
+    let (_, reason, rule) = o.connect(a1, &web, dst(&api, 9999), Some(&t)).await.refused();
     assert_eq!(reason, "policy-denied");
     assert!(rule.contains("shop/api-ingress"), "{rule}");
 
@@ -206,9 +213,13 @@ async fn admin_endpoints_and_key_service() {
     let peers: serde_json::Value = serde_json::from_str(&peers).unwrap();
     assert_eq!(peers.as_array().unwrap().len(), 3);
 
-    // Keys: only to the workload's own addresses, only for this zone.
+    // Keys (on the tunnel port, over mutual TLS): only to the workload's own certificate and
+    // addresses, only for this zone.
+    let (status, _) = http_get(a1, &format!("/v1/keys?ip={}", o.workload("web").overlay)).await;
+    assert_eq!(status, 404, "no key service on the admin port");
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
     let web = o.workload("web").clone();
-    let (status, body) = http_get_from(a1, web.sidecar, &format!("/v1/keys?ip={}", web.overlay)).await;
+    let (status, body) = o.keys(a1, &web, web.overlay).await;
     assert_eq!(status, 200, "{body}");
     let bundle: KeyBundle = serde_json::from_str(&body).unwrap();
     assert_eq!(bundle.identity, web.identity());
@@ -217,16 +228,19 @@ async fn admin_endpoints_and_key_service() {
     assert_eq!(key, want);
     // Every refusal is the same answer (probing tells nothing about the inventory).
     let cache = o.workload("cache").clone();
-    let refused = http_get_from(a1, cache.sidecar, &format!("/v1/keys?ip={}", web.overlay)).await;
-    assert_eq!(refused.0, 403, "another workload's address: {}", refused.1);
+    let refused = o.keys(a1, &cache, web.overlay).await;
+    assert_eq!(refused.0, 403, "another workload's: {}", refused.1);
     assert!(refused.1.starts_with("keys refused"), "{}", refused.1);
+    let as_web = Speak::As(o.mesh_of("web"));
+    let from_cache = keys_speaking(a1, Some(cache.sidecar), as_web, web.overlay).await.unwrap();
+    assert_eq!(from_cache, refused, "web's certificate from another workload's address");
     let api = o.workload("api").clone();
+    assert_eq!(o.keys(a1, &api, api.overlay).await, refused, "another zone's");
     assert_eq!(
-        http_get_from(a1, api.sidecar, &format!("/v1/keys?ip={}", api.overlay)).await,
+        keys_speaking(a1, Some(web.sidecar), as_web, "10.9.9.9".parse().unwrap()).await.unwrap(),
         refused,
-        "another zone's"
+        "no workload's address"
     );
-    assert_eq!(http_get_from(a1, web.sidecar, "/v1/keys?ip=10.9.9.9").await, refused, "no workload's address");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,7 +255,7 @@ async fn a_killed_replica_is_taken_out_and_new_flows_use_the_other() {
     let mut last_ok = tokio::time::Instant::now();
     for i in 0..40 {
         let t = o.token(&web, api.overlay, 8080, None, now_ms());
-        match connect(a1, web.sidecar, dst(&api, 8080), Some(&t)).await {
+        match o.connect(a1, &web, dst(&api, 8080), Some(&t)).await {
             Connect::Open(io) => {
                 let msg = format!("flow {i}");
                 assert_eq!(echo(io, msg.as_bytes()).await, msg.as_bytes());
@@ -268,7 +282,7 @@ async fn a_broken_policy_edit_is_rejected_and_a_good_one_applies() {
     let a1 = o.gw("zone-a", "a1");
     let try_db = || async {
         let t = o.token(&web, db.overlay, 5432, None, now_ms());
-        matches!(connect(a1.tunnel_addr, web.sidecar, dst(&db, 5432), Some(&t)).await, Connect::Open(_))
+        matches!(o.connect(a1.tunnel_addr, &web, dst(&db, 5432), Some(&t)).await, Connect::Open(_))
     };
     assert!(!try_db().await);
 
@@ -285,7 +299,7 @@ async fn a_broken_policy_edit_is_rejected_and_a_good_one_applies() {
     .unwrap();
     assert!(!try_db().await, "old verdicts stay after a broken edit");
     let t = o.token(&web, api.overlay, 8080, None, now_ms());
-    assert!(matches!(connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await, Connect::Open(_)));
+    assert!(matches!(o.connect(a1.tunnel_addr, &web, dst(&api, 8080), Some(&t)).await, Connect::Open(_)));
 
     // A good edit: allow web to db. Every gateway on the path must apply it.
     std::fs::remove_file(o.inventory.join("broken.yaml")).unwrap();
@@ -301,7 +315,7 @@ async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
     let (web, api) = (o.workload("web").clone(), o.workload("api").clone());
     let a1 = o.gw("zone-a", "a1");
     let t = o.token(&web, api.overlay, 8080, None, now_ms());
-    let mut open = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    let mut open = o.connect(a1.tunnel_addr, &web, dst(&api, 8080), Some(&t)).await.open();
     roundtrip(&mut open, b"before rotation").await;
     let old_epoch = EpochSecrets::load(&o.secrets("zone-a")).unwrap().current(now_ms()).unwrap().epoch;
 
@@ -324,10 +338,10 @@ async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
     }
     roundtrip(&mut open, b"after rotation, same flow").await;
     let t = o.token(&web, api.overlay, 8080, Some(new_epoch), now_ms());
-    let io = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    let io = o.connect(a1.tunnel_addr, &web, dst(&api, 8080), Some(&t)).await.open();
     assert_eq!(echo(io, b"new epoch").await, b"new epoch");
     let t = o.token(&web, api.overlay, 8080, Some(old_epoch), now_ms());
-    let io = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.open();
+    let io = o.connect(a1.tunnel_addr, &web, dst(&api, 8080), Some(&t)).await.open();
     assert_eq!(echo(io, b"old epoch in the overlap").await, b"old epoch in the overlap");
 
     // After the overlap the old epoch is retired.
@@ -345,7 +359,7 @@ async fn key_rotation_keeps_open_flows_and_retires_the_old_epoch() {
         nonce: [9; 12],
     }
     .seal(&key);
-    let (status, reason, _) = connect(a1.tunnel_addr, web.sidecar, dst(&api, 8080), Some(&t)).await.refused();
+    let (status, reason, _) = o.connect(a1.tunnel_addr, &web, dst(&api, 8080), Some(&t)).await.refused();
     assert_eq!((status, reason.as_str()), (403, "token-epoch"));
     roundtrip(&mut open, b"the old flow is still open").await;
 }
@@ -378,14 +392,14 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
     let vip: IpAddr = "10.200.9.1".parse().unwrap();
     let a1 = o.gw("zone-a", "a1").tunnel_addr;
     let accepted = |o: &Overlay, name: &str| o.sidecar(name).accepted.lock().unwrap().len();
-    let flow = |o: &Overlay| {
-        let t = o.token(&web, vip, 8080, None, now_ms());
-        async move { connect(a1, web.sidecar, SocketAddr::new(vip, 8080), Some(&t)).await }
-    };
+    async fn flow(o: &Overlay, web: &W, vip: IpAddr, a1: SocketAddr) -> Connect {
+        let t = o.token(web, vip, 8080, None, now_ms());
+        o.connect(a1, web, SocketAddr::new(vip, 8080), Some(&t)).await
+    }
 
     // zone-a has no endpoint: zone-b comes first in zone-a's locality order.
     for _ in 0..3 {
-        assert_eq!(echo(flow(&o).await.open(), b"b").await, b"b");
+        assert_eq!(echo(flow(&o, &web, vip, a1).await.open(), b"b").await, b"b");
     }
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (3, 0));
 
@@ -398,7 +412,7 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
     let zone_b_up = || async move { peers_up(a1_admin, "zone-b").await > 0 };
     let took = wait_until_async(Duration::from_secs(10), "zone-b down", || async { !zone_b_up().await }).await.unwrap();
     for _ in 0..3 {
-        assert_eq!(echo(flow(&o).await.open(), b"c").await, b"c");
+        assert_eq!(echo(flow(&o, &web, vip, a1).await.open(), b"c").await, b"c");
     }
     println!("zone failover: zone-b seen down after {took:?}");
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (3, 3));
@@ -420,6 +434,6 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
         o.gateways.insert(("zone-b".into(), name.into()), h);
     }
     wait_until_async(Duration::from_secs(15), "zone-b back", zone_b_up).await.unwrap();
-    assert_eq!(echo(flow(&o).await.open(), b"back").await, b"back");
+    assert_eq!(echo(flow(&o, &web, vip, a1).await.open(), b"back").await, b"back");
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (4, 3));
 }

@@ -124,3 +124,46 @@ pub fn static_cluster(name: &str, addrs: &[impl AsRef<str>], port: u16, h2: bool
 /// The cluster of original destinations (plain passthrough).
 pub const ORIGINAL_DST_CLUSTER: &str =
     "  - name: passthrough\n    connect_timeout: 1s\n    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n";
+
+/// The certificate, key and trusted root files of one end of a TLS connection, and the URI SAN
+/// the other end's certificate must carry, if any.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsFiles<'a> {
+    /// Certificate chain (PEM).
+    pub cert: &'a str,
+    /// Private key (PEM).
+    pub key: &'a str,
+    /// Trusted roots (PEM).
+    pub ca: &'a str,
+    /// The peer's SPIFFE id, matched exactly.
+    pub peer: Option<&'a str>,
+}
+
+/// A TLS transport socket (`kind`: `UpstreamTlsContext` of a cluster or `DownstreamTlsContext`
+/// of a filter chain) with ALPN h2, its lines shifted right by `indent` spaces (four in a
+/// cluster, six in a filter chain); `extra` lines of the context before its common part.
+pub fn tls_socket(kind: &str, files: TlsFiles<'_>, extra: &str, spaces: usize) -> String {
+    let san = files.peer.map_or_else(String::new, |id| {
+        format!(
+            "        match_typed_subject_alt_names:\n        - {{ san_type: URI, matcher: {{ exact: \"{id}\" }} }}\n"
+        )
+    });
+    let text = format!(
+        r#"transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}
+{extra}    common_tls_context:
+      alpn_protocols: [h2]
+      tls_certificates:
+      - certificate_chain: {{ filename: "{cert}" }}
+        private_key: {{ filename: "{key}" }}
+      validation_context:
+        trusted_ca: {{ filename: "{ca}" }}
+{san}"#,
+        cert = files.cert,
+        key = files.key,
+        ca = files.ca,
+    );
+    indent(&text, spaces)
+}

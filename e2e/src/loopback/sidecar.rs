@@ -1,5 +1,6 @@
-//! A stand-in for a destination sidecar in the in-process bed: an HTTP/2 CONNECT server that
-//! decides with the keyway filter's own inbound-tunnel verdict (`keyway_filter::verdict`, with a
+//! A stand-in for a destination sidecar in the in-process bed: an HTTP/2 CONNECT server over
+//! mutual TLS (its workload's mesh certificate; only the gateways' mesh identity may connect, as
+//! the keyway inbound listener's TLS context says) that decides with the keyway filter's own inbound-tunnel verdict (`keyway_filter::verdict`, with a
 //! replay cache as the filter keeps one) over the keys the gateway's key service would hand it,
 //! and echoes the bytes of every accepted tunnel.
 
@@ -20,8 +21,11 @@ use keyway_policy::keyservice::DEFAULT_REFRESH_MS;
 use keyway_policy::wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::W;
+use keyway_gateway::mesh::{MeshTls, peer_id};
+
+use super::{TD, W};
 use crate::credentials::now_ms;
+use crate::mesh::gateway_identity;
 
 /// A fake destination sidecar, serving until dropped.
 #[derive(Debug)]
@@ -82,7 +86,7 @@ impl Shared {
 impl Sidecar {
     /// Serves the sidecar of `workload` on its sidecar address and `port`, with the keys of the
     /// epoch secrets file `secrets` (its zone's).
-    pub async fn start(workload: &W, port: u16, secrets: PathBuf) -> anyhow::Result<Sidecar> {
+    pub async fn start(workload: &W, port: u16, secrets: PathBuf, mesh: Arc<MeshTls>) -> anyhow::Result<Sidecar> {
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(workload.sidecar, port)).await?;
         let addr = listener.local_addr()?;
         let accepted = Arc::new(Mutex::new(Vec::new()));
@@ -96,13 +100,19 @@ impl Sidecar {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let shared = shared.clone();
+                let acceptor = tokio_rustls::TlsAcceptor::from(mesh.server_config());
                 tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    // Only gateways deliver.
+                    if peer_id(tls.get_ref().1).as_deref() != Some(gateway_identity(TD).as_str()) {
+                        return;
+                    }
                     let svc = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
                         async move { Ok::<_, std::convert::Infallible>(serve(&shared, req)) }
                     });
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
+                        .serve_connection(TokioIo::new(tls), svc)
                         .await;
                 });
             }

@@ -61,6 +61,35 @@ pub enum CaCommand {
         #[arg(long, default_value_t = GATEWAY_VALIDITY_DAYS)]
         days: u32,
     },
+    /// Issue a mesh workload certificate, where no istiod issues them (the demo, a mesh without
+    /// Istio, a gateway's own mesh certificate outside Istio).
+    ///
+    /// Writes OUT/<namespace>-<service-account>.pem and OUT/<namespace>-<service-account>-key.pem
+    /// (mode 0600): one URI SAN spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, as
+    /// istiod issues to a sidecar, server and client use. CA is the mesh CA's directory (create one
+    /// with `keyway ca init --out ./mesh-ca`, separate from the overlay CA). The gateway's `mesh`
+    /// section names such a certificate, its key and the mesh CA's ca.pem; sidecars present theirs
+    /// to the gateway's tunnel and key service. In Istio, use istiod's certificates instead
+    /// (docs/install-istio.md).
+    ///
+    /// Example: keyway ca issue-workload --ca ./mesh-ca --namespace keyway-system --service-account keyway-gateway --out ./mesh
+    IssueWorkload {
+        /// The mesh CA directory (ca.pem and ca-key.pem).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The workload's namespace.
+        #[arg(long, value_name = "NAMESPACE")]
+        namespace: String,
+        /// The workload's service account.
+        #[arg(long, value_name = "NAME")]
+        service_account: String,
+        /// The directory to write the certificate and key to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days (at most the CA's remaining validity).
+        #[arg(long, default_value_t = GATEWAY_VALIDITY_DAYS)]
+        days: u32,
+    },
 }
 
 /// Runs the command: what was written on stdout; an error as one line on stderr and exit code 2.
@@ -101,6 +130,18 @@ fn execute(cmd: CaCommand) -> Result<String, ca::CaError> {
                 issued.identity.spiffe_id(),
                 server_name(&issued.identity),
                 ca::utc_date(issued.not_after_unix),
+                paths.cert.display(),
+                paths.key.display(),
+            ))
+        }
+        CaCommand::IssueWorkload { ca: ca_dir, namespace, service_account, out, days } => {
+            let loaded = ca::Ca::load(&ca_dir)?;
+            let paths = ca::issue_workload_with(&loaded, &namespace, &service_account, days, &out)?;
+            Ok(format!(
+                "issued spiffe://{}/ns/{namespace}/sa/{service_account}\n\
+                 {}\tthe workload certificate\n\
+                 {}\tthe workload key (mode 0600)\n",
+                loaded.trust_domain(),
                 paths.cert.display(),
                 paths.key.display(),
             ))

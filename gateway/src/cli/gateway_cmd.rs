@@ -159,6 +159,7 @@ mod tests {
 zone: zone-a
 name: gw-1
 tls: {ca: ca.pem, cert: gw.pem, key: gw-key.pem}
+mesh: {ca: mesh-ca.pem, cert: mesh.pem, key: mesh-key.pem}
 secrets: epochs.json
 inventory: manifests/
 zones: [{name: zone-a, gateways: [{name: gw-1, address: "127.0.0.1:15443"}]}]

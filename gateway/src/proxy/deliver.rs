@@ -1,5 +1,6 @@
 //! The last hop: from the destination zone's gateway to the destination sidecar, an HTTP/2
-//! CONNECT to its keyway inbound port carrying a ticket (bound to the destination address and
+//! CONNECT over mutual TLS (mesh certificates, [`super::pool`]) to its keyway inbound port
+//! carrying a ticket (bound to the destination address and
 //! port and to the source identity). Also the plain TCP connection for allowed destinations
 //! outside the overlay.
 
@@ -62,11 +63,11 @@ pub async fn to_sidecar(proxy: &Proxy, flow: &Flow, sidecar: SocketAddr, to: &Re
         // more try on a fresh connection.
         let mut fresh = false;
         let resp = loop {
-            let mut sender = match pool.cached(sidecar) {
+            let mut sender = match pool.cached(sidecar, &to.identity) {
                 Some(s) => s,
                 None => {
                     fresh = true;
-                    pool.connect(sidecar, &proxy.tasks).await?
+                    pool.connect(sidecar, &to.identity, &proxy.state.mesh(), &proxy.tasks).await?
                 }
             };
             let req = Request::builder()
@@ -83,10 +84,10 @@ pub async fn to_sidecar(proxy: &Proxy, flow: &Flow, sidecar: SocketAddr, to: &Re
                 Ok(resp) => break resp,
                 Err(e) if !fresh => {
                     tracing::debug!(error = %e, sidecar = %sidecar, "pooled sidecar connection failed; reconnecting");
-                    pool.forget(sidecar);
+                    pool.forget(sidecar, &to.identity);
                 }
                 Err(e) => {
-                    pool.forget(sidecar);
+                    pool.forget(sidecar, &to.identity);
                     return Err(DeliverError::Http { addr: sidecar, reason: e.to_string() });
                 }
             }

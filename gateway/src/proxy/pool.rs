@@ -1,6 +1,8 @@
-//! HTTP/2 connections to destination sidecars, one per sidecar address, shared by the flows to
-//! it (each flow is one CONNECT stream): a flow costs no TCP or HTTP/2 handshake once the
-//! connection exists.
+//! HTTP/2 over mutual TLS to destination sidecars, one connection per sidecar address and
+//! workload identity, shared by the flows to it (each flow is one CONNECT stream): a flow costs
+//! no TCP, TLS or HTTP/2 handshake once the connection exists. The gateway presents its mesh
+//! certificate (the sidecar's keyway inbound listener accepts only gateways'), and a sidecar
+//! whose certificate is not the destination workload's is never sent a ticket.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::refusal::DeliverError;
+use crate::mesh::MeshTls;
 use crate::tasks::Tasks;
 
 /// A handle to send CONNECT requests on one sidecar connection.
@@ -21,38 +24,60 @@ pub type Sender = SendRequest<Empty<Bytes>>;
 /// The pool.
 #[derive(Debug, Default)]
 pub struct SidecarPool {
-    conns: Mutex<HashMap<SocketAddr, Sender>>,
+    conns: Mutex<HashMap<(SocketAddr, String), Sender>>,
 }
 
 impl SidecarPool {
-    /// The live pooled connection to `addr`, if any.
-    pub fn cached(&self, addr: SocketAddr) -> Option<Sender> {
+    /// The live pooled connection to the sidecar of `identity` at `addr`, if any.
+    pub fn cached(&self, addr: SocketAddr, identity: &str) -> Option<Sender> {
         let mut g = self.conns.lock().ok()?;
-        match g.get(&addr) {
+        let key = (addr, identity.to_owned());
+        match g.get(&key) {
             Some(s) if !s.is_closed() => Some(s.clone()),
             Some(_) => {
-                g.remove(&addr);
+                g.remove(&key);
                 None
             }
             None => None,
         }
     }
 
-    /// Drops the pooled connection to `addr`.
-    pub fn forget(&self, addr: SocketAddr) {
+    /// Drops the pooled connection to the sidecar of `identity` at `addr`.
+    pub fn forget(&self, addr: SocketAddr, identity: &str) {
         if let Ok(mut g) = self.conns.lock() {
-            g.remove(&addr);
+            g.remove(&(addr, identity.to_owned()));
         }
     }
 
-    /// A new connection to `addr`, pooled; its driver runs in `tasks`.
-    pub async fn connect(&self, addr: SocketAddr, tasks: &Tasks) -> Result<Sender, DeliverError> {
+    /// A new connection to the sidecar of `identity` at `addr`, made with `mesh` and pooled; its
+    /// driver runs in `tasks`. Refused when the sidecar's certificate is not `identity`'s.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        identity: &str,
+        mesh: &MeshTls,
+        tasks: &Tasks,
+    ) -> Result<Sender, DeliverError> {
         let tcp = TcpStream::connect(addr).await.map_err(|e| DeliverError::Connect { addr, reason: e.to_string() })?;
         let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from(mesh.client_config());
+        // Mesh certificates name no host; the name is unused by the verifier.
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| DeliverError::Connect { addr, reason: format!("TLS: {e}") })?;
+        let found = crate::mesh::peer_id(tls.get_ref().1).unwrap_or_default();
+        if found != identity {
+            return Err(DeliverError::Connect {
+                addr,
+                reason: format!("the sidecar's certificate is {found:?}, not the destination workload's {identity:?}"),
+            });
+        }
         let (sender, conn) = hyper::client::conn::http2::Builder::new(tasks.clone())
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(16 * 1024 * 1024)
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| DeliverError::Http { addr, reason: e.to_string() })?;
         tasks.spawn(async move {
@@ -61,7 +86,7 @@ impl SidecarPool {
             }
         });
         if let Ok(mut g) = self.conns.lock() {
-            g.insert(addr, sender.clone());
+            g.insert((addr, identity.to_owned()), sender.clone());
         }
         Ok(sender)
     }

@@ -1,8 +1,10 @@
-//! Tunnel in: HTTP/2 CONNECT from sidecars (cleartext, prior knowledge), each carrying a token.
-//! The token is verified (structure, epoch, key of the identity the inventory gives its source
-//! address, MAC, clock window, destination binding, replay), the policy decides, and an allowed
-//! flow is connected onwards before the CONNECT is answered, so the client sees 200 only for a
-//! flow that reaches its destination.
+//! Tunnel in: HTTP/2 over mutual TLS from sidecars, each client authenticated by its mesh
+//! workload certificate ([`crate::mesh`]). A CONNECT carries a token, which is verified
+//! (structure, epoch, key of the identity the inventory gives its source address, that identity
+//! being the client certificate's, MAC, clock window, destination binding, replay); the policy
+//! decides, and an allowed flow is connected onwards before the CONNECT is answered, so the
+//! client sees 200 only for a flow that reaches its destination. A `GET` of the key service path
+//! is the key service ([`crate::keyservice`]).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
-use http_body_util::Empty;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,7 +28,7 @@ use super::relay::{BoxIo, relay};
 use super::{Decision, Entry, Flow, FlowPermit, Proxy, Refusal, Route, deliver, overlay};
 use keyway_policy::wire::{DENY_REASON_HEADER, RULE_HEADER, TOKEN_HEADER};
 
-type Resp = Response<Empty<Bytes>>;
+type Resp = Response<Full<Bytes>>;
 
 /// HTTP/2 keep-alive on sidecar connections: a ping this often, and the connection is dropped when
 /// one goes unanswered this long.
@@ -37,7 +39,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_FAILOVERS: usize = 8;
 
 fn refuse(r: &Refusal) -> Resp {
-    let mut resp = Response::new(Empty::new());
+    let mut resp = Response::new(Full::default());
     *resp.status_mut() = r.http_status();
     resp.headers_mut().insert(DENY_REASON_HEADER, HeaderValue::from_static(r.label()));
     if let Some(rule) = r.rule().and_then(|s| HeaderValue::from_str(s).ok()) {
@@ -46,8 +48,9 @@ fn refuse(r: &Refusal) -> Resp {
     resp
 }
 
-/// Accepts sidecar connections until the gateway stops. A connection that has not sent a
-/// request within `limits.header_timeout_ms` is closed; HTTP/2 keep-alive pings drop peers that
+/// Accepts sidecar connections until the gateway stops. A connection that has not finished its
+/// TLS handshake and sent a request within `limits.header_timeout_ms` is closed, and so is one
+/// whose client certificate carries no SPIFFE id; HTTP/2 keep-alive pings drop peers that
 /// vanished without closing.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
     let header_timeout = Duration::from_millis(proxy.config.limits.header_timeout_ms);
@@ -64,12 +67,31 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
         let p = proxy.clone();
         proxy.tasks.spawn(async move {
             let tasks = p.tasks.clone();
+            let acceptor = tokio_rustls::TlsAcceptor::from(p.state.mesh().server_config());
+            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    p.metrics.limit_refusals.with_label_values(&["tls-handshake"]).inc();
+                    tracing::debug!(peer = %peer, error = %e, "tunnel TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "no TLS handshake within the header timeout; closed");
+                    return;
+                }
+            };
+            let Some(client) = crate::mesh::peer_id(tls.get_ref().1) else {
+                tracing::debug!(peer = %peer, "client certificate without one SPIFFE id; closed");
+                return;
+            };
+            let client: Arc<str> = client.into();
             let requested = Arc::new(AtomicBool::new(false));
             let seen = requested.clone();
             let svc = service_fn(move |req| {
                 seen.store(true, Ordering::Release);
                 let p = p.clone();
-                async move { Ok::<_, Infallible>(handle(p, peer, req).await) }
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(handle(p, peer, &client, req).await) }
             });
             let mut builder = hyper::server::conn::http2::Builder::new(tasks);
             builder
@@ -78,7 +100,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
@@ -108,10 +130,13 @@ fn authority(req: &Request<Incoming>) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, a.port_u16()?))
 }
 
-async fn handle(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) -> Resp {
+async fn handle(proxy: Arc<Proxy>, peer: SocketAddr, client: &str, req: Request<Incoming>) -> Resp {
+    if req.method() == Method::GET && req.uri().path() == keyway_policy::wire::KEY_SERVICE_PATH {
+        return crate::keyservice::answer(&proxy, peer, client, req.uri().query().unwrap_or_default());
+    }
     let dst = authority(&req).map_or_else(|| req.uri().to_string(), |d| d.to_string());
     let mut log = FlowLog::new(proxy.metrics.clone(), proxy.flow_id(), Entry::Tunnel, peer.ip().to_string(), dst);
-    match open(&proxy, peer, req, &mut log).await {
+    match open(&proxy, peer, client, req, &mut log).await {
         Ok((client, upstream, permit)) => {
             log.finish(Ok(()));
             log.set_active();
@@ -129,7 +154,7 @@ async fn handle(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) -> 
                     }
                 }
             });
-            Response::new(Empty::new())
+            Response::new(Full::default())
         }
         Err(r) => {
             let resp = refuse(&r);
@@ -144,6 +169,7 @@ async fn handle(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) -> 
 async fn open(
     proxy: &Proxy,
     peer: SocketAddr,
+    client: &str,
     req: Request<Incoming>,
     log: &mut FlowLog,
 ) -> Result<(hyper::upgrade::OnUpgrade, BoxIo, FlowPermit), Refusal> {
@@ -155,7 +181,7 @@ async fn open(
     // One snapshot of the engine for the whole decision: a workload's index is only meaningful in
     // the engine it was looked up in.
     let engine = proxy.state.engine();
-    let (claims, src, identity) = verify(proxy, &engine, peer, &req, dst)?;
+    let (claims, src, identity) = verify(proxy, &engine, (peer, client), &req, dst)?;
     log.src = claims.src.to_string();
     log.identity = identity.clone();
     log.epoch = claims.epoch;
@@ -170,12 +196,12 @@ async fn open(
     Ok((hyper::upgrade::on(req), upstream, permit))
 }
 
-/// Checks the token of a CONNECT to `dst` from `peer`: returns its claims, the source workload
-/// and its identity.
+/// Checks the token of a CONNECT to `dst` from `peer` (its address and its client certificate's
+/// SPIFFE id): returns its claims, the source workload and its identity.
 fn verify(
     proxy: &Proxy,
     engine: &Engine,
-    peer: SocketAddr,
+    (peer, client): (SocketAddr, &str),
     req: &Request<Incoming>,
     dst: SocketAddr,
 ) -> Result<(TokenClaims, Peer, String), Refusal> {
@@ -186,6 +212,11 @@ fn verify(
     let Peer::Workload(w) = src else { return Err(Refusal::Token("token-unknown-source")) };
     let workload = engine.inventory().workloads.get(w).ok_or(Refusal::Token("token-unknown-source"))?;
     let identity = workload.identity(&proxy.config.trust_domain);
+    // The certificate says who is asking, the address is the second factor: a token of another
+    // workload is refused even from a client that took that workload's address.
+    if identity != client {
+        return Err(Refusal::Token("token-peer-identity"));
+    }
     let known = workload.sidecar_ips.iter().chain(workload.overlay_ips.iter()).map(|ip| ip.to_canonical());
     if !workload.sidecar_ips.is_empty() && !known.clone().any(|a| a == peer.ip().to_canonical()) {
         return Err(Refusal::Token("token-source-address"));
