@@ -355,13 +355,10 @@ fn mesh_certificates_come_from_the_istio_agent(
             .find(|v| v["name"] == volume.as_str())
             .unwrap_or_else(|| panic!("{dir}: volume {volume}"));
         assert_eq!(v["emptyDir"]["medium"], "Memory", "{dir}: {volume}: the key stays in memory");
-        assert!(
-            user_mounts
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["name"] == volume.as_str() && m["mountPath"] == out_dir),
-            "{dir}: the sidecar does not mount {volume} at OUTPUT_CERTS {out_dir}: {user_mounts}"
+        assert_eq!(
+            user_mounts[volume.as_str()]["mountPath"],
+            out_dir,
+            "{dir}: the sidecar does not mount {volume} at OUTPUT_CERTS {out_dir} (userVolumeMount: a map of volume name to mount): {user_mounts}"
         );
         volumes.insert(volume);
     }
