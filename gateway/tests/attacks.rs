@@ -185,3 +185,50 @@ async fn a_silent_tunnel_connection_is_closed_after_the_header_timeout() {
         assert!(closed.is_ok(), "a connection that sent {preface:?} and then nothing stayed open");
     }
 }
+
+/// Attacker: a pod that took over a workload's sidecar address (an IP reused by a new pod, or an
+/// ARP spoof on a bridge CNI) and listens on the keyway inbound port with its own genuine mesh
+/// certificate, to receive the flows (and tickets) meant for that workload. Expected: the
+/// gateway sees the certificate is not the destination workload's and delivers nothing
+/// (`destination-identity`); the impostor accepts no flow and sees no ticket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_address_taken_over_by_another_workload_gets_no_delivery() {
+    let mut o = Overlay::start("att-impostor", ZONES, app(47), POLICIES).await;
+    let (api_c, cache, web) = (o.workload("api-c").clone(), o.workload("cache").clone(), o.workload("web").clone());
+    // cache's sidecar goes away; web's pod answers on its address with web's own certificate.
+    let at = o.sidecars.iter().position(|s| s.overlay_ip == cache.overlay).unwrap();
+    drop(o.sidecars.remove(at));
+    let web_mesh = std::sync::Arc::new(o.mesh_of("web").clone());
+    let impostor = wait_for_port(&cache, o.sidecar_port, &o.secrets("zone-a"), web_mesh).await;
+    // api-c (zone-c) is allowed to cache:8080.
+    let c1 = o.gw("zone-c", "c1").tunnel_addr;
+    let t = o.token(&api_c, cache.overlay, 8080, None, now_ms());
+    let (status, _, _) = o.connect(c1, &api_c, SocketAddr::new(cache.overlay, 8080), Some(&t)).await.refused();
+    assert_eq!(status, 502, "delivered to {}'s pod", web.name);
+    // zone-a's gateway refused the delivery for the certificate (the source sees only that the
+    // destination could not be reached).
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    let refused = metric(a1, "keyway_gateway_flows_total", "reason=\"destination-identity\"").await;
+    assert_eq!(refused, 1.0, "zone-a's gateway refused the delivery for the certificate");
+    assert!(impostor.accepted.lock().unwrap().is_empty(), "the impostor accepted a flow");
+}
+
+/// A fake sidecar of `w`'s address, with `mesh` as its certificate, once the port is free again.
+async fn wait_for_port(
+    w: &W,
+    port: u16,
+    secrets: &std::path::Path,
+    mesh: std::sync::Arc<keyway_gateway::mesh::MeshTls>,
+) -> Sidecar {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Sidecar::start(w, port, secrets.to_path_buf(), mesh.clone()).await {
+            Ok(s) => return s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the sidecar port stayed taken: {e}"),
+        }
+    }
+}

@@ -69,10 +69,7 @@ impl SidecarPool {
             .map_err(|e| DeliverError::Connect { addr, reason: format!("TLS: {e}") })?;
         let found = crate::mesh::peer_id(tls.get_ref().1).unwrap_or_default();
         if found != identity {
-            return Err(DeliverError::Connect {
-                addr,
-                reason: format!("the sidecar's certificate is {found:?}, not the destination workload's {identity:?}"),
-            });
+            return Err(DeliverError::WrongIdentity { addr, found, want: identity.to_owned() });
         }
         let (sender, conn) = hyper::client::conn::http2::Builder::new(tasks.clone())
             .initial_stream_window_size(4 * 1024 * 1024)

@@ -91,6 +91,16 @@ pub enum DeliverError {
         /// Why.
         reason: String,
     },
+    /// The sidecar's mesh certificate is not the destination workload's: it gets no ticket.
+    #[error("the sidecar at {addr} presented {found:?}, not the destination workload's {want:?}")]
+    WrongIdentity {
+        /// The address.
+        addr: SocketAddr,
+        /// The SPIFFE id of its certificate (empty: none).
+        found: String,
+        /// The destination workload's.
+        want: String,
+    },
     /// The sidecar refused the ticket.
     #[error("sidecar {addr} refused the tunnel with {status} ({reason})")]
     Refused {
@@ -111,6 +121,7 @@ impl DeliverError {
             DeliverError::Mint(_) => "ticket-mint",
             DeliverError::Connect { .. } => "destination-unreachable",
             DeliverError::Http { .. } => "destination-protocol",
+            DeliverError::WrongIdentity { .. } => "destination-identity",
             DeliverError::Refused { .. } => "destination-refused",
         }
     }
@@ -300,6 +311,12 @@ mod tests {
             (
                 Refusal::Delivery(DeliverError::Connect { addr, reason: "x".into() }),
                 "destination-unreachable",
+                502,
+                "error",
+            ),
+            (
+                Refusal::Delivery(DeliverError::WrongIdentity { addr, found: "a".into(), want: "b".into() }),
+                "destination-identity",
                 502,
                 "error",
             ),
