@@ -3,6 +3,7 @@ package xds
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -189,4 +190,60 @@ func TestTheGatewayPodGetsItsMeshCertificateFromIstiosInjector(t *testing.T) {
 			t.Logf("istio-proxy injected (%d containers, init %v), OUTPUT_CERTS %s on volume %s shared with the gateway", len(containers), init != nil, env["OUTPUT_CERTS"], pv)
 		})
 	}
+}
+
+// Every enforced workload of samples/shop, injected by Istio's own injector: Istio's capture
+// leaves the keyway inbound port to keyway's listener (istio-init's excluded inbound ports include
+// 15181, from the pod's excludeInboundPorts annotation), and keyway's init container that refuses
+// UDP, SCTP and ICMP is still there beside istio-init, with what it needs (NET_ADMIN, NET_RAW).
+func TestEnforcedSamplePodsKeepKeywaysPortsAndRulesThroughIstiosInjector(t *testing.T) {
+	templates, values := injector(t)
+	deployments := readDocuments(t, filepath.Join(repoRoot(t), "samples", "shop", "workloads.yaml"))
+	n := 0
+	for _, d := range deployments {
+		if str(d, "kind") != "Deployment" || str(d, "spec", "template", "metadata", "labels", enforceKey) != "true" {
+			continue
+		}
+		n++
+		name := str(d, "metadata", "namespace") + "/" + str(d, "metadata", "name")
+		var injected bytes.Buffer
+		if err := inject.IntoResourceFile(nil, templates, values, "", meshconfig.DefaultMeshConfig(),
+			strings.NewReader(yamlText(t, []object{d})), &injected, func(string) {}); err != nil {
+			t.Errorf("%s: Istio's injector refuses it: %v", name, err)
+			continue
+		}
+		docs := documents(t, name, injected.Bytes())
+		spec := get(docs[0], "spec", "template", "spec")
+		var istioInit, keyway any
+		for _, c := range list(spec, "initContainers") {
+			switch str(c, "name") {
+			case "istio-init":
+				istioInit = c
+			case "keyway-refuse-non-tcp":
+				keyway = c
+			}
+		}
+		if istioInit == nil || keyway == nil {
+			t.Errorf("%s: after injection istio-init %v, keyway-refuse-non-tcp %v", name, istioInit != nil, keyway != nil)
+			continue
+		}
+		args := list(istioInit, "args")
+		excluded := ""
+		for i, a := range args {
+			if a == "-d" && i+1 < len(args) {
+				excluded, _ = args[i+1].(string)
+			}
+		}
+		if !contains(strings.Split(excluded, ","), fmt.Sprint(inboundPort)) {
+			t.Errorf("%s: istio-init excludes inbound ports %q: Istio would capture the keyway inbound port %d", name, excluded, inboundPort)
+		}
+		caps := list(keyway, "securityContext", "capabilities", "add")
+		if len(caps) != 2 || caps[0] != "NET_ADMIN" || caps[1] != "NET_RAW" {
+			t.Errorf("%s: keyway-refuse-non-tcp has capabilities %v after injection", name, caps)
+		}
+	}
+	if n < 8 {
+		t.Errorf("only %d enforced Deployments in samples/shop", n)
+	}
+	t.Logf("%d enforced Deployments of samples/shop injected: 15181 left to keyway, keyway's init container kept", n)
 }
