@@ -80,16 +80,12 @@ func worlds(t *testing.T) []*world {
 			}
 			for _, hbone := range variants {
 				sc := generate(t, s, p, version, hbone)
-				suffix := ""
-				if hbone {
-					suffix = "+hbone"
-				}
-				sc.dump(t, name, o.zone, suffix)
 				w.sidecars = append(w.sidecars, sc)
 			}
 		}
 		out = append(out, w)
 	}
+	dumpDataPath(t, name, version)
 	return out
 }
 

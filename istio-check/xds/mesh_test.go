@@ -161,8 +161,16 @@ func intOf(v any) int {
 	return 0
 }
 
-// loadShop builds the fixture from samples/shop.
+// loadShop builds the fixture from samples/shop, the workloads of notEnforced without the
+// enforce label.
 func loadShop(t *testing.T) *mesh {
+	t.Helper()
+	return loadShopExcept(t, notEnforced)
+}
+
+// loadShopExcept builds the fixture from samples/shop, the workloads of except without the
+// enforce label (none: every workload as samples/shop has it).
+func loadShopExcept(t *testing.T, except map[string]bool) *mesh {
 	t.Helper()
 	dir := filepath.Join(repoRoot(t), "samples", "shop")
 	m := &mesh{}
@@ -181,7 +189,7 @@ func loadShop(t *testing.T) *mesh {
 		name, ns := str(d, "metadata", "name"), str(d, "metadata", "namespace")
 		tmpl := get(d, "spec", "template")
 		labels := stringMap(get(tmpl, "metadata", "labels"))
-		enforced := !notEnforced[ns+"/"+name]
+		enforced := !except[ns+"/"+name]
 		if enforced {
 			labels[enforceKey] = "true"
 		} else {

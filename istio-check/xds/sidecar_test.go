@@ -2,9 +2,7 @@ package xds
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -18,7 +16,6 @@ import (
 	"istio.io/istio/pilot/pkg/model"
 	"istio.io/istio/pilot/pkg/simulation"
 	pilotxds "istio.io/istio/pilot/test/xds"
-	"istio.io/istio/pkg/util/protomarshal"
 )
 
 // pins: what each pinned istio.io/istio module version is, by module version: a short name (the
@@ -153,42 +150,6 @@ func ecdsRefs(t *testing.T, listeners []*listener.Listener) []ecdsRef {
 		}
 	}
 	return out
-}
-
-// dump writes the sidecar's LDS, CDS and ECDS as JSON under $KEYWAY_XDS_DUMP/<pin>/<zone>/
-// <namespace>.<pod>/ (lds.json, cds.json, ecds.json: arrays of the resources as pilot sends them),
-// for the e2e run through Istio's output (issue 12, part 3). Nothing is written when unset.
-func (sc *sidecar) dump(t *testing.T, releaseName, zone, variant string) {
-	t.Helper()
-	root := os.Getenv("KEYWAY_XDS_DUMP")
-	if root == "" {
-		return
-	}
-	dir := filepath.Join(root, releaseName, zone, sc.pod.namespace+"."+sc.pod.name+variant)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	write := func(file string, msgs []proto.Message) {
-		var b strings.Builder
-		b.WriteString("[\n")
-		for i, m := range msgs {
-			text, err := protomarshal.ToJSONWithIndent(m, "  ")
-			if err != nil {
-				t.Fatalf("%s: %v", file, err)
-			}
-			if i > 0 {
-				b.WriteString(",\n")
-			}
-			b.WriteString(text)
-		}
-		b.WriteString("\n]\n")
-		if err := os.WriteFile(filepath.Join(dir, file), []byte(b.String()), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write("lds.json", messages(sc.listeners))
-	write("cds.json", messages(sc.clusters))
-	write("ecds.json", messages(sc.ecds))
 }
 
 func messages[T proto.Message](in []T) []proto.Message {
