@@ -19,6 +19,7 @@ use crate::proc::Proc;
 use crate::topology::{ns_get, ns_sh};
 use crate::wait::wait_until;
 
+pub mod istio;
 pub mod yaml;
 
 /// Envoy runs as this user; iptables leaves its own connections alone (Istio's 1337).
