@@ -15,5 +15,6 @@ pub mod loopback;
 pub mod matrix;
 pub mod mesh;
 pub mod proc;
+pub mod sniff;
 pub mod topology;
 pub mod wait;

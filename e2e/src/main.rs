@@ -101,6 +101,20 @@ enum Command {
         /// Target addresses.
         targets: Vec<std::net::IpAddr>,
     },
+    /// Capture every TCP segment crossing this network namespace (AF_PACKET, ETH_P_ALL, as a
+    /// pod with CAP_NET_RAW on a bridge CNI can) into a file of JSON lines, until a segment to
+    /// `stop_port` passes or `max_seconds` have passed; the file exists once the capture runs.
+    Sniff {
+        /// The capture file.
+        #[arg(long)]
+        out: PathBuf,
+        /// A TCP segment to this port ends the capture (the caller's marker).
+        #[arg(long)]
+        stop_port: u16,
+        /// The longest capture, seconds.
+        #[arg(long, default_value_t = 120)]
+        max_seconds: u64,
+    },
     /// HTTP/1.1 GET `host:port/path`; prints the status, then the body.
     Get {
         /// `host:port/path`.
@@ -196,6 +210,11 @@ fn main() -> ExitCode {
                     println!("{}", serde_json::to_string(&keyway_e2e::datagram::icmp(target, t))?);
                     println!("{}", serde_json::to_string(&keyway_e2e::datagram::sctp(target, sctp_port))?);
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Sniff { out, stop_port, max_seconds } => {
+                let n = keyway_e2e::sniff::capture(&out, stop_port, Duration::from_secs(max_seconds))?;
+                eprintln!("captured {n} segments");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Get { url } => {

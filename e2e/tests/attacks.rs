@@ -5,12 +5,16 @@
 //! expected outcome. Needs root; fails (never skips) when it cannot build its namespaces.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyway_e2e::cluster::{Cluster, DNS_PORT, INTERNET, INTERNET_PORTS, WorkloadPod};
 use keyway_e2e::envoy::{ENVOY_UID, KEYWAY_INBOUND_PORT};
+use keyway_e2e::proc::Proc;
+use keyway_e2e::sniff;
 use keyway_e2e::topology::ns_sh;
+use keyway_e2e::wait::wait_until;
 use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_TUNNEL_PORT};
 use keyway_policy::auth::TicketClaims;
 use keyway_policy::engine::Peer;
@@ -258,4 +262,205 @@ fn udp_sctp_and_icmp_of_an_enforced_pod_reach_nothing() {
         dns.len() == 1 && dns[0].sent && dns[0].reply.starts_with("keyway-app internet udp port 53"),
         "UDP to the resolver's DNS port stays open: {dns:?}"
     );
+}
+
+/// Two distinct workloads that `fits`, where the policy allows `src` → `dst` on a port of `dst`.
+fn allowed_pair(c: &Cluster, fits: impl Fn(&WorkloadPod, &WorkloadPod) -> bool) -> (&WorkloadPod, &WorkloadPod, u16) {
+    c.workloads
+        .iter()
+        .find_map(|s| {
+            c.workloads.iter().filter(|d| d.name != s.name && fits(s, d)).find_map(|d| {
+                let allowed = |p: &&u16| {
+                    c.engine.decide(Peer::Workload(s.index), Peer::Workload(d.index), Protocol::Tcp, **p).verdict
+                        == Verdict::Allow
+                };
+                d.ports.iter().find(allowed).map(|p| (s, d, *p))
+            })
+        })
+        .expect("the sample has such an allowed pair")
+}
+
+/// The SPIFFE identity of a workload.
+fn identity(c: &Cluster, w: &WorkloadPod) -> String {
+    c.engine.inventory().workloads[w.index].identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN)
+}
+
+/// Every key string of a bundle.
+fn key_strings(b: &KeyBundle) -> Vec<String> {
+    b.workload_keys.iter().chain(&b.ticket_keys).map(|k| k.key.clone()).collect()
+}
+
+/// Attacker: the app container of an enforced pod that takes over its neighbour's address on
+/// the bridge (ARP spoofing with the default `CAP_NET_RAW`). Modelled as running in the
+/// neighbour's own network namespace, so it holds the address completely, but with only what
+/// it has: its own mesh certificate, or none (the neighbour's key stays in the neighbour's
+/// sidecar). It asks for the neighbour's key bundle every way there is (plain HTTP/1 on the
+/// admin port's old key path, cleartext HTTP/2 to the tunnel port, TLS with its own certificate)
+/// and presents the neighbour's genuine token (as sniffed) at the gateway from the neighbour's
+/// address. Expected: no bundle (the uniform refusal, or no handshake), the token refused
+/// (`token-peer-identity`); the same token kind from the neighbour's own sidecar certificate
+/// passes, so the certificate alone made the difference.
+#[test]
+fn a_pod_holding_its_neighbours_address_gets_neither_its_keys_nor_its_flows() {
+    let (_turn, c) = Cluster::for_test("at5");
+    // The neighbour (victim) with a destination its policy allows, so only identity stands in the way.
+    let (victim, dst, port) = allowed_pair(&c, |v, _| {
+        c.workloads.iter().any(|a| a.zone == v.zone && a.name != v.name && identity(&c, a) != identity(&c, v))
+    });
+    let attacker = c
+        .workloads
+        .iter()
+        .find(|a| a.zone == victim.zone && a.name != victim.name && identity(&c, a) != identity(&c, victim))
+        .expect("a neighbour of another identity");
+    let genuine = key_strings(&own_bundle(&c, victim));
+    let leaks = |body: &str| genuine.iter().any(|k| body.contains(k.as_str()));
+    let gw = zone_tunnel(&c, victim);
+    let own = c.sidecar_mesh(attacker).unwrap();
+    // The one refusal the key service gives for anything not the asker's own.
+    let refusal = c.raw_keys(&attacker.pod.ns, Some(&own), gw, "10.255.255.254".parse().unwrap());
+    assert_eq!(refusal.0, 403, "the key service's refusal: {refusal:?}");
+    let at = &victim.pod.ns; // the attacker, holding the neighbour's address
+    let mut taken = Vec::new();
+
+    let url = format!("{}:{DEFAULT_ADMIN_PORT}{KEY_SERVICE_PATH}?{KEY_SERVICE_IP_PARAM}={}", gw.ip(), victim.overlay);
+    let (status, body) = get_as_pod(&c, at, &url);
+    println!("plain HTTP/1 GET on the admin port: {status} {body}");
+    if status == 200 || leaks(&body) {
+        taken.push(format!("its bundle by plain HTTP/1 GET on the admin port {DEFAULT_ADMIN_PORT}: {status} {body}"));
+    }
+    for (how, mesh) in [("cleartext HTTP/2", None), ("TLS with its own certificate", Some(&own))] {
+        let answer = c.raw_keys(at, mesh, gw, victim.overlay);
+        println!("{how} to the tunnel port: {answer:?}");
+        if !(answer.0 == 0 || answer == refusal) || leaks(&answer.1) {
+            taken.push(format!("its bundle by {how} to the tunnel port: {answer:?}"));
+        }
+    }
+
+    let target = SocketAddr::new(dst.overlay, port);
+    let token = c.mint_token(victim, dst.overlay, port, None).unwrap();
+    let out = c.raw_connect(at, None, gw, target, &[(TOKEN_HEADER, &token)]).unwrap();
+    println!("its token in cleartext HTTP/2: {out}");
+    if !out.starts_with("refused") {
+        taken.push(format!("a flow with its token in cleartext HTTP/2: {out}"));
+    }
+    let out = c.raw_connect(at, Some(&own), gw, target, &[(TOKEN_HEADER, &token)]).unwrap();
+    println!("its token with the attacker's own certificate: {out}");
+    if !out.starts_with("status 403 reason token-peer-identity") {
+        taken.push(format!("a flow with its token and the attacker's own certificate: {out}"));
+    }
+    assert!(
+        taken.is_empty(),
+        "{} holding {}'s address ({}) took:\n{}",
+        attacker.name,
+        victim.name,
+        victim.pod.ip,
+        taken.join("\n")
+    );
+    // The victim's own sidecar certificate with a fresh token of the same kind passes.
+    let fresh = c.mint_token(victim, dst.overlay, port, None).unwrap();
+    let victim_mesh = c.sidecar_mesh(victim).unwrap();
+    let out = c.raw_connect(at, Some(&victim_mesh), gw, target, &[(TOKEN_HEADER, &fresh)]).unwrap();
+    assert!(out.starts_with("status 200"), "the genuine sidecar's flow {} → {target}: {out}", victim.name);
+}
+
+/// A TCP port nothing listens on: a segment to it ends a capture.
+const MARKER_PORT: u16 = 9;
+
+/// The successful key fetches of `w`'s sidecar so far (its Envoy's stats).
+fn key_refreshes(c: &Cluster, w: &WorkloadPod) -> u64 {
+    let url = format!("127.0.0.1:{}/stats?filter=key_refreshes", keyway_e2e::envoy::ADMIN_PORT);
+    let (_, stats) = c.http_get(&w.pod.ns, &url).unwrap();
+    stats.lines().filter(|l| l.contains("outcome=.=ok")).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
+/// Attacker: any pod with `CAP_NET_RAW` on the pods' layer-2 segment of a bridge CNI, capturing
+/// everything. Modelled at the bridge's host side (the zone's namespace), which sees every frame
+/// of every pod of the zone, the most ARP spoofing can get it. While it captures, genuine traffic
+/// runs: every sidecar of the zone fetches its keys (as it does every refresh; the test fetches
+/// each workload's bundle through the proper channel too), a flow from one workload's app to
+/// another's through the tunnel and the delivery, and a CONNECT with a genuine token. Expected:
+/// the capture holds the traffic of the tunnel port and the keyway inbound port, all of it TLS
+/// records, and no credential in cleartext anywhere: no HTTP/2 client preface, no key-service
+/// path, no key of any bundle, no token. HPACK can hide a header's name and value in a cleartext
+/// stream (Huffman coding), so the TLS framing of every byte on keyway's ports is what rules out
+/// tokens and tickets; the preface says whether HTTP/2 ran in cleartext at all.
+#[test]
+fn a_sniffer_on_the_pods_bridge_sees_only_tls_on_keyways_ports() {
+    let (_turn, c) = Cluster::for_test("at6");
+    // An allowed pair within one zone, so the tunnel and the delivery cross the same bridge.
+    let (src, dst, port) = allowed_pair(&c, |s, d| s.zone == d.zone);
+    let bridge = c.topo.zones[usize::from(src.pod.zone) - 1].clone();
+    let capture = c.dir.join("sniffed.jsonl");
+    let args = [
+        c.opts.e2e.display().to_string(),
+        "sniff".into(),
+        "--out".into(),
+        capture.display().to_string(),
+        "--stop-port".into(),
+        MARKER_PORT.to_string(),
+    ];
+    let mut sniffer = Proc::start("sniffer", &bridge, None, &args, &c.dir.join("logs/sniffer.log"), &[]).unwrap();
+    wait_until(Duration::from_secs(10), "the capture to run", || capture.exists() || !sniffer.running()).unwrap();
+    assert!(sniffer.running(), "the sniffer: {}", sniffer.tail(5));
+    let refreshed = key_refreshes(&c, src);
+
+    // Genuine traffic. Each workload of the zone fetches its bundle as its sidecar does.
+    let zone: Vec<&WorkloadPod> = c.workloads.iter().filter(|w| w.zone == src.zone).collect();
+    let bundles: Vec<(&WorkloadPod, KeyBundle)> = zone.iter().map(|w| (*w, own_bundle(&c, w))).collect();
+    // The app's flow through its sidecar, the tunnel, the gateway and the delivery.
+    let target = SocketAddr::new(dst.overlay, port);
+    let probe = c.probe(src, &[target], 4096, Duration::from_secs(5)).unwrap();
+    assert!(probe[0].connected && probe[0].intact, "{} → {target} ({}): {:?}", src.name, dst.name, probe[0]);
+    // A CONNECT with a genuine token, with the sidecar's certificate.
+    let token = c.mint_token(src, dst.overlay, port, None).unwrap();
+    let src_mesh = c.sidecar_mesh(src).unwrap();
+    let out = c.raw_connect(&src.pod.ns, Some(&src_mesh), zone_tunnel(&c, src), target, &[(TOKEN_HEADER, &token)]);
+    let out = out.unwrap();
+    assert!(out.starts_with("status 200"), "{out}");
+    // And a refresh of the sidecar's keys on its standing connection.
+    wait_until(Duration::from_secs(10), "a key refresh of the sidecar", || key_refreshes(&c, src) > refreshed).unwrap();
+    // The marker ends the capture once everything before it is in.
+    let marker = SocketAddr::new(src.pod.ip.parse().unwrap(), MARKER_PORT);
+    c.probe_from_ns(&bridge, marker, Duration::from_secs(1)).unwrap();
+    wait_until(Duration::from_secs(10), "the capture to end", || !sniffer.running()).unwrap();
+
+    let streams = sniff::streams(&sniff::load(&capture).unwrap());
+    let mut needles: Vec<(String, Vec<u8>)> = vec![
+        ("the HTTP/2 client preface".into(), b"PRI * HTTP/2.0".to_vec()),
+        ("the key service's path".into(), KEY_SERVICE_PATH.as_bytes().to_vec()),
+        ("the token header's name".into(), TOKEN_HEADER.as_bytes().to_vec()),
+        ("the ticket header's name".into(), TICKET_HEADER.as_bytes().to_vec()),
+        ("a genuine token".into(), token.as_bytes().to_vec()),
+    ];
+    for (w, b) in &bundles {
+        needles.extend(key_strings(b).into_iter().map(|k| (format!("a key of {}'s bundle", w.name), k.into_bytes())));
+    }
+    let keyway_ports = [DEFAULT_TUNNEL_PORT, KEYWAY_INBOUND_PORT];
+    let mut bytes: BTreeMap<u16, usize> = keyway_ports.iter().map(|p| (*p, 0)).collect();
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for s in &streams {
+        let flow = format!("{} → {}", s.src, s.dst);
+        if let Some(p) = keyway_ports.iter().find(|p| s.src.port() == **p || s.dst.port() == **p) {
+            *bytes.entry(*p).or_default() += s.len();
+            for run in s.runs.iter().filter(|r| !sniff::is_tls(r)) {
+                let example = format!("{flow}, {} bytes: {:?}", run.data.len(), sniff::excerpt(run));
+                seen.entry("bytes on keyway's ports that are not TLS records".into()).or_default().push(example);
+            }
+        }
+        for (what, needle) in &needles {
+            if sniff::contains(s, needle) {
+                seen.entry(format!("{what} in cleartext")).or_default().push(flow.clone());
+            }
+        }
+    }
+    let on_ports = streams.iter().filter(|s| keyway_ports.iter().any(|p| s.src.port() == *p || s.dst.port() == *p));
+    let (checked, whole) =
+        on_ports.fold((0, 0), |(n, w), s| (n + 1, w + usize::from(s.runs.iter().any(|r| r.from_start))));
+    println!("captured on keyway's ports: {bytes:?} bytes in {checked} streams ({whole} from their first byte)");
+    let short: Vec<String> =
+        bytes.iter().filter(|(_, n)| **n < 2048).map(|(p, n)| format!("port {p}: {n} bytes")).collect();
+    assert!(short.is_empty(), "the capture missed keyway's traffic: {}", short.join(", "));
+    let seen: Vec<String> =
+        seen.iter().map(|(what, flows)| format!("{what}: {} stream(s), e.g. {}", flows.len(), flows[0])).collect();
+    assert!(seen.is_empty(), "a sniffer on {}'s bridge saw:\n{}", src.zone, seen.join("\n"));
 }
