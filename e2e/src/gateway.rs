@@ -36,6 +36,8 @@ pub fn zones(layout: &[ZoneLayout<'_>], address: impl Fn(&str, &str) -> SocketAd
                 .iter()
                 .map(|n| GatewayPeer { name: (*n).to_owned(), address: address(z.name, n) })
                 .collect(),
+            entry: None,
+            ca: None,
             failover: z.failover.iter().map(|f| (*f).to_owned()).collect(),
         })
         .collect()

@@ -270,13 +270,17 @@ impl Overlay {
         Ok(o)
     }
 
-    /// Waits until every gateway is connected to every gateway of the other zones.
+    /// Waits until every gateway is connected to every peer its configuration names in the other
+    /// zones (each listed gateway, and a zone's `entry`).
     async fn wait_mesh(&self) -> anyhow::Result<()> {
         let zones: BTreeSet<&str> = self.gateways.keys().map(|k| k.0.as_str()).collect();
-        for ((zone, _), h) in &self.gateways {
+        for (key, h) in &self.gateways {
+            let zone = &key.0;
+            let config = self.configs.get(key).context("configuration")?;
             wait_until_async(MESH_DEADLINE, "the overlay mesh", || async {
                 for z in zones.iter().filter(|z| **z != zone) {
-                    let expected = self.gateways.keys().filter(|k| k.0 == *z).count();
+                    let expected =
+                        config.zone(z).map_or(0, |c| c.gateways.len() + usize::from(c.entry.is_some()));
                     if peers_up(h.admin_addr, z).await != expected {
                         return false;
                     }

@@ -106,24 +106,24 @@ fn transport(config: &Config) -> Arc<quinn::TransportConfig> {
 }
 
 /// Checks a configuration without starting anything: loads the inventory and policies, the
-/// secrets and the TLS material, and checks that the certificate is this gateway's. No socket is
-/// opened and no peer is contacted.
+/// secrets, the mesh and overlay TLS material and the zones' own CAs, and checks that the
+/// certificate is this gateway's. No socket is opened and no peer is contacted.
 pub fn check(config: &Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let engine = FileSource::new(config).load()?;
     let _state = State::load(Arc::new(config.clone()), metrics, engine)?;
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     check_identity(config, &tls)?;
+    crate::tls::zone_roots(config)?;
     Ok(())
 }
 
+/// This gateway's identity from its certificate, which must be of the configured trust domain
+/// and zone and, when the configuration names the gateway, of that name.
 fn check_identity(config: &Config, tls: &TlsMaterial) -> anyhow::Result<GatewayIdentity> {
     let identity = tls.identity()?;
-    let expected = GatewayIdentity {
-        trust_domain: config.trust_domain.clone(),
-        zone: config.zone.clone(),
-        name: config.name.clone(),
-    };
+    let name = if config.name.is_empty() { identity.name.clone() } else { config.name.clone() };
+    let expected = GatewayIdentity { trust_domain: config.trust_domain.clone(), zone: config.zone.clone(), name };
     if identity != expected {
         anyhow::bail!(
             "{}: the certificate is for {} but the configuration says this gateway is {}",
@@ -133,6 +133,15 @@ fn check_identity(config: &Config, tls: &TlsMaterial) -> anyhow::Result<GatewayI
         );
     }
     Ok(identity)
+}
+
+/// The QUIC server and client configurations of the overlay with `tls`.
+fn quic_configs(config: &Config, tls: &TlsMaterial) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let mut server = crate::tls::quic_server_config(tls)?;
+    server.transport_config(transport(config));
+    let mut client = crate::tls::quic_client_config(tls)?;
+    client.transport_config(transport(config));
+    Ok((server, client))
 }
 
 /// Starts a gateway with the inventory directory of its configuration (a [`FileSource`]) and
@@ -150,16 +159,17 @@ pub async fn build_from<S: InventorySource>(
     mut source: S,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Handle> {
+    let mut config = config;
+    let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let identity = check_identity(&config, &tls)?;
+    // A zone behind an entry leaves the name to the certificate: one certificate per replica.
+    config.name.clone_from(&identity.name);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new()?);
     let engine = source.first().await?;
     let state = Arc::new(State::load(config.clone(), metrics.clone(), engine)?);
-    let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-    let identity = check_identity(&config, &tls)?;
-    let mut server = crate::tls::quic_server_config(&tls)?;
-    server.transport_config(transport(&config));
-    let mut client = crate::tls::quic_client_config(&tls)?;
-    client.transport_config(transport(&config));
+    let (server, client) = quic_configs(&config, &tls)?;
+    let routing = Routing::new(&config, crate::tls::zone_roots(&config)?, client.clone());
     let mut endpoint = quinn::Endpoint::server(server, config.listen.overlay)
         .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
     endpoint.set_default_client_config(client);
@@ -169,7 +179,7 @@ pub async fn build_from<S: InventorySource>(
         .map_err(|e| anyhow::anyhow!("tunnel {}: cannot bind: {e}", config.listen.tunnel))?;
     let tunnel_addr = listener.local_addr()?;
 
-    let proxy = Arc::new(Proxy::new(config.clone(), state.clone(), metrics.clone(), identity, clock));
+    let proxy = Arc::new(Proxy::new(config.clone(), state.clone(), metrics.clone(), identity, routing, clock));
     let admin = crate::admin::start(proxy.clone())?;
     let admin_addr = admin.addr;
     let (reload, reloads) = watch::channel(0u64);
@@ -179,7 +189,9 @@ pub async fn build_from<S: InventorySource>(
     tasks.spawn(overlay::serve(proxy.clone(), endpoint.clone()));
     proxy.routing.spawn_connectors(&endpoint, &metrics, tasks);
     tasks.spawn(source.run(Sink { state: state.clone(), metrics: metrics.clone(), reload: reloads.clone() }));
-    tasks.spawn(reload_secrets(state, Duration::from_millis(config.reload_interval_ms.max(1)), reloads));
+    let interval = Duration::from_millis(config.reload_interval_ms.max(1));
+    tasks.spawn(reload_overlay_tls(proxy.clone(), endpoint.clone(), interval, reloads.clone()));
+    tasks.spawn(reload_secrets(state, interval, reloads));
     tracing::info!(
         zone = %config.zone, name = %config.name, tunnel = %tunnel_addr, overlay = %overlay_addr, admin = %admin_addr,
         config = %serde_json::to_string(&*config).unwrap_or_default(),
@@ -203,5 +215,63 @@ async fn reload_secrets(state: Arc<State>, interval: Duration, mut requests: wat
         };
         let s = state.clone();
         let _ = tokio::task::spawn_blocking(move || s.reload_secrets(force)).await;
+    }
+}
+
+/// Reloads the overlay certificate when its files changed and settled (checked every `interval`)
+/// and on request: new handshakes, both ways, use the new one; open connections keep theirs. A
+/// certificate that does not load, or names another gateway, is rejected (metric, error log) and
+/// the running one stays.
+async fn reload_overlay_tls(
+    proxy: Arc<Proxy>,
+    endpoint: quinn::Endpoint,
+    interval: Duration,
+    mut requests: watch::Receiver<u64>,
+) {
+    let config = proxy.config.clone();
+    let paths = vec![config.tls.ca.clone(), config.tls.cert.clone(), config.tls.key.clone()];
+    let mut print = crate::state::fingerprint(&paths);
+    let pending = std::sync::Mutex::new(None);
+    requests.borrow_and_update();
+    loop {
+        let force = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            r = requests.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                true
+            }
+        };
+        let now = crate::state::fingerprint(&paths);
+        if !(force || (now != print && crate::state::settled(&pending, &now))) {
+            continue;
+        }
+        print = now;
+        let loaded = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
+            .map_err(anyhow::Error::from)
+            .and_then(|tls| {
+                let id = check_identity(&config, &tls)?;
+                anyhow::ensure!(
+                    id == proxy.identity,
+                    "the new certificate is for {}, not this gateway",
+                    id.spiffe_id()
+                );
+                quic_configs(&config, &tls)
+            });
+        match loaded {
+            Ok((server, client)) => {
+                endpoint.set_server_config(Some(server));
+                proxy.routing.set_client_config(client);
+                proxy.metrics.reloads.with_label_values(&["overlay-tls", "ok"]).inc();
+                if !force {
+                    tracing::info!("overlay certificate reloaded");
+                }
+            }
+            Err(e) => {
+                proxy.metrics.reloads.with_label_values(&["overlay-tls", "rejected"]).inc();
+                tracing::error!(error = %format!("{e:#}"), "new overlay certificate rejected; the running one stays in force");
+            }
+        }
     }
 }

@@ -395,7 +395,13 @@ impl Ca {
             GatewayIdentity::new(&self.trust_domain, zone, name).map_err(|e| CaError::BadName(e.to_string()))?;
         let (not_before, not_after) = self.validity_within(days, now)?;
         let host = server_name(&identity);
-        let sans = vec![SanType::URI(identity.spiffe_id().try_into()?), SanType::DnsName(host.as_str().try_into()?)];
+        // Its own server name, and its zone's (dialled through a zone's `entry`).
+        let zone_host = crate::tls::zone_server_name(zone);
+        let sans = vec![
+            SanType::URI(identity.spiffe_id().try_into()?),
+            SanType::DnsName(host.as_str().try_into()?),
+            SanType::DnsName(zone_host.as_str().try_into()?),
+        ];
         let (cert_pem, key_pem) = self.sign(&host, sans, not_before, not_after)?;
         Ok(IssuedCert { identity, cert_pem, key_pem, not_after_unix: i64::try_from(not_after).unwrap_or(i64::MAX) })
     }
@@ -683,7 +689,11 @@ mod tests {
             x.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| format!("{n}")).collect();
         assert_eq!(
             names,
-            ["URI(spiffe://cluster.local/zone/zone-b/gateway/gw-2)", "DNSName(gw-2.zone-b.gateway.keyway)"]
+            [
+                "URI(spiffe://cluster.local/zone/zone-b/gateway/gw-2)",
+                "DNSName(gw-2.zone-b.gateway.keyway)",
+                "DNSName(zone-b.gateway.keyway)"
+            ]
         );
         let eku = x.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);

@@ -119,8 +119,20 @@ pub struct GatewayPeer {
 pub struct Zone {
     /// Its name (`keyway.io/zone` of its workloads).
     pub name: String,
-    /// Its gateway replicas.
+    /// Its gateway replicas, each by name and overlay address.
+    #[serde(default)]
     pub gateways: Vec<GatewayPeer>,
+    /// One overlay address in front of the zone's replicas (a UDP load balancer), for replicas
+    /// that are not listed by name (a Deployment scaled by an autoscaler): dialled with the server
+    /// name `<zone>.gateway.keyway`, and any gateway certificate of this zone is accepted from it
+    /// (and from any replica of this zone that connects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<SocketAddr>,
+    /// This zone's own CA certificate(s) (PEM): when set, a peer claiming this zone must chain to
+    /// it, not merely to `tls.ca` (a CA of one zone, held by that zone's issuer, then issues
+    /// nothing another zone accepts for a third).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
     /// Zones to fail over to, in order, when every gateway of this zone is gone (Istio's
     /// locality failover). Used for services with endpoints in several zones.
     #[serde(default)]
@@ -352,7 +364,9 @@ pub struct Config {
     pub trust_domain: String,
     /// This gateway's zone.
     pub zone: String,
-    /// This gateway's name (unique within the zone).
+    /// This gateway's name (unique within the zone). Left out when its zone has an `entry`: the
+    /// overlay certificate then names the gateway (one certificate per replica).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// Listening addresses.
     #[serde(default)]
@@ -475,15 +489,24 @@ impl Config {
         let Some(me) = self.zones.iter().find(|z| z.name == self.zone) else {
             return Err(bad("zone", format!("{:?} is not one of `zones`", self.zone)));
         };
-        if !me.gateways.iter().any(|g| g.name == self.name) {
+        if self.name.is_empty() && me.entry.is_none() {
+            return Err(bad(
+                "name",
+                format!("required unless zone {:?} has an `entry` (then the certificate names the gateway)", self.zone),
+            ));
+        }
+        if !self.name.is_empty() && me.entry.is_none() && !me.gateways.iter().any(|g| g.name == self.name) {
             return Err(bad("name", format!("{:?} is not a gateway of zone {:?} in `zones`", self.name, self.zone)));
         }
         for (i, z) in self.zones.iter().enumerate() {
             if self.zones.iter().filter(|o| o.name == z.name).count() > 1 {
                 return Err(bad(&format!("zones[{i}].name"), format!("zone {:?} is listed twice", z.name)));
             }
-            if z.gateways.is_empty() {
-                return Err(bad(&format!("zones[{i}].gateways"), "a zone needs at least one gateway".to_owned()));
+            if z.gateways.is_empty() && z.entry.is_none() {
+                return Err(bad(
+                    &format!("zones[{i}].gateways"),
+                    "a zone needs at least one gateway, or an `entry` address".to_owned(),
+                ));
             }
             for (j, f) in z.failover.iter().enumerate() {
                 if !self.zones.iter().any(|o| &o.name == f) || f == &z.name {
@@ -616,6 +639,20 @@ zones:
     }
 
     #[test]
+    fn a_zone_behind_an_entry_leaves_the_name_to_the_certificate() {
+        let text = GOOD.replace("name: gw-1\n", "").replace(
+            "  gateways: [{name: gw-1, address: \"127.0.0.1:15443\"}, {name: gw-2, address: \"127.0.0.2:15443\"}]\n",
+            "  entry: \"127.0.0.1:15443\"\n  ca: zone-a-ca.pem\n",
+        );
+        let c = Config::parse(&text, "c.yaml").unwrap();
+        assert_eq!(c.name, "");
+        let me = c.my_zone().unwrap();
+        assert_eq!(me.entry, Some("127.0.0.1:15443".parse().unwrap()));
+        assert_eq!(me.ca.as_deref(), Some(std::path::Path::new("zone-a-ca.pem")));
+        assert!(me.gateways.is_empty());
+    }
+
+    #[test]
     fn bad_configs_name_the_field() {
         let cases = [
             (GOOD.replace("zone: zone-a\nname", "zone: zone-x\nname"), "zone: \"zone-x\" is not one of"),
@@ -636,6 +673,11 @@ zones:
             (format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24, record: a/b}}\n"), "kubernetes.record"),
             (format!("{GOOD}\nkubernetes: {{prefix: 10.128.1.0/24, bogus: 1}}\n"), "unknown field `bogus`"),
             (format!("{GOOD}\nkubernetes: {{namespace: x}}\n"), "missing field `prefix`"),
+            (GOOD.replace("name: gw-1\n", ""), "name: required unless zone \"zone-a\" has an `entry`"),
+            (
+                GOOD.replace("  gateways: [{name: gw-1, address: \"127.0.1.1:15443\"}]\n", ""),
+                "zones[1].gateways: a zone needs at least one gateway, or an `entry` address",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text, "c.yaml").unwrap_err().to_string();

@@ -130,10 +130,11 @@ impl Proxy {
         state: Arc<State>,
         metrics: Arc<Metrics>,
         identity: GatewayIdentity,
+        routing: Routing,
         clock: Arc<dyn Clock>,
     ) -> Proxy {
         Proxy {
-            routing: Arc::new(Routing::new(&config)),
+            routing: Arc::new(routing),
             flows: Arc::new(Semaphore::new(config.limits.max_flows)),
             shares: Arc::new(Shares { per_source: config.limits.flows_per_source(), held: Mutex::default() }),
             config,

@@ -1,6 +1,11 @@
 //! Zones, their gateway replicas and their health. Health is the state of the QUIC connection to
 //! each peer, kept alive by keep-alives: a replica whose connection closes (idle timeout, reset) is
 //! taken out at once and new flows go to the other replicas.
+//!
+//! A peer is a replica listed by name (its certificate must be exactly that gateway's), or a
+//! zone's `entry`, one address in front of replicas that are not listed (any gateway certificate of
+//! that zone is taken from it). Where a zone has its own CA (`zones[].ca`), a certificate claiming
+//! the zone must also chain to it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,22 +15,45 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tasks::Tasks;
-use crate::tls::{GatewayIdentity, server_name};
+use crate::tls::{GatewayIdentity, server_name, zone_server_name};
+
+/// The name a zone's entry peer goes by in logs and `/peers`.
+pub const ENTRY_NAME: &str = "entry";
 
 /// A gateway of another zone.
 #[derive(Debug)]
 pub struct PeerGateway {
-    /// Its identity (trust domain, zone, name).
+    /// Its identity (trust domain, zone, name); for a zone's entry, the name is [`ENTRY_NAME`] and
+    /// any name of the zone is taken.
     pub id: GatewayIdentity,
+    /// Whether this is a zone's entry (replicas behind one address, not listed).
+    pub entry: bool,
     /// Its overlay address.
     pub address: SocketAddr,
     conn: RwLock<Option<quinn::Connection>>,
 }
 
 impl PeerGateway {
+    /// The server name to dial it with.
+    fn server_name(&self) -> String {
+        if self.entry { zone_server_name(&self.id.zone) } else { server_name(&self.id) }
+    }
+
+    /// Whether a certificate of `presented` may serve as this peer.
+    fn takes(&self, presented: &GatewayIdentity) -> bool {
+        if self.entry {
+            presented.trust_domain == self.id.trust_domain && presented.zone == self.id.zone
+        } else {
+            *presented == self.id
+        }
+    }
+
     /// The live connection, if any.
     pub fn connection(&self) -> Option<quinn::Connection> {
         let g = match self.conn.read() {
@@ -74,12 +102,22 @@ pub struct Routing {
     external_loopback: bool,
     zones: BTreeMap<String, Vec<Arc<PeerGateway>>>,
     failover: BTreeMap<String, Vec<String>>,
+    /// Zones with a CA of their own: a certificate claiming the zone must chain to it.
+    zone_roots: BTreeMap<String, Arc<RootCertStore>>,
+    /// The QUIC client configuration new peer connections are made with (replaced when the
+    /// overlay certificate is renewed).
+    client: RwLock<quinn::ClientConfig>,
     next: AtomicUsize,
 }
 
 impl Routing {
-    /// The peers named by the configuration (gateways of other zones).
-    pub fn new(config: &Config) -> Routing {
+    /// The peers named by the configuration (gateways of other zones), with the CAs of the zones
+    /// that have their own (`zones[].ca`, [`crate::tls::zone_roots`]).
+    pub fn new(
+        config: &Config,
+        zone_roots: BTreeMap<String, Arc<RootCertStore>>,
+        client: quinn::ClientConfig,
+    ) -> Routing {
         let mut zones = BTreeMap::new();
         let mut failover = BTreeMap::new();
         for z in &config.zones {
@@ -87,17 +125,15 @@ impl Routing {
             if z.name == config.zone {
                 continue;
             }
-            let peers = z
-                .gateways
-                .iter()
-                .map(|g| {
+            let listed = z.gateways.iter().map(|g| (g.name.clone(), g.address, false));
+            let entry = z.entry.map(|a| (ENTRY_NAME.to_owned(), a, true));
+            let peers = listed
+                .chain(entry)
+                .map(|(name, address, entry)| {
                     Arc::new(PeerGateway {
-                        id: GatewayIdentity {
-                            trust_domain: config.trust_domain.clone(),
-                            zone: z.name.clone(),
-                            name: g.name.clone(),
-                        },
-                        address: g.address,
+                        id: GatewayIdentity { trust_domain: config.trust_domain.clone(), zone: z.name.clone(), name },
+                        entry,
+                        address,
                         conn: RwLock::new(None),
                     })
                 })
@@ -111,8 +147,39 @@ impl Routing {
             external_loopback: config.delivery.external_loopback,
             zones,
             failover,
+            zone_roots,
+            client: RwLock::new(client),
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Makes new peer connections with `client` (a renewed overlay certificate).
+    pub fn set_client_config(&self, client: quinn::ClientConfig) {
+        match self.client.write() {
+            Ok(mut g) => *g = client,
+            Err(p) => *p.into_inner() = client,
+        }
+    }
+
+    fn client_config(&self) -> quinn::ClientConfig {
+        match self.client.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether a peer certificate's `presented` identity, with its `chain` (leaf first), is a
+    /// gateway of this overlay: of the trust domain, of a configured zone, listed by name or
+    /// behind the zone's entry, and chained to the zone's own CA where it has one.
+    pub fn accepts(&self, config: &Config, presented: &GatewayIdentity, chain: &[CertificateDer<'_>]) -> bool {
+        let Some(zone) = config.zone(&presented.zone) else { return false };
+        let named = zone.entry.is_some() || zone.gateways.iter().any(|g| g.name == presented.name);
+        presented.trust_domain == self.trust_domain && named && self.issued_for_zone(&presented.zone, chain)
+    }
+
+    /// Whether `chain` chains to the CA of `zone`, when the zone has its own.
+    fn issued_for_zone(&self, zone: &str, chain: &[CertificateDer<'_>]) -> bool {
+        self.zone_roots.get(zone).is_none_or(|roots| crate::tls::chains_to(chain, roots))
     }
 
     /// This gateway's zone.
@@ -168,9 +235,13 @@ impl Routing {
             .flatten()
             .map(|p| {
                 let c = p.connection();
+                let name = c
+                    .as_ref()
+                    .and_then(|c| crate::tls::peer_identity(c).ok())
+                    .map_or_else(|| p.id.name.clone(), |id| id.name);
                 PeerView {
                     zone: p.id.zone.clone(),
-                    name: p.id.name.clone(),
+                    name,
                     address: p.address,
                     up: c.is_some(),
                     rtt_ms: c.map(|c| c.rtt().as_secs_f64() * 1000.0),
@@ -180,9 +251,9 @@ impl Routing {
     }
 
     /// Keeps a connection to every peer: connects, waits for it to close, reconnects with backoff.
-    pub fn spawn_connectors(&self, endpoint: &quinn::Endpoint, metrics: &Arc<Metrics>, tasks: &Tasks) {
+    pub fn spawn_connectors(self: &Arc<Self>, endpoint: &quinn::Endpoint, metrics: &Arc<Metrics>, tasks: &Tasks) {
         for p in self.zones.values().flatten() {
-            tasks.spawn(maintain(p.clone(), endpoint.clone(), metrics.clone()));
+            tasks.spawn(maintain(self.clone(), p.clone(), endpoint.clone(), metrics.clone()));
         }
     }
 
@@ -197,11 +268,11 @@ impl Routing {
     }
 }
 
-async fn maintain(peer: Arc<PeerGateway>, endpoint: quinn::Endpoint, metrics: Arc<Metrics>) {
+async fn maintain(routing: Arc<Routing>, peer: Arc<PeerGateway>, endpoint: quinn::Endpoint, metrics: Arc<Metrics>) {
     let mut backoff = Duration::from_millis(100);
     let gauge = metrics.peers_up.with_label_values(&[peer.id.zone.as_str()]);
     loop {
-        let attempt = match endpoint.connect(peer.address, &server_name(&peer.id)) {
+        let attempt = match endpoint.connect_with(routing.client_config(), peer.address, &peer.server_name()) {
             Ok(connecting) => tokio::time::timeout(Duration::from_secs(3), connecting).await,
             Err(e) => {
                 tracing::error!(peer = %peer.id.spiffe_id(), error = %e, "cannot start an overlay connection");
@@ -210,8 +281,13 @@ async fn maintain(peer: Arc<PeerGateway>, endpoint: quinn::Endpoint, metrics: Ar
         };
         match attempt {
             Ok(Ok(conn)) => match crate::tls::peer_identity(&conn) {
-                Ok(id) if id == peer.id => {
-                    tracing::info!(peer = %peer.id.spiffe_id(), address = %peer.address, "overlay peer up");
+                Ok(id) if !routing.issued_for_zone(&id.zone, &crate::tls::peer_chain(&conn)) => {
+                    tracing::error!(peer = %peer.id.spiffe_id(), presented = %id.spiffe_id(),
+                        "overlay peer's certificate is not of its zone's CA; not used");
+                    conn.close(quinn::VarInt::from_u32(2), b"not issued for the zone");
+                }
+                Ok(id) if peer.takes(&id) => {
+                    tracing::info!(peer = %peer.id.spiffe_id(), presented = %id.spiffe_id(), address = %peer.address, "overlay peer up");
                     peer.set(Some(conn.clone()));
                     gauge.inc();
                     backoff = Duration::from_millis(100);

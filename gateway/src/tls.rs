@@ -407,6 +407,44 @@ pub fn quic_client_config(m: &TlsMaterial) -> Result<quinn::ClientConfig, TlsErr
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
+/// The certificate chain (leaf first) the peer of an established connection presented; empty when
+/// none.
+pub fn peer_chain(conn: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|c| *c)
+        .unwrap_or_default()
+}
+
+/// Whether `chain` (leaf first, then intermediates) chains to one of `roots`, now.
+pub fn chains_to(chain: &[CertificateDer<'_>], roots: &Arc<RootCertStore>) -> bool {
+    let Some((leaf, intermediates)) = chain.split_first() else { return false };
+    let Ok(verifier) = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build() else {
+        return false;
+    };
+    verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).is_ok()
+}
+
+/// The CA of each zone that has its own (`zones[].ca`), loaded; errors name the file.
+pub fn zone_roots(
+    config: &crate::config::Config,
+) -> Result<std::collections::BTreeMap<String, Arc<RootCertStore>>, TlsError> {
+    let mut out = std::collections::BTreeMap::new();
+    for z in &config.zones {
+        let Some(path) = &z.ca else { continue };
+        let name = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: name.clone(), source })?;
+        out.insert(z.name.clone(), Arc::new(root_store(&certs(&pem, &name)?, &name)?));
+    }
+    Ok(out)
+}
+
+/// The server name every gateway of `zone` answers to besides its own (`<zone>.gateway.keyway`,
+/// the second DNS SAN of a gateway certificate): dialled through a zone's `entry`.
+pub fn zone_server_name(zone: &str) -> String {
+    format!("{zone}.{SERVER_NAME_SUFFIX}")
+}
+
 /// The identity of the gateway at the other end of an established connection, from the SPIFFE
 /// URI SAN of the leaf certificate it presented (which the handshake verified against the
 /// overlay CA).

@@ -232,3 +232,76 @@ async fn wait_for_port(
         }
     }
 }
+
+/// Attacker: a compromised cluster of zone-b holding zone-b's own issuer (the CA that issues
+/// zone-b's replicas their certificates, as cert-manager does in a Deployment install). It issues
+/// itself a certificate claiming a gateway of zone-c and sends zone-a's gateway a flow header for
+/// zone-c's api, which the policy lets in. Expected: zone-a's gateway, which pins each zone to its
+/// own CA (`zones[].ca`), refuses the connection; nothing reaches cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zones_own_issuer_cannot_speak_for_another_zone() {
+    use keyway_gateway::ca::Ca;
+    let dir = Scratch::new("att-issuer-files").unwrap();
+    let zone_b_ca = Ca::generate(TD, 2, std::time::SystemTime::now()).unwrap();
+    let zb_dir = dir.0.join("zone-b-ca");
+    zone_b_ca.save(&zb_dir, false).unwrap();
+    let zb_ca_pem = zb_dir.join("ca.pem");
+    let bundle = dir.0.join("bundle.pem");
+    let o = Overlay::start_with("att-issuer", ZONES, app(48), POLICIES, |c| {
+        // Zones a and c keep the bed's CA, zone-b has its own; every gateway trusts both and pins
+        // each zone to its CA.
+        let bed_ca = c.tls.ca.clone();
+        let both = std::fs::read_to_string(&bed_ca).unwrap() + &std::fs::read_to_string(&zb_ca_pem).unwrap();
+        std::fs::write(&bundle, both).unwrap();
+        c.tls.ca = bundle.clone();
+        for z in &mut c.zones {
+            z.ca = Some(if z.name == "zone-b" { zb_ca_pem.clone() } else { bed_ca.clone() });
+        }
+        if c.zone == "zone-b" {
+            let ca = Ca::load(&zb_dir).unwrap();
+            let out = dir.0.join("zone-b-certs");
+            let (paths, _) = keyway_gateway::ca::issue_gateway_with(&ca, "zone-b", &c.name, 1, &out).unwrap();
+            (c.tls.cert, c.tls.key) = (paths.cert, paths.key);
+        }
+    })
+    .await;
+    let (api_c, cache) = (o.workload("api-c").clone(), o.workload("cache").clone());
+    // The attacker's certificate: zone-c's c1, issued by zone-b's issuer.
+    let forged =
+        keyway_gateway::ca::issue_gateway_with(&zone_b_ca, "zone-c", "c1", 1, &dir.0.join("forged")).unwrap().0;
+    let tls = TlsMaterial::load(&bundle, &forged.cert, &forged.key).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quic_client_config(&tls).unwrap());
+    let a1_id = GatewayIdentity { trust_domain: TD.into(), zone: "zone-a".into(), name: "a1".into() };
+    let a1_overlay = o.gw("zone-a", "a1").overlay_addr;
+    let outcome = async {
+        let conn = endpoint.connect(a1_overlay, &server_name(&a1_id)).ok()?.await.ok()?;
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let header = FlowHeader {
+            flow_id: 8,
+            src: api_c.overlay,
+            dst: cache.overlay,
+            dst_port: 8080,
+            protocol: Protocol::Tcp,
+            identity: api_c.identity(),
+            src_zone: "zone-c".into(),
+            src_gateway: "c1".into(),
+            verdict: "forged".into(),
+        };
+        send.write_all(&header.encode()).await.ok()?;
+        let mut prefix = [0u8; 6];
+        recv.read_exact(&mut prefix).await.ok()?;
+        let (code, n) = Status::decode_prefix(&prefix).ok()?;
+        let mut reason = vec![0u8; n];
+        recv.read_exact(&mut reason).await.ok()?;
+        Some((code, String::from_utf8_lossy(&reason).into_owned()))
+    };
+    let answered = tokio::time::timeout(Duration::from_secs(10), outcome).await.unwrap_or(None);
+    assert_eq!(answered, None, "zone-b's issuer spoke for zone-c and was answered {answered:?}");
+    assert!(o.sidecar("cache").accepted.lock().unwrap().is_empty(), "nothing reached cache");
+    // The genuine zones still work under the pinning: zone-c's api reaches cache through a1.
+    let c1 = o.gw("zone-c", "c1").tunnel_addr;
+    let t = o.token(&api_c, cache.overlay, 8080, None, now_ms());
+    let io = o.connect(c1, &api_c, SocketAddr::new(cache.overlay, 8080), Some(&t)).await.open();
+    assert_eq!(echo(io, b"pinned").await, b"pinned");
+}

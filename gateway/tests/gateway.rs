@@ -437,3 +437,76 @@ async fn a_zone_down_fails_over_by_locality_and_comes_back() {
     assert_eq!(echo(flow(&o, &web, vip, a1).await.open(), b"back").await, b"back");
     assert_eq!((accepted(&o, "api"), accepted(&o, "api-c")), (4, 3));
 }
+
+/// A zone whose replicas are not listed (a Deployment behind one load-balanced address, its
+/// `entry`), each replica with a certificate of its own and no name in its configuration: the
+/// other zones reach it through the entry and take any gateway certificate of that zone; each
+/// replica takes its name from its certificate and dials out as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zone_behind_one_entry_with_a_certificate_per_replica() {
+    let o = Overlay::start_with("entry", ZONES, app(18), POLICIES, |c| {
+        let Some(b) = c.zones.iter_mut().find(|z| z.name == "zone-b") else { return };
+        // b1's address stands for the load balancer.
+        b.entry = b.gateways.first().map(|g| g.address);
+        b.gateways.clear();
+        if c.zone == "zone-b" {
+            c.name.clear();
+        }
+    })
+    .await;
+    let (web, api) = (o.workload("web").clone(), o.workload("api").clone());
+    assert_eq!(o.gw("zone-b", "b2").proxy.config.name, "b2", "the name comes from the certificate");
+    let a1 = o.gw("zone-a", "a1");
+    let t = o.token(&web, api.overlay, 8080, None, now_ms());
+    let io = o.connect(a1.tunnel_addr, &web, dst(&api, 8080), Some(&t)).await.open();
+    assert_eq!(echo(io, b"through the entry").await, b"through the entry");
+    let (_, peers) = http_get(a1.admin_addr, "/peers").await;
+    let peers: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    let zone_b: Vec<&serde_json::Value> = peers.as_array().unwrap().iter().filter(|p| p["zone"] == "zone-b").collect();
+    assert_eq!(zone_b.len(), 1, "one peer for the entry: {peers}");
+    assert_eq!((zone_b[0]["up"].as_bool(), zone_b[0]["name"].as_str()), (Some(true), Some("b1")), "{peers}");
+    // b2, behind the same entry, still reaches zone-a as itself (a1 takes any zone-b certificate).
+    let b2_admin = o.gw("zone-b", "b2").admin_addr;
+    assert_eq!(peers_up(b2_admin, "zone-a").await, 2);
+}
+
+/// A renewed overlay certificate (new key, same gateway) is taken without a restart: new
+/// handshakes get it; a certificate of another gateway put in its place is rejected and the
+/// running one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_overlay_certificate_is_taken_without_a_restart() {
+    use keyway_gateway::tls::{GatewayIdentity, TlsMaterial, peer_chain, quic_client_config, server_name};
+    let o = Overlay::start("renew", ZONES, app(19), POLICIES).await;
+    let a1 = &o.configs[&("zone-a".to_string(), "a1".to_string())];
+    let admin = o.gw("zone-a", "a1").admin_addr;
+    let presented = || async {
+        let b1 = &o.configs[&("zone-b".to_string(), "b1".to_string())];
+        let tls = TlsMaterial::load(&b1.tls.ca, &b1.tls.cert, &b1.tls.key).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quic_client_config(&tls).unwrap());
+        let id = GatewayIdentity { trust_domain: TD.into(), zone: "zone-a".into(), name: "a1".into() };
+        let conn = endpoint.connect(o.gw("zone-a", "a1").overlay_addr, &server_name(&id)).unwrap().await.unwrap();
+        peer_chain(&conn).first().unwrap().as_ref().to_vec()
+    };
+    let before = presented().await;
+    let ca = keyway_gateway::ca::Ca::load(&o.files.ca).unwrap();
+    let renewed = ca.issue("zone-a", "a1", 1, std::time::SystemTime::now()).unwrap();
+    std::fs::write(&a1.tls.key, renewed.key_pem()).unwrap();
+    std::fs::write(&a1.tls.cert, &renewed.cert_pem).unwrap();
+    let reloaded =
+        || async { metric(admin, "keyway_gateway_reloads_total", "what=\"overlay-tls\",outcome=\"ok\"").await };
+    wait_until_async(Duration::from_secs(10), "the renewed certificate", || async { reloaded().await >= 1.0 })
+        .await
+        .unwrap();
+    let after = presented().await;
+    assert_ne!(before, after, "new handshakes get the renewed certificate");
+    assert!(peers_up(admin, "zone-b").await == 2, "peers still up");
+    // Another gateway's certificate in its place: rejected, the renewed one stays.
+    let other = ca.issue("zone-a", "a2", 1, std::time::SystemTime::now()).unwrap();
+    std::fs::write(&a1.tls.key, other.key_pem()).unwrap();
+    std::fs::write(&a1.tls.cert, &other.cert_pem).unwrap();
+    let rejected =
+        || async { metric(admin, "keyway_gateway_reloads_total", "what=\"overlay-tls\",outcome=\"rejected\"").await };
+    wait_until_async(Duration::from_secs(10), "the rejection", || async { rejected().await >= 1.0 }).await.unwrap();
+    assert_eq!(presented().await, after, "the running certificate stays");
+}

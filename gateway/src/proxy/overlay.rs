@@ -114,7 +114,7 @@ pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
                 }
             };
             let peer = match peer_identity(&conn) {
-                Ok(id) if is_overlay_gateway(&p, &id) => id,
+                Ok(id) if p.routing.accepts(&p.config, &id, &crate::tls::peer_chain(&conn)) => id,
                 Ok(id) => {
                     tracing::error!(presented = %id.spiffe_id(), remote = %conn.remote_address(),
                         "overlay connection from a certificate that is not a configured gateway; closed");
@@ -132,11 +132,6 @@ pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
             }
         });
     }
-}
-
-fn is_overlay_gateway(proxy: &Proxy, id: &GatewayIdentity) -> bool {
-    id.trust_domain == proxy.config.trust_domain
-        && proxy.config.zone(&id.zone).is_some_and(|z| z.gateways.iter().any(|g| g.name == id.name))
 }
 
 async fn answer(send: &mut quinn::SendStream, code: FlowStatus, reason: &str) {
