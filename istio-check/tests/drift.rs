@@ -14,9 +14,10 @@
 //! port, which its capture does take); Istio's keyway inbound listener sets `stream_idle_timeout:
 //! 0s` (long-lived quiet tunnels; the e2e's flows are short); Istio's outbound chains other than
 //! the overlay one reach the same tunnel by replacing Istio's terminal filters, where the e2e has
-//! one chain for everything. The sidecar legs' mutual TLS (issue 11: Istio's SDS secrets `default`
-//! and `ROOTCA`, the gateway's mesh identity) and the key service on the tunnel port are checked
-//! on the Istio side only, against the design, not field for field against the e2e's certificates.
+//! one chain for everything. The sidecar legs' mutual TLS (issue 11) is the e2e's in socket,
+//! context type, client certificate requirement, ALPN and accepted peer; the certificates come
+//! from istio-agent's SDS (`default`, `ROOTCA`) where the e2e reads files, and Istio's contexts
+//! name TLS 1.2 to 1.3 explicitly. The key service on the tunnel port is checked against the design.
 
 use std::path::{Path, PathBuf};
 
@@ -231,6 +232,16 @@ fn gateway_clusters_match_the_e2e_sidecar() {
         assert_eq!(ours["dns_refresh_rate"], "5s", "cluster {name}: new replicas found within seconds");
         assert_eq!(ep["port_value"], u64::from(keyway_gateway::config::DEFAULT_TUNNEL_PORT), "cluster {name}");
     }
+    // The same TLS as the e2e sidecar's apart from where certificates come from (istio-agent's
+    // SDS here, files there) and Istio's explicit TLS 1.2 to 1.3: the socket, ALPN, the peer.
+    for name in ["keyway_gateway", "keyway_keyservice"] {
+        let ours = istio.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no cluster {name}"));
+        same_tls_as_the_e2e(
+            &format!("cluster {name}"),
+            &ours["transport_socket"],
+            &named(clusters, name)["transport_socket"],
+        );
+    }
     let e2e_tunnel = named(clusters, "keyway_gateway");
     assert_eq!(tunnel["typed_extension_protocol_options"], e2e_tunnel["typed_extension_protocol_options"]);
     let e2e_port = &e2e_tunnel["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
@@ -247,6 +258,28 @@ fn gateway_clusters_match_the_e2e_sidecar() {
         .find(|o| o.kind() == "Service" && o.name() == "keyway-gateway")
         .unwrap_or_else(|| panic!("no Service keyway-gateway"));
     assert_eq!(svc.value["spec"]["clusterIP"], "None", "headless: STRICT_DNS sees every replica");
+}
+
+/// Two TLS transport sockets agree on everything but the certificate source (Istio: SDS `default`
+/// and `ROOTCA`; e2e: files) and Istio's explicit protocol versions: the socket and context type,
+/// `require_client_certificate`, ALPN, and the peer's SAN matchers.
+fn same_tls_as_the_e2e(what: &str, ours: &Value, e2e: &Value) {
+    assert_eq!(ours["name"], e2e["name"], "{what}: transport socket");
+    let (o, e) = (&ours["typed_config"], &e2e["typed_config"]);
+    assert_eq!(o["@type"], e["@type"], "{what}: TLS context type");
+    assert_eq!(o["require_client_certificate"], e["require_client_certificate"], "{what}: client certificate");
+    let (oc, ec) = (&o["common_tls_context"], &e["common_tls_context"]);
+    assert_eq!(oc["alpn_protocols"], ec["alpn_protocols"], "{what}: ALPN");
+    assert_eq!(ec["alpn_protocols"], json!(["h2"]), "{what}: the e2e's ALPN");
+    assert!(
+        ec["validation_context"]["match_typed_subject_alt_names"].as_array().is_some_and(|a| a.len() == 1),
+        "{what}: the e2e checks its peer: {e}"
+    );
+    assert_eq!(
+        oc["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"],
+        ec["validation_context"]["match_typed_subject_alt_names"],
+        "{what}: the peer accepted"
+    );
 }
 
 #[test]
@@ -267,6 +300,11 @@ fn keyway_inbound_listener_matches_the_e2e_sidecar() {
     let cluster_tls = &patches(&objects, "keyway-outbound", "CLUSTER")[0]["patch"]["value"]["transport_socket"]["typed_config"]
         ["common_tls_context"];
     assert_eq!(tls["common_tls_context"], *cluster_tls, "the same certificates and peer check as the clusters");
+    same_tls_as_the_e2e(
+        "listener keyway_inbound",
+        &ours["filter_chains"][0]["transport_socket"],
+        &e2e["filter_chains"][0]["transport_socket"],
+    );
     let hcm_ours = &ours["filter_chains"][0]["filters"][0];
     let hcm_e2e = &e2e["filter_chains"][0]["filters"][0];
     assert_eq!(hcm_ours["name"], hcm_e2e["name"]);
