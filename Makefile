@@ -10,7 +10,7 @@ export CARGO_TERM_COLOR ?= never
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 export KEYWAY_WASM ?= $(abspath $(TARGET_DIR))/wasm32-wasip1/wasm-release/keyway_filter.wasm
 
-.PHONY: help setup check test manifests istio-xds conformance wasm e2e bench fuzz demo clean
+.PHONY: help setup check test manifests istio-xds conformance wasm e2e e2e-istio bench fuzz demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,19 @@ e2e: setup wasm ## end-to-end tests only: zones as network namespaces, real gate
 	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test -p keyway-e2e --locked -- --nocapture
+
+# The pin whose generated configuration the e2e sidecars run on (make e2e-istio): the newest.
+XDS_PIN_MOD ?= releases/istio-1.31-branch-20260827.mod
+XDS_PIN ?= release-1.31-20260827
+XDS_DUMP ?= $(TARGET_DIR)/xds-dump
+
+e2e-istio: setup wasm ## the end-to-end suite with every sidecar on what Istio's own pilot generates (newest pin, istio-check/xds dump converted by e2e/src/envoy/istio.rs; root, Go)
+	@go=$$(command -v go || echo /usr/local/go/bin/go); [ -x "$$go" ] || { echo "make e2e-istio: needs Go (istio-check/xds/go.mod names the version)" >&2; exit 2; }; \
+	cd istio-check/xds && export KEYWAY_KUBECTL="$$(../../scripts/install-kubectl.sh)" PATH="$$(dirname "$$go"):$$PATH" && \
+	KEYWAY_XDS_DUMP="$(abspath $(XDS_DUMP))" GOFLAGS="$${GOFLAGS:-} -modfile=$(XDS_PIN_MOD)" go test -count=1 -run TestEveryReferencedExtensionIsServedWithAnAcceptedType ./...
+	./scripts/install-deps.sh
+	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
+	KEYWAY_SIDECAR=istio KEYWAY_XDS_DUMP="$(abspath $(XDS_DUMP))/$(XDS_PIN)" KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test -p keyway-e2e --locked -- --nocapture
 
 demo: setup wasm ## the demo: a three-zone overlay from samples/shop, the traffic matrix, metrics, access logs (root)
 	@if [ "$$(id -u)" != 0 ]; then echo "make demo: builds network namespaces and iptables rules, so it must run as root (sudo make demo)" >&2; exit 2; fi

@@ -58,7 +58,43 @@ pub struct Options {
     /// The cluster resolver: the one destination enforced pods may send UDP to (its port
     /// [`DNS_PORT`]). None (the default): every UDP datagram of an enforced pod is refused.
     pub resolver: Option<IpAddr>,
+    /// What the sidecars run on.
+    pub sidecars: SidecarConfig,
 }
+
+/// What the bed's sidecars run on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SidecarConfig {
+    /// The hand-written bootstrap ([`Sidecar::bootstrap`]).
+    #[default]
+    HandWritten,
+    /// What Istio's own pilot generates from `istio/` for each pod: the harness's dump of one pin
+    /// (`KEYWAY_XDS_DUMP=<dir> make istio-xds` writes `<dir>/<pin>/`), converted by
+    /// [`crate::envoy::istio`]; the capture leaves Istio's own ports alone as istio-iptables does
+    /// ([`ISTIO_UNCAPTURED_PORTS`]).
+    Istio(PathBuf),
+}
+
+impl SidecarConfig {
+    /// From `KEYWAY_SIDECAR` (`e2e`, the default, or `istio`) and, for `istio`, `KEYWAY_XDS_DUMP`
+    /// (a pin's dump directory, `<dir>/<pin>`).
+    pub fn from_env() -> anyhow::Result<SidecarConfig> {
+        match std::env::var("KEYWAY_SIDECAR").as_deref() {
+            Err(_) | Ok("" | "e2e") => Ok(SidecarConfig::HandWritten),
+            Ok("istio") => {
+                let dump = std::env::var_os("KEYWAY_XDS_DUMP").context(
+                    "KEYWAY_SIDECAR=istio needs KEYWAY_XDS_DUMP=<dir>/<pin> (`KEYWAY_XDS_DUMP=<dir> make istio-xds` writes it)",
+                )?;
+                Ok(SidecarConfig::Istio(PathBuf::from(dump)))
+            }
+            Ok(other) => bail!("KEYWAY_SIDECAR={other}: `e2e` (the hand-written sidecar) or `istio`"),
+        }
+    }
+}
+
+/// Inbound ports istio-iptables never captures (pilot-agent 15020, health 15021, Envoy's
+/// Prometheus port 15090): with Istio's configuration, the bed's capture leaves them alone too.
+pub const ISTIO_UNCAPTURED_PORTS: [u16; 3] = [15020, 15021, 15090];
 
 impl Options {
     /// Finds everything from the environment and the build tree: `KEYWAY_BIN`, `KEYWAY_E2E_BIN`,
@@ -106,6 +142,7 @@ impl Options {
             wasm,
             prefix: prefix.to_owned(),
             resolver: None,
+            sidecars: SidecarConfig::from_env()?,
         })
     }
 }
@@ -400,9 +437,29 @@ impl Cluster {
         }
         cluster.wait_gateways_ready(Duration::from_secs(30))?;
 
+        // With Istio's configuration: the dump, and the harness's pod addresses mapped to the bed's.
+        let istio = match &opts.sidecars {
+            SidecarConfig::HandWritten => None,
+            SidecarConfig::Istio(dir) => {
+                let dump = crate::envoy::istio::Dump::load(dir)?;
+                let mut bed = BTreeMap::new();
+                for w in &workload_pods {
+                    bed.insert(w.name.clone(), w.pod.ip.parse::<IpAddr>()?);
+                }
+                let addresses = crate::envoy::istio::Addresses::new(&dump.pod_ips, &bed)?;
+                Some((dump, addresses))
+            }
+        };
+        let uncaptured: Vec<String> = ISTIO_UNCAPTURED_PORTS
+            .iter()
+            .map(|p| format!("iptables -t nat -I KEYWAY_INBOUND 1 -p tcp --dport {p} -j RETURN"))
+            .collect();
+        let uncaptured: Vec<&str> =
+            if istio.is_some() { uncaptured.iter().map(String::as_str).collect() } else { Vec::new() };
+
         // Workloads: iptables capture, the app, the sidecar.
         for mut w in workload_pods {
-            Sidecar::capture(&w.pod.ns, &[])?;
+            Sidecar::capture(&w.pod.ns, &uncaptured)?;
             Sidecar::refuse_non_tcp(&w.pod.ns, cluster.opts.resolver)?;
             let mut app_ports: Vec<String> = w.ports.iter().map(u16::to_string).collect();
             app_ports.push(HEALTH_PORT.to_string());
@@ -436,7 +493,24 @@ impl Cluster {
                 wasm: wasm.display().to_string(),
             };
             let cfg = dir.join(format!("envoy-{slug}.yaml"));
-            std::fs::write(&cfg, sidecar.bootstrap())?;
+            let bootstrap = match &istio {
+                None => sidecar.bootstrap(),
+                Some((dump, addresses)) => {
+                    let gateways: Vec<IpAddr> = (0..REPLICAS.len()).map(|i| gateway_ip(z, i)).collect();
+                    let bed = crate::envoy::istio::BedSidecar {
+                        mesh: &sidecar.mesh,
+                        wasm: &wasm,
+                        gateways: &gateways,
+                        tunnel_port: sidecar.tunnel_port,
+                        addresses,
+                    };
+                    let (b, report) = crate::envoy::istio::convert(dump.pod(&w.name)?, &bed)
+                        .with_context(|| format!("Istio's configuration of {}", w.name))?;
+                    std::fs::write(dir.join(format!("envoy-{slug}.istio-report.txt")), format!("{report:#?}\n"))?;
+                    serde_json::to_string_pretty(&b)?
+                }
+            };
+            std::fs::write(&cfg, bootstrap)?;
             w.envoy = Some(Proc::start(
                 &format!("{} envoy", w.name),
                 &w.pod.ns,

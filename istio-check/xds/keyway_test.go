@@ -40,6 +40,8 @@ const (
 	// unknownIP: an address outside the mesh and the overlay (TEST-NET-3); nothing is sent to it,
 	// the simulation only walks the generated configuration.
 	unknownIP = "203.0.113.7"
+	// httpInspector: Istio's HTTP detection on outbound listeners, which keyway removes.
+	httpInspector = "envoy.filters.listener.http_inspector"
 	// unknownPort: a port no Service of the mesh uses.
 	unknownPort = 12345
 )
@@ -309,7 +311,8 @@ func contains(l []string, s string) bool {
 // tcp_proxy to a Service, PassthroughCluster or BlackHoleCluster). And the simulation of Istio's
 // capture (iptables to 15001, then the listener of the original destination) takes every kind of
 // outbound connection through the filter into the keyway tunnel: overlay addresses, mesh Service
-// VIPs on HTTP and TCP ports, unknown addresses (passthrough), over TCP and HTTP.
+// VIPs on HTTP and TCP ports, unknown addresses (passthrough), over TCP and HTTP. No outbound
+// listener keeps Istio's HTTP detection, which waits for the client without a timeout.
 func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 	chainCount, calls := 0, 0
 	kinds := map[string]int{}
@@ -317,6 +320,13 @@ func TestEveryOutboundConnectionOfAnEnforcedPodReachesKeyway(t *testing.T) {
 		for _, l := range sc.listeners {
 			if l.GetTrafficDirection() != core.TrafficDirection_OUTBOUND {
 				continue
+			}
+			// No listener filter waits for the client's first bytes (Istio's HTTP detection has
+			// no timeout): a server-first protocol would never get its first byte through.
+			for _, lf := range l.GetListenerFilters() {
+				if lf.GetName() == httpInspector {
+					t.Errorf("outbound listener %s keeps %s: server-first connections wait for the client forever", l.GetName(), httpInspector)
+				}
 			}
 			for _, fc := range chains(l) {
 				chainCount++
