@@ -17,6 +17,9 @@ use crate::source::{FileSource, InventorySource, Sink};
 use crate::state::State;
 use crate::tls::{GatewayIdentity, TlsMaterial};
 
+/// Each zone's own CA, for the zones that have one.
+type ZoneRoots = std::collections::BTreeMap<String, Arc<rustls::RootCertStore>>;
+
 /// How long `kill` and the end of `shutdown` wait for the tasks to end once told to.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -114,8 +117,45 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
     let _state = State::load(Arc::new(config.clone()), metrics, engine)?;
     let tls = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     check_identity(config, &tls)?;
-    crate::tls::zone_roots(config)?;
+    check_own_zone_ca(config, &tls, &crate::tls::zone_roots(config)?)?;
     Ok(())
+}
+
+/// When this gateway's zone has its own CA (`zones[].ca`), its certificate must chain to it, or
+/// every peer would refuse it.
+fn check_own_zone_ca(config: &Config, tls: &TlsMaterial, roots: &ZoneRoots) -> anyhow::Result<()> {
+    if let Some(zone_roots) = roots.get(&config.zone)
+        && !crate::tls::chains_to(tls.chain(), zone_roots)
+    {
+        anyhow::bail!(
+            "{}: the certificate does not chain to this zone's own CA ({}), so no peer would take it",
+            config.tls.cert.display(),
+            config.my_zone().and_then(|z| z.ca.as_ref()).map_or_else(String::new, |p| p.display().to_string())
+        );
+    }
+    Ok(())
+}
+
+/// How long a starting gateway waits for its mesh certificate files to appear: istio-agent writes
+/// them once istiod has signed its certificate, which may be after the gateway container starts.
+const MESH_FILES_WAIT: Duration = Duration::from_secs(120);
+
+/// Waits until the files of the `mesh` section exist, at most [`MESH_FILES_WAIT`]; loading them
+/// afterwards says which one is missing if they never came.
+async fn wait_for_mesh_files(config: &Config) {
+    let files = [&config.mesh.ca, &config.mesh.cert, &config.mesh.key];
+    let deadline = tokio::time::Instant::now() + MESH_FILES_WAIT;
+    let mut told = false;
+    while let Some(missing) = files.iter().find(|f| !f.exists()) {
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        if !told {
+            tracing::warn!(file = %missing.display(), wait_s = MESH_FILES_WAIT.as_secs(), "waiting for the mesh certificate files");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// This gateway's identity from its certificate, which must be of the configured trust domain
@@ -166,10 +206,13 @@ pub async fn build_from<S: InventorySource>(
     config.name.clone_from(&identity.name);
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new()?);
+    let zone_roots = crate::tls::zone_roots(&config)?;
+    check_own_zone_ca(&config, &tls, &zone_roots)?;
     let engine = source.first().await?;
+    wait_for_mesh_files(&config).await;
     let state = Arc::new(State::load(config.clone(), metrics.clone(), engine)?);
     let (server, client) = quic_configs(&config, &tls)?;
-    let routing = Routing::new(&config, crate::tls::zone_roots(&config)?, client.clone());
+    let routing = Routing::new(&config, zone_roots, client.clone());
     let mut endpoint = quinn::Endpoint::server(server, config.listen.overlay)
         .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
     endpoint.set_default_client_config(client);

@@ -41,6 +41,11 @@ pub const DEFAULT_FLOW_IDLE_TIMEOUT_MS: u64 = 3_600_000;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 /// Default limit of open connections to the admin listener (health, key service, metrics).
 pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 256;
+/// Default `limits.max_tunnel_connections`.
+pub const DEFAULT_MAX_TUNNEL_CONNECTIONS: usize = 16_384;
+/// Default `limits.max_tunnel_connections_per_source`: a sidecar holds a few HTTP/2 connections
+/// per Envoy worker (tunnel and key service clusters).
+pub const DEFAULT_MAX_TUNNEL_CONNECTIONS_PER_SOURCE: usize = 64;
 /// Default time a new connection (tunnel, admin) may take to send its first request (ms).
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 
@@ -170,6 +175,12 @@ pub struct Limits {
     /// Open connections to the admin listener; more are closed at once.
     #[serde(default = "default_max_admin")]
     pub max_admin_connections: usize,
+    /// Open connections to the tunnel listener (tunnel and key service); more are closed at once.
+    #[serde(default = "default_max_tunnel")]
+    pub max_tunnel_connections: usize,
+    /// Open tunnel connections from one source address; more from it are closed at once.
+    #[serde(default = "default_max_tunnel_per_source")]
+    pub max_tunnel_connections_per_source: usize,
     /// Time a new tunnel or admin connection may take to send its first request, ms; the admin
     /// listener's HTTP/1 header read timeout.
     #[serde(default = "default_header_timeout")]
@@ -184,6 +195,12 @@ fn default_max_handshakes() -> usize {
 }
 fn default_max_admin() -> usize {
     DEFAULT_MAX_ADMIN_CONNECTIONS
+}
+fn default_max_tunnel() -> usize {
+    DEFAULT_MAX_TUNNEL_CONNECTIONS
+}
+fn default_max_tunnel_per_source() -> usize {
+    DEFAULT_MAX_TUNNEL_CONNECTIONS_PER_SOURCE
 }
 fn default_header_timeout() -> u64 {
     DEFAULT_HEADER_TIMEOUT_MS
@@ -225,6 +242,8 @@ impl Default for Limits {
             flow_idle_timeout_ms: DEFAULT_FLOW_IDLE_TIMEOUT_MS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_admin_connections: DEFAULT_MAX_ADMIN_CONNECTIONS,
+            max_tunnel_connections: DEFAULT_MAX_TUNNEL_CONNECTIONS,
+            max_tunnel_connections_per_source: DEFAULT_MAX_TUNNEL_CONNECTIONS_PER_SOURCE,
             header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
         }
     }
@@ -539,6 +558,18 @@ impl Config {
                 "limits",
                 "flow_idle_timeout_ms, header_timeout_ms, max_handshakes and max_admin_connections must be positive"
                     .to_owned(),
+            ));
+        }
+        if l.max_tunnel_connections == 0
+            || l.max_tunnel_connections_per_source == 0
+            || l.max_tunnel_connections_per_source > l.max_tunnel_connections
+        {
+            return Err(bad(
+                "limits.max_tunnel_connections_per_source",
+                format!(
+                    "max_tunnel_connections and max_tunnel_connections_per_source must be positive, the second at most the first ({})",
+                    l.max_tunnel_connections
+                ),
             ));
         }
         if l.replay_per_source.is_some_and(|n| n == 0 || n > l.replay_cache) {

@@ -68,14 +68,19 @@ struct Shares {
 }
 
 impl Shares {
-    fn take(this: &Arc<Shares>, source: IpAddr) -> Result<Share, Refusal> {
+    fn new(per_source: usize) -> Arc<Shares> {
+        Arc::new(Shares { per_source, held: Mutex::default() })
+    }
+
+    /// A place in `source`'s share, or `None` when it holds all of it.
+    fn take(this: &Arc<Shares>, source: IpAddr) -> Option<Share> {
         let mut held = this.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = held.entry(source).or_default();
         if *n >= this.per_source {
-            return Err(Refusal::Limit(Limit::MaxFlowsPerSource));
+            return None;
         }
         *n += 1;
-        Ok(Share { shares: this.clone(), source })
+        Some(Share { shares: this.clone(), source })
     }
 }
 
@@ -96,6 +101,13 @@ impl Drop for Share {
             }
         }
     }
+}
+
+/// A tunnel connection's place under the connection limits; given back when dropped.
+#[derive(Debug)]
+pub struct ConnPermit {
+    _conn: tokio::sync::OwnedSemaphorePermit,
+    _share: Share,
 }
 
 /// What every flow shares.
@@ -119,6 +131,8 @@ pub struct Proxy {
     pub sidecars: pool::SidecarPool,
     flows: Arc<Semaphore>,
     shares: Arc<Shares>,
+    tunnel_conns: Arc<Semaphore>,
+    tunnel_shares: Arc<Shares>,
     next_flow: AtomicU64,
     draining: CancellationToken,
 }
@@ -136,7 +150,9 @@ impl Proxy {
         Proxy {
             routing: Arc::new(routing),
             flows: Arc::new(Semaphore::new(config.limits.max_flows)),
-            shares: Arc::new(Shares { per_source: config.limits.flows_per_source(), held: Mutex::default() }),
+            shares: Shares::new(config.limits.flows_per_source()),
+            tunnel_conns: Arc::new(Semaphore::new(config.limits.max_tunnel_connections)),
+            tunnel_shares: Shares::new(config.limits.max_tunnel_connections_per_source),
             config,
             state,
             metrics,
@@ -185,9 +201,19 @@ impl Proxy {
         if self.is_draining() {
             return Err(Refusal::Draining);
         }
-        let share = Shares::take(&self.shares, source.to_canonical())?;
+        let share =
+            Shares::take(&self.shares, source.to_canonical()).ok_or(Refusal::Limit(Limit::MaxFlowsPerSource))?;
         let flow = self.flows.clone().try_acquire_owned().map_err(|_| Refusal::Limit(Limit::MaxFlows))?;
         Ok(FlowPermit { _flow: flow, _share: share })
+    }
+
+    /// Admits a new tunnel connection from `source` under `limits.max_tunnel_connections` and
+    /// its per-source share; `None`: close it at once (the limit's name for the metric).
+    pub fn admit_tunnel_connection(&self, source: IpAddr) -> Result<ConnPermit, &'static str> {
+        let share =
+            Shares::take(&self.tunnel_shares, source.to_canonical()).ok_or("max_tunnel_connections_per_source")?;
+        let conn = self.tunnel_conns.clone().try_acquire_owned().map_err(|_| "max_tunnel_connections")?;
+        Ok(ConnPermit { _conn: conn, _share: share })
     }
 
     /// Waits until every admitted flow has ended.

@@ -305,3 +305,39 @@ async fn a_zones_own_issuer_cannot_speak_for_another_zone() {
     let io = o.connect(c1, &api_c, SocketAddr::new(cache.overlay, 8080), Some(&t)).await.open();
     assert_eq!(echo(io, b"pinned").await, b"pinned");
 }
+
+/// Attacker: one pod opening as many connections to the gateway's tunnel port (where the key
+/// service is too) as it can, sending nothing. Expected: beyond its share
+/// (`limits.max_tunnel_connections_per_source`, here 4) its connections are closed at once, and
+/// another workload still gets its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_cannot_take_every_tunnel_connection() {
+    use tokio::io::AsyncReadExt;
+    let o =
+        Overlay::start_with("att-conns", ZONES, app(49), "", |c| c.limits.max_tunnel_connections_per_source = 4).await;
+    let (web, cache) = (o.workload("web").clone(), o.workload("cache").clone());
+    let tunnel = o.gw("zone-a", "a1").tunnel_addr;
+    let open_from = |ip: IpAddr| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(ip, 0)).unwrap();
+        sock.connect(tunnel).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(open_from(web.sidecar).await);
+    }
+    let mut fifth = open_from(web.sidecar).await;
+    let mut buf = [0u8; 8];
+    let closed = tokio::time::timeout(Duration::from_secs(2), fifth.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the fifth connection of one source stayed open: {closed:?}");
+    let (status, body) = o.keys(tunnel, &cache, cache.overlay).await;
+    assert_eq!(status, 200, "another workload still gets its keys: {body}");
+    let refused = metric(
+        o.gw("zone-a", "a1").admin_addr,
+        "keyway_gateway_limit_refusals_total",
+        "limit=\"max_tunnel_connections_per_source\"",
+    )
+    .await;
+    assert!(refused >= 1.0, "counted: {refused}");
+    drop(held);
+}

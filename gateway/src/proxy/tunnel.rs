@@ -63,9 +63,17 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
                 continue;
             }
         };
+        let permit = match proxy.admit_tunnel_connection(peer.ip()) {
+            Ok(permit) => permit,
+            Err(limit) => {
+                proxy.metrics.limit_refusals.with_label_values(&[limit]).inc();
+                continue; // dropped: closed at once
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let p = proxy.clone();
         proxy.tasks.spawn(async move {
+            let _permit = permit;
             let tasks = p.tasks.clone();
             let acceptor = tokio_rustls::TlsAcceptor::from(p.state.mesh().server_config());
             let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
