@@ -26,18 +26,18 @@ check: setup ## fmt, clippy (host, the gateway with kubernetes, wasm32-wasip1; w
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
 	$(CARGO) clippy -p keyway-filter --target $(WASM_TARGET) --locked -- -D warnings
 
-test: setup wasm manifests istio-xds ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end (root)
+test: setup wasm manifests istio-xds ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end on Istio's generated sidecar configuration (root)
 	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked
-	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
+	KEYWAY_SIDECAR=istio KEYWAY_XDS_DUMP="$(abspath $(XDS_DUMP))/$(XDS_PIN)" KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
 	$(CARGO) test -p keyway-gateway --features kubernetes --locked --lib kube_source
 
 manifests: setup ## istio/ rendered with kustomize and validated with samples/ against testdata/schemas; the EnvoyFilters held to the e2e sidecar
 	KEYWAY_KUBECTL="$$(./scripts/install-kubectl.sh)" $(CARGO) test -p keyway-istio-check --locked
 
-istio-xds: ## Istio's own pilot, at each pinned release, generates the sample sidecars' LDS/CDS/ECDS from istio/ and the harness judges them (Go; fresh machine ~25 min, then ~30 s)
+istio-xds: ## Istio's own pilot, at each pinned release, generates the sample sidecars' LDS/CDS/ECDS from istio/ and the harness judges them, dumping them for the e2e bed into XDS_DUMP (Go; fresh machine ~25 min, then ~30 s)
 	@go=$$(command -v go || echo /usr/local/go/bin/go); [ -x "$$go" ] || { echo "make istio-xds: needs Go (istio-check/xds/go.mod names the version)" >&2; exit 2; }; \
-	cd istio-check/xds && export KEYWAY_KUBECTL="$$(../../scripts/install-kubectl.sh)" PATH="$$(dirname "$$go"):$$PATH" && \
+	cd istio-check/xds && export KEYWAY_KUBECTL="$$(../../scripts/install-kubectl.sh)" PATH="$$(dirname "$$go"):$$PATH" KEYWAY_XDS_DUMP="$(abspath $(XDS_DUMP))" && \
 	for mod in go.mod $$(ls releases/*.mod 2>/dev/null); do \
 		echo "istio-xds: $$mod"; GOFLAGS="$${GOFLAGS:-} -modfile=$$mod" go test -count=1 ./...; \
 	done
@@ -54,10 +54,11 @@ e2e: setup wasm ## end-to-end tests only: zones as network namespaces, real gate
 	$(CARGO) build -p keyway-gateway -p keyway-e2e --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test -p keyway-e2e --locked -- --nocapture
 
-# The pin whose generated configuration the e2e sidecars run on (make e2e-istio): the newest.
+# The pin whose generated configuration the e2e sidecars run on (make test, make e2e-istio): the
+# newest; make istio-xds dumps every pin's into XDS_DUMP.
 XDS_PIN_MOD ?= releases/istio-1.31-branch-20260827.mod
 XDS_PIN ?= release-1.31-20260827
-XDS_DUMP ?= $(TARGET_DIR)/xds-dump
+XDS_DUMP ?= $(or $(KEYWAY_XDS_DUMP),$(TARGET_DIR)/xds-dump)
 
 e2e-istio: setup wasm ## the end-to-end suite with every sidecar on what Istio's own pilot generates (newest pin, istio-check/xds dump converted by e2e/src/envoy/istio.rs; root, Go)
 	@go=$$(command -v go || echo /usr/local/go/bin/go); [ -x "$$go" ] || { echo "make e2e-istio: needs Go (istio-check/xds/go.mod names the version)" >&2; exit 2; }; \

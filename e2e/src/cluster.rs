@@ -457,7 +457,10 @@ impl Cluster {
         let uncaptured: Vec<&str> =
             if istio.is_some() { uncaptured.iter().map(String::as_str).collect() } else { Vec::new() };
 
-        // Workloads: iptables capture, the app, the sidecar.
+        // Workloads: iptables capture, the app, the sidecar. One mesh certificate per service
+        // account, issued once: issuing it again for a second workload of the account (catalog-c)
+        // would replace the files while the first one's Envoy may still be reading them.
+        let mut issued: BTreeMap<(String, String), MeshFiles> = BTreeMap::new();
         for mut w in workload_pods {
             Sidecar::capture(&w.pod.ns, &uncaptured)?;
             Sidecar::refuse_non_tcp(&w.pod.ns, cluster.opts.resolver)?;
@@ -488,7 +491,19 @@ impl Cluster {
                 app_ports: w.ports.clone(),
                 gateways: (0..REPLICAS.len()).map(|i| gateway_ip(z, i).to_string()).collect(),
                 tunnel_port: DEFAULT_TUNNEL_PORT,
-                mesh: crate::mesh::issue_sidecar_cli(&keyway, &cluster.files, &wl.namespace, &wl.service_account)?,
+                mesh: match issued.get(&(wl.namespace.clone(), wl.service_account.clone())) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let m = crate::mesh::issue_sidecar_cli(
+                            &keyway,
+                            &cluster.files,
+                            &wl.namespace,
+                            &wl.service_account,
+                        )?;
+                        issued.insert((wl.namespace.clone(), wl.service_account.clone()), m.clone());
+                        m
+                    }
+                },
                 gateway_identity: crate::mesh::gateway_identity(keyway_gateway::config::DEFAULT_TRUST_DOMAIN),
                 wasm: wasm.display().to_string(),
             };
