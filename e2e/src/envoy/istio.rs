@@ -15,7 +15,8 @@
 //! * pod addresses: the harness's pod IPs become the bed's pod addresses of the same workloads
 //!   (the node's `INSTANCE_IPS` and id, endpoints), [`Addresses`];
 //! * extensions that exist only in Istio's proxy build are removed, each listed in [`ISTIO_ONLY`]
-//!   with the reason (docs/testing.md has the same table).
+//!   with the reason (istio/README.md, "The e2e data path through Istio's output", has the same
+//!   table).
 //!
 //! Nothing keyway's enforcement depends on is touched, and [`convert`] checks it: every keyway
 //! filter of the dump is in the result with the configuration served for it, the keyway inbound
@@ -51,7 +52,7 @@ pub struct IstioOnly {
     pub reason: &'static str,
 }
 
-/// Every extension of Istio's proxy build the conversion removes, and why: the one list (docs/testing.md
+/// Every extension of Istio's proxy build the conversion removes, and why: the one list (istio/README.md
 /// repeats it). A type of Istio's own packages (`istio.`, `io.istio.`, `envoy.tcp.metadataexchange.`,
 /// `stats.`) not listed here fails the conversion, so a new one is noticed, never dropped silently.
 pub const ISTIO_ONLY: &[IstioOnly] = &[
