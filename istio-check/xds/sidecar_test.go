@@ -23,8 +23,6 @@ import (
 // serves no tagged release of istio.io/istio (its tags lack the `v`), only a few commits
 // (istio/README.md, "Pinned versions").
 var pins = map[string]struct{ name, proxy string }{
-	// main on 2026-04-23: after the 1.30 branch cut, in 1.31.0-alpha.0 (VERSION 1.31).
-	"v0.0.0-20260423205519-b01690e6db7d": {"main-20260423", "1.31.0"},
 	// release-1.30 on 2026-08-26: after 1.30.3 (VERSION 1.30). Four dependency versions it requires
 	// are not served; its module file says which stand in for them.
 	"v0.0.0-20260826214018-9739e10eb9d7": {"release-1.30-20260826", "1.30.3"},
