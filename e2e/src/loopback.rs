@@ -279,8 +279,7 @@ impl Overlay {
             let config = self.configs.get(key).context("configuration")?;
             wait_until_async(MESH_DEADLINE, "the overlay mesh", || async {
                 for z in zones.iter().filter(|z| **z != zone) {
-                    let expected =
-                        config.zone(z).map_or(0, |c| c.gateways.len() + usize::from(c.entry.is_some()));
+                    let expected = config.zone(z).map_or(0, |c| c.gateways.len() + usize::from(c.entry.is_some()));
                     if peers_up(h.admin_addr, z).await != expected {
                         return false;
                     }
