@@ -69,11 +69,19 @@ fn scratch(prefix: &str) -> Scratch {
         .unwrap()
         .save(&dir.join("epochs.json"))
         .unwrap();
+    // The gateway's mesh certificate (the state loads it), from a mesh CA of the test's own.
+    let mesh_ca = crate::ca::Ca::generate("cluster.local", 2, std::time::SystemTime::now()).unwrap();
+    let (cert, key) =
+        mesh_ca.issue_workload("keyway-system", "keyway-gateway", 1, std::time::SystemTime::now()).unwrap();
+    std::fs::write(dir.join("mesh-ca.pem"), mesh_ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("mesh.pem"), cert).unwrap();
+    std::fs::write(dir.join("mesh-key.pem"), key).unwrap();
     let text = format!(
         r#"
 zone: zone-a
 name: gw-1
 tls: {{ca: ca.pem, cert: gw.pem, key: gw-key.pem}}
+mesh: {{ca: {mesh_ca}, cert: {mesh_cert}, key: {mesh_key}}}
 secrets: {secrets}
 inventory: {inventory}
 zones:
@@ -86,6 +94,9 @@ kubernetes: {{prefix: {prefix}, debounce_ms: 20, sync_timeout_ms: 10000}}
 "#,
         secrets = dir.join("epochs.json").display(),
         inventory = dir.join("inventory").display(),
+        mesh_ca = dir.join("mesh-ca.pem").display(),
+        mesh_cert = dir.join("mesh.pem").display(),
+        mesh_key = dir.join("mesh-key.pem").display(),
     );
     let config = Config::parse(&text, "test.yaml").unwrap();
     Scratch { dir, config }
