@@ -243,19 +243,20 @@ pub async fn build_from<S: InventorySource>(
     Ok(Handle { tunnel_addr, overlay_addr, admin_addr, proxy, endpoint, admin: Some(admin), reload })
 }
 
+/// Waits for the next look at changed files: `Some(false)` after `interval`, `Some(true)` on a
+/// reload request (SIGHUP: load now), `None` once the gateway stops.
+async fn next_check(interval: Duration, requests: &mut watch::Receiver<u64>) -> Option<bool> {
+    tokio::select! {
+        _ = tokio::time::sleep(interval) => Some(false),
+        r = requests.changed() => r.is_ok().then_some(true),
+    }
+}
+
 /// Reloads the epoch secrets when their file changed (checked every `interval`) and on request.
 async fn reload_secrets(state: Arc<State>, interval: Duration, mut requests: watch::Receiver<u64>) {
     requests.borrow_and_update();
     loop {
-        let force = tokio::select! {
-            _ = tokio::time::sleep(interval) => false,
-            r = requests.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                true
-            }
-        };
+        let Some(force) = next_check(interval, &mut requests).await else { return };
         let s = state.clone();
         let _ = tokio::task::spawn_blocking(move || s.reload_secrets(force)).await;
     }
@@ -277,15 +278,7 @@ async fn reload_overlay_tls(
     let pending = std::sync::Mutex::new(None);
     requests.borrow_and_update();
     loop {
-        let force = tokio::select! {
-            _ = tokio::time::sleep(interval) => false,
-            r = requests.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                true
-            }
-        };
+        let Some(force) = next_check(interval, &mut requests).await else { return };
         let now = crate::state::fingerprint(&paths);
         if !(force || (now != print && crate::state::settled(&pending, &now))) {
             continue;

@@ -7,25 +7,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
-use http::{Response, StatusCode, header};
+use http::{Response, StatusCode};
 use http_body_util::Full;
 use keyway_policy::engine::Peer;
 
+use crate::admin::{json, text};
 use crate::proxy::Proxy;
-
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.into())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
-    r
-}
-
-fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_string(v).unwrap_or_default())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    r
-}
 
 /// The one answer to every key request that is not served: the same status and body whether the
 /// address is no workload's, another zone's, or a workload's asked from another address.

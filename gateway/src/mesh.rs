@@ -21,14 +21,13 @@ use rustls::DigitallySignedStruct;
 use rustls::RootCertStore;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls_pki_types::pem::PemObject;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::MeshFiles;
-use crate::tls::{TlsError, certs, provider, root_store};
+use crate::tls::{TlsError, pem_set, provider, root_store};
 
 /// The ALPN protocol of the sidecar legs: HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -88,14 +87,7 @@ impl MeshTls {
         key_pem: &[u8],
         [ca_name, cert_name, key_name]: [String; 3],
     ) -> Result<MeshTls, TlsError> {
-        let ca = certs(ca_pem, &ca_name)?;
-        let chain = certs(cert_pem, &cert_name)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
-            rustls_pki_types::pem::Error::NoItemsFound => {
-                TlsError::Missing { path: key_name.clone(), what: "private key", label: "PRIVATE KEY" }
-            }
-            other => TlsError::Pem { path: key_name.clone(), reason: other.to_string() },
-        })?;
+        let (ca, chain, key) = pem_set(ca_pem, cert_pem, key_pem, &ca_name, &cert_name, &key_name)?;
         let roots = Arc::new(root_store(&ca, &ca_name)?);
         let (leaf, intermediates) = chain.split_first().ok_or_else(|| TlsError::Missing {
             path: cert_name.clone(),

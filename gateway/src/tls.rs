@@ -265,14 +265,7 @@ impl TlsMaterial {
         key_pem: &[u8],
         [ca_name, cert_name, key_name]: [String; 3],
     ) -> Result<TlsMaterial, TlsError> {
-        let ca = certs(ca_pem, &ca_name)?;
-        let chain = certs(cert_pem, &cert_name)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
-            rustls_pki_types::pem::Error::NoItemsFound => {
-                TlsError::Missing { path: key_name.clone(), what: "private key", label: "PRIVATE KEY" }
-            }
-            other => TlsError::Pem { path: key_name.clone(), reason: other.to_string() },
-        })?;
+        let (ca, chain, key) = pem_set(ca_pem, cert_pem, key_pem, &ca_name, &cert_name, &key_name)?;
         for (index, c) in ca.iter().chain(chain.iter()).enumerate() {
             let path = if index < ca.len() { &ca_name } else { &cert_name };
             let index = if index < ca.len() { index } else { index - ca.len() };
@@ -330,6 +323,27 @@ impl TlsMaterial {
 /// The one crypto provider of keyway: ring.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificates of `ca_pem`, the chain of `cert_pem` and the key of `key_pem`, each parsed
+/// from PEM; errors name the file (`*_name`).
+pub(crate) fn pem_set(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    ca_name: &str,
+    cert_name: &str,
+    key_name: &str,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let ca = certs(ca_pem, ca_name)?;
+    let chain = certs(cert_pem, cert_name)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            TlsError::Missing { path: key_name.to_owned(), what: "private key", label: "PRIVATE KEY" }
+        }
+        other => TlsError::Pem { path: key_name.to_owned(), reason: other.to_string() },
+    })?;
+    Ok((ca, chain, key))
 }
 
 pub(crate) fn certs(pem: &[u8], path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
