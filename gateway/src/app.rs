@@ -212,10 +212,10 @@ pub async fn build_from<S: InventorySource>(
     wait_for_mesh_files(&config).await;
     let state = Arc::new(State::load(config.clone(), metrics.clone(), engine)?);
     let (server, client) = quic_configs(&config, &tls)?;
-    let routing = Routing::new(&config, zone_roots, client.clone());
-    let mut endpoint = quinn::Endpoint::server(server, config.listen.overlay)
+    // Peers are dialled with Routing's client configuration, which a renewed certificate replaces.
+    let routing = Routing::new(&config, zone_roots, client);
+    let endpoint = quinn::Endpoint::server(server, config.listen.overlay)
         .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
-    endpoint.set_default_client_config(client);
     let overlay_addr = endpoint.local_addr()?;
     let listener = tokio::net::TcpListener::bind(config.listen.tunnel)
         .await
@@ -274,16 +274,13 @@ async fn reload_overlay_tls(
 ) {
     let config = proxy.config.clone();
     let paths = vec![config.tls.ca.clone(), config.tls.cert.clone(), config.tls.key.clone()];
-    let mut print = crate::state::fingerprint(&paths);
-    let pending = std::sync::Mutex::new(None);
+    let watch = crate::state::FileWatch::new(crate::state::fingerprint(&paths));
     requests.borrow_and_update();
     loop {
         let Some(force) = next_check(interval, &mut requests).await else { return };
-        let now = crate::state::fingerprint(&paths);
-        if !(force || (now != print && crate::state::settled(&pending, &now))) {
+        if !watch.due(crate::state::fingerprint(&paths), force) {
             continue;
         }
-        print = now;
         let loaded = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
             .map_err(anyhow::Error::from)
             .and_then(|tls| {

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyway_policy::Engine;
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::state::{Fingerprint, State, fingerprint, load_engine, manifest_paths, settled};
+use crate::state::{FileWatch, State, fingerprint, load_engine, manifest_paths};
 
 /// What a running source is given: where to install engines, what to count, and the reload
 /// requests (SIGHUP) as a counter that changes on every request.
@@ -45,8 +45,7 @@ pub trait InventorySource: Send + 'static {
 pub struct FileSource {
     dir: PathBuf,
     interval: Duration,
-    print: Fingerprint,
-    pending: Mutex<Option<Fingerprint>>,
+    watch: FileWatch,
 }
 
 impl FileSource {
@@ -55,24 +54,22 @@ impl FileSource {
         FileSource {
             dir: config.inventory.clone(),
             interval: Duration::from_millis(config.reload_interval_ms.max(1)),
-            print: Vec::new(),
-            pending: Mutex::new(None),
+            watch: FileWatch::new(Vec::new()),
         }
     }
 
     /// Loads the directory now (blocking).
     pub fn load(&mut self) -> anyhow::Result<Engine> {
-        self.print = fingerprint(&manifest_paths(&self.dir));
+        self.watch.loaded(fingerprint(&manifest_paths(&self.dir)));
         Ok(load_engine(&self.dir)?)
     }
 
     async fn reload(&mut self, force: bool, sink: &Sink) {
         let dir = self.dir.clone();
         let Ok(print) = tokio::task::spawn_blocking(move || fingerprint(&manifest_paths(&dir))).await else { return };
-        if !force && (print == self.print || !settled(&self.pending, &print)) {
+        if !self.watch.due(print, force) {
             return;
         }
-        self.print = print;
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || load_engine(&dir)).await {
             Ok(Ok(engine)) => {

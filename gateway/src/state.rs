@@ -17,16 +17,54 @@ use crate::secrets::EpochSecrets;
 /// Paths with their sizes and modification times.
 pub(crate) type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
-/// Whether a changed fingerprint has settled: the same as at the previous look. Remembers it
-/// otherwise.
-pub(crate) fn settled(pending: &Mutex<Option<Fingerprint>>, print: &[(PathBuf, u64, Option<SystemTime>)]) -> bool {
-    let Ok(mut p) = pending.lock() else { return true };
-    if p.as_deref() == Some(print) {
-        *p = None;
+/// When files that were loaded are due to be loaded again: they changed and the change has
+/// settled (seen the same at two looks in a row, so a file caught mid-write is never loaded), or
+/// a reload is forced. Every watcher of files (the inventory directory, the secrets, the mesh and
+/// overlay certificates) decides with this.
+#[derive(Debug)]
+pub(crate) struct FileWatch {
+    /// The fingerprint of what was last loaded.
+    print: Mutex<Fingerprint>,
+    /// A changed fingerprint seen once, waiting to be seen again (settled) before it is loaded.
+    pending: Mutex<Option<Fingerprint>>,
+}
+
+impl FileWatch {
+    /// A watch of files last loaded as `print`.
+    pub(crate) fn new(print: Fingerprint) -> FileWatch {
+        FileWatch { print: Mutex::new(print), pending: Mutex::new(None) }
+    }
+
+    /// Remembers `print` as what was last loaded.
+    pub(crate) fn loaded(&self, print: Fingerprint) {
+        match self.print.lock() {
+            Ok(mut p) => *p = print,
+            Err(poisoned) => *poisoned.into_inner() = print,
+        }
+    }
+
+    /// Whether the files, now `print`, are to be loaded (`force`: yes); if so, `print` is what
+    /// counts as loaded from here on.
+    pub(crate) fn due(&self, print: Fingerprint, force: bool) -> bool {
+        let changed = self.print.lock().map(|p| *p != print).unwrap_or(true);
+        if !(force || (changed && self.settled(&print))) {
+            return false;
+        }
+        self.loaded(print);
         true
-    } else {
-        *p = Some(print.to_vec());
-        false
+    }
+
+    /// Whether a changed fingerprint has settled: the same as at the previous look. Remembers it
+    /// otherwise.
+    fn settled(&self, print: &Fingerprint) -> bool {
+        let Ok(mut p) = self.pending.lock() else { return true };
+        if p.as_ref() == Some(print) {
+            *p = None;
+            true
+        } else {
+            *p = Some(print.clone());
+            false
+        }
     }
 }
 
@@ -65,16 +103,14 @@ pub(crate) fn manifest_paths(dir: &Path) -> Vec<PathBuf> {
 struct Watched<T> {
     paths: Vec<PathBuf>,
     value: RwLock<Arc<T>>,
-    print: Mutex<Fingerprint>,
-    /// A changed fingerprint seen once, waiting to be seen again (settled) before it is loaded.
-    pending: Mutex<Option<Fingerprint>>,
+    watch: FileWatch,
 }
 
 impl<T> Watched<T> {
     fn load<E>(paths: Vec<PathBuf>, load: impl FnOnce() -> Result<T, E>) -> Result<Watched<T>, E> {
-        let print = fingerprint(&paths);
+        let watch = FileWatch::new(fingerprint(&paths));
         let value = load()?;
-        Ok(Watched { paths, value: RwLock::new(Arc::new(value)), print: Mutex::new(print), pending: Mutex::new(None) })
+        Ok(Watched { paths, value: RwLock::new(Arc::new(value)), watch })
     }
 
     fn get(&self) -> Arc<T> {
@@ -87,13 +123,8 @@ impl<T> Watched<T> {
     /// Loads the files again if they changed and settled (`force`: now): `None` when nothing
     /// was loaded, else whether the new value was installed (an error leaves the old one).
     fn reload<E>(&self, force: bool, load: impl FnOnce() -> Result<T, E>) -> Option<Result<(), E>> {
-        let print = fingerprint(&self.paths);
-        let changed = self.print.lock().map(|p| *p != print).unwrap_or(true);
-        if !(force || (changed && settled(&self.pending, &print))) {
+        if !self.watch.due(fingerprint(&self.paths), force) {
             return None;
-        }
-        if let Ok(mut p) = self.print.lock() {
-            *p = print;
         }
         Some(load().map(|v| match self.value.write() {
             Ok(mut g) => *g = Arc::new(v),
