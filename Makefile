@@ -26,7 +26,7 @@ check: setup ## fmt, clippy (host, the gateway with kubernetes, wasm32-wasip1; w
 	$(CARGO) clippy -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked -- -D warnings
 	$(CARGO) clippy -p keyway-filter --target $(WASM_TARGET) --locked -- -D warnings
 
-test: setup wasm manifests istio-xds ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end on Istio's generated sidecar configuration (root)
+test: setup wasm istio-xds ## every test layer: unit, property, conformance, command line, gateways, the filter in real Envoy, end to end on Istio's generated sidecar configuration (root)
 	./scripts/install-deps.sh
 	$(CARGO) build -p keyway-policy --target $(WASM_TARGET) --no-default-features --locked
 	KEYWAY_SIDECAR=istio KEYWAY_XDS_DUMP="$(abspath $(XDS_DUMP))/$(XDS_PIN)" KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test --workspace --locked
@@ -40,7 +40,8 @@ istio-xds: ## Istio's own pilot, at each pinned release, generates the sample si
 	cd istio-check/xds && export KEYWAY_KUBECTL="$$(../../scripts/install-kubectl.sh)" PATH="$$(dirname "$$go"):$$PATH" KEYWAY_XDS_DUMP="$(abspath $(XDS_DUMP))" && \
 	for mod in go.mod $$(ls releases/*.mod 2>/dev/null); do \
 		echo "istio-xds: $$mod"; GOFLAGS="$${GOFLAGS:-} -modfile=$$mod" go test -count=1 ./...; \
-	done
+	done; \
+	if [ "$${KEYWAY_GO_CLEAN:-0}" = 1 ]; then echo "istio-xds: KEYWAY_GO_CLEAN=1, removing Go's build and module caches"; go clean -cache -modcache; fi
 
 conformance: setup ## only the golden-data conformance suites, with the pass counts
 	$(CARGO) test -p keyway-policy --test conformance --locked -- --nocapture
