@@ -17,7 +17,7 @@ pub mod replay;
 pub mod ticket;
 pub mod token;
 
-pub use keys::{EpochSecret, KEY_LEN, TicketKey, WorkloadKey};
+pub use keys::{EpochSecret, KEY_LEN, TicketKey, TicketMac, WorkloadKey, WorkloadMac};
 pub use replay::ReplayCache;
 pub use ticket::{SealedTicket, TicketClaims, decode_ticket, decode_ticket_bytes};
 pub use token::{SealedToken, TokenClaims, decode_token, decode_token_bytes};

@@ -145,29 +145,56 @@ impl EpochSecret {
     }
 }
 
-impl WorkloadKey {
-    /// The truncated MAC of `data` under this key.
-    pub(crate) fn tag(&self, data: &[u8]) -> [u8; TAG_LEN] {
-        tag(&self.0, data)
-    }
+macro_rules! keyed_mac {
+    ($(#[$doc:meta])* $name:ident, $key:ident) => {
+        $(#[$doc])*
+        ///
+        /// Its `Debug` form never shows the state.
+        #[derive(Clone)]
+        pub struct $name(HmacSha256);
 
-    /// Whether `tag` is the truncated MAC of `data` under this key, in constant time.
-    pub(crate) fn verify(&self, data: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-        verify(&self.0, data, tag)
-    }
+        impl $key {
+            /// This key's HMAC-SHA256 state with the key schedule done, to keep and reuse.
+            pub fn keyed(&self) -> $name {
+                $name(hmac(&self.0))
+            }
+        }
+
+        impl $name {
+            /// The truncated MAC of `data` under this key.
+            pub(crate) fn tag(&self, data: &[u8]) -> [u8; TAG_LEN] {
+                let full: [u8; 32] = self.0.clone().chain_update(data).finalize().into_bytes().into();
+                std::array::from_fn(|i| full.get(i).copied().unwrap_or(0))
+            }
+
+            /// Whether `tag` is the truncated MAC of `data` under this key, in constant time.
+            pub(crate) fn verify(&self, data: &[u8], tag: &[u8; TAG_LEN]) -> bool {
+                self.0.clone().chain_update(data).verify_truncated_left(tag).is_ok()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "([redacted])"))
+            }
+        }
+    };
 }
 
-impl TicketKey {
-    /// The truncated MAC of `data` under this key.
-    pub(crate) fn tag(&self, data: &[u8]) -> [u8; TAG_LEN] {
-        tag(&self.0, data)
-    }
+keyed_mac!(
+    /// A [`WorkloadKey`] ready to seal tokens: HMAC-SHA256 with its key schedule (the hashed inner
+    /// and outer pads) done once ([`WorkloadKey::keyed`]), so that each token then costs only its
+    /// own blocks. A filter keeps one per key for as long as it holds the key.
+    WorkloadMac,
+    WorkloadKey
+);
 
-    /// Whether `tag` is the truncated MAC of `data` under this key, in constant time.
-    pub(crate) fn verify(&self, data: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-        verify(&self.0, data, tag)
-    }
-}
+keyed_mac!(
+    /// A [`TicketKey`] ready to verify (or seal) tickets: HMAC-SHA256 with its key schedule done
+    /// once ([`TicketKey::keyed`]). A filter keeps one per key for as long as it holds the key.
+    TicketMac,
+    TicketKey
+);
 
 /// `u16be(len s)`, or `None` when `s` is longer than `max` (which is below `u16::MAX`).
 fn length_prefix(s: &str, max: usize) -> Option<[u8; 2]> {
@@ -184,17 +211,6 @@ fn length_prefix(s: &str, max: usize) -> Option<[u8; 2]> {
 fn hmac(key: &[u8; KEY_LEN]) -> HmacSha256 {
     let block: [u8; 64] = std::array::from_fn(|i| key.get(i).copied().unwrap_or(0));
     <HmacSha256 as KeyInit>::new(&block.into())
-}
-
-/// The first [`TAG_LEN`] bytes of `HMAC-SHA256(key, data)`.
-fn tag(key: &[u8; KEY_LEN], data: &[u8]) -> [u8; TAG_LEN] {
-    let full: [u8; 32] = hmac(key).chain_update(data).finalize().into_bytes().into();
-    std::array::from_fn(|i| full.get(i).copied().unwrap_or(0))
-}
-
-/// Whether `tag` is the first [`TAG_LEN`] bytes of `HMAC-SHA256(key, data)`, in constant time.
-fn verify(key: &[u8; KEY_LEN], data: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-    hmac(key).chain_update(data).verify_truncated_left(tag).is_ok()
 }
 
 /// 32 bytes from exactly 43 characters of canonical base64url without padding.

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use super::keys::{TAG_LEN, TicketKey};
+use super::keys::{TAG_LEN, TicketKey, TicketMac};
 use super::token::{HEADER_LEN, NONCE_LEN, Reader, TokenClaims, check_version, decode_text, read_header, write_header};
 use super::{AuthError, Kind, MAX_IDENTITY_LEN, check_window};
 use crate::ports::Protocol;
@@ -64,7 +64,7 @@ impl TicketClaims {
         write_header(&mut out, &self.flow());
         out.extend_from_slice(&id_len.to_be_bytes());
         out.extend_from_slice(id);
-        let mac = key.tag(&out);
+        let mac = key.keyed().tag(&out);
         out.extend_from_slice(&mac);
         Ok(out)
     }
@@ -109,6 +109,19 @@ impl SealedTicket {
     pub fn verify(
         &self,
         key: &TicketKey,
+        now_ms: u64,
+        window_ms: u64,
+        expected_dst: IpAddr,
+        expected_port: u16,
+    ) -> Result<TicketClaims, AuthError> {
+        self.verify_with(&key.keyed(), now_ms, window_ms, expected_dst, expected_port)
+    }
+
+    /// [`SealedTicket::verify`] with a key whose MAC state is kept ([`TicketKey::keyed`]): the
+    /// same checks, without the key schedule.
+    pub fn verify_with(
+        &self,
+        key: &TicketMac,
         now_ms: u64,
         window_ms: u64,
         expected_dst: IpAddr,
@@ -374,6 +387,28 @@ mod tests {
                 .and_then(|t| t.verify(&key, c.issued_at_ms, 0, c.dst, c.dst_port));
             let canonical = TicketClaims { src: c.src.to_canonical(), dst: c.dst.to_canonical(), ..c };
             prop_assert_eq!(verified, Ok(canonical));
+        }
+
+        #[test]
+        fn a_kept_mac_state_verifies_like_a_fresh_one(
+            a in arb_ticket(),
+            b in arb_ticket(),
+            secret in any::<[u8; 32]>(),
+            other in any::<[u8; 32]>(),
+        ) {
+            // One state verifying ticket after ticket (as the filter keeps it), good or forged,
+            // decides each as a fresh key would.
+            let key = TicketKey::from_bytes(secret);
+            let kept = key.keyed();
+            let forger = TicketKey::from_bytes(other);
+            for (c, sealer) in [(&a, &key), (&b, &forger), (&a, &key), (&b, &key)] {
+                let Ok(t) = c.seal(sealer).and_then(|t| decode_ticket(&t)) else {
+                    return Err(TestCaseError::fail("seal failed"));
+                };
+                let kept_verdict = t.verify_with(&kept, c.issued_at_ms, 0, c.dst, c.dst_port);
+                prop_assert_eq!(&kept_verdict, &t.verify(&key, c.issued_at_ms, 0, c.dst, c.dst_port));
+                prop_assert_eq!(kept_verdict.is_ok(), secret == other || std::ptr::eq(sealer, &key));
+            }
         }
 
         #[test]

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use super::keys::{TAG_LEN, WorkloadKey};
+use super::keys::{TAG_LEN, WorkloadKey, WorkloadMac};
 use super::{AuthError, Kind, check_window, ip_from16, ip16};
 use crate::ports::Protocol;
 
@@ -64,6 +64,17 @@ pub struct TokenClaims {
 impl TokenClaims {
     /// The binary token: these claims sealed with `key`.
     pub fn seal_bytes(&self, key: &WorkloadKey) -> Vec<u8> {
+        self.seal_bytes_with(&key.keyed())
+    }
+
+    /// The token as sent: [`TokenClaims::seal_bytes`] in base64url without padding.
+    pub fn seal(&self, key: &WorkloadKey) -> String {
+        self.seal_with(&key.keyed())
+    }
+
+    /// [`TokenClaims::seal_bytes`] with a key whose MAC state is kept ([`WorkloadKey::keyed`]):
+    /// the same bytes, without the key schedule.
+    pub fn seal_bytes_with(&self, key: &WorkloadMac) -> Vec<u8> {
         let mut out = Vec::with_capacity(TOKEN_LEN);
         write_header(&mut out, self);
         let mac = key.tag(&out);
@@ -71,9 +82,9 @@ impl TokenClaims {
         out
     }
 
-    /// The token as sent: [`TokenClaims::seal_bytes`] in base64url without padding.
-    pub fn seal(&self, key: &WorkloadKey) -> String {
-        URL_SAFE_NO_PAD.encode(self.seal_bytes(key))
+    /// [`TokenClaims::seal`] with a key whose MAC state is kept ([`WorkloadKey::keyed`]).
+    pub fn seal_with(&self, key: &WorkloadMac) -> String {
+        URL_SAFE_NO_PAD.encode(self.seal_bytes_with(key))
     }
 }
 
@@ -94,7 +105,7 @@ impl SealedToken {
     /// Checks the MAC under `key` (in constant time), then that the token was issued within
     /// `window_ms` of `now_ms` either way (both edges included), and returns the claims.
     pub fn verify(&self, key: &WorkloadKey, now_ms: u64, window_ms: u64) -> Result<TokenClaims, AuthError> {
-        if !key.verify(&self.signed, &self.mac) {
+        if !key.keyed().verify(&self.signed, &self.mac) {
             return Err(AuthError::BadMac { kind: Kind::Token });
         }
         check_window(Kind::Token, self.claims.issued_at_ms, now_ms, window_ms)?;
@@ -409,6 +420,18 @@ pub(crate) mod tests {
             prop_assert_eq!(sealed.as_ref().map(SealedToken::claims), Ok(&canonical(c)));
             let verified = sealed.and_then(|t| t.verify(&key, c.issued_at_ms, 0));
             prop_assert_eq!(verified, Ok(canonical(c)));
+        }
+
+        #[test]
+        fn a_kept_mac_state_seals_like_a_fresh_one(a in arb_claims(), b in arb_claims(), secret in any::<[u8; 32]>()) {
+            // One state sealing token after token (as the filter keeps it) never carries anything
+            // from one token to the next.
+            let key = WorkloadKey::from_bytes(secret);
+            let kept = key.keyed();
+            for c in [a, b, a] {
+                prop_assert_eq!(c.seal_with(&kept), c.seal(&key));
+                prop_assert_eq!(c.seal_bytes_with(&kept), c.seal_bytes(&key));
+            }
         }
 
         #[test]
