@@ -83,6 +83,8 @@ bench: setup wasm ## benchmarks: policy engine, filter in Envoy, then the data p
 	$(CARGO) bench -p keyway-policy --bench scale --locked
 	$(CARGO) bench -p keyway-policy --bench decide --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) bench -p keyway-filter --bench connections --locked
+	rm -f $(TARGET_DIR)/bench-failover.json
+	KEYWAY_FAILOVER_OUT="$(abspath $(TARGET_DIR))/bench-failover.json" KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(CARGO) test -p keyway-e2e --test e2e --locked -- failover --nocapture
 	$(CARGO) build --release -p keyway-gateway -p keyway-e2e -p keyway-bench --locked
 	KEYWAY_ENVOY="$$(./scripts/install-envoy.sh)" $(TARGET_DIR)/release/keyway-bench run --out bench/results
 

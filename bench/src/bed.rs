@@ -84,6 +84,8 @@ pub struct Bed {
     pub dir: PathBuf,
     /// Tools.
     pub tools: Tools,
+    /// The MTU of every link.
+    pub mtu: u16,
 }
 
 fn pod_ns(prefix: &str, zone: u8, name: &str) -> String {
@@ -137,13 +139,14 @@ impl Bed {
     }
 
     /// Builds the namespaces and starts every process; fails loudly when anything is missing.
-    pub fn start_all(tools: Tools, prefix: &str) -> anyhow::Result<Bed> {
+    /// Every link has MTU `mtu` (WireGuard's interface 80 bytes less, as `wg-quick` sets it).
+    pub fn start_all(tools: Tools, prefix: &str, mtu: u16) -> anyhow::Result<Bed> {
         require_root()?;
         let dir = std::env::temp_dir().join(format!("keyway-bench-{prefix}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs"))?;
         sh(&["chmod", "0755", dir.to_str().unwrap_or_default()])?;
-        let mut topo = Topology::new(prefix, 2)?;
+        let mut topo = Topology::with_mtu(prefix, 2, mtu)?;
         let pods: [(&str, u8, u8); 12] = [
             ("gw", 1, 2),
             ("cdirect", 1, 10),
@@ -171,7 +174,7 @@ impl Bed {
             PathDef { name: "keyway_cross_zone", client_ns: ns(1, "ckw"), server_ip: "10.128.2.13".into() },
             PathDef { name: "boringtun", client_ns: ns(1, "cwg"), server_ip: "10.99.0.2".into() },
         ];
-        let mut bed = Bed { procs: Vec::new(), topo, paths, dir: dir.clone(), tools: tools.clone() };
+        let mut bed = Bed { procs: Vec::new(), topo, paths, dir: dir.clone(), tools: tools.clone(), mtu };
         let me = tools.me.display().to_string();
         let iperf = tools.iperf3.display().to_string();
 
@@ -378,7 +381,7 @@ impl Bed {
                 ],
             )?;
             ns_sh(&n, &["ip", "addr", "add", &format!("{ip}/24"), "dev", ifname])?;
-            ns_sh(&n, &["ip", "link", "set", ifname, "mtu", "1420", "up"])?;
+            ns_sh(&n, &["ip", "link", "set", ifname, "mtu", &(self.mtu - 80).to_string(), "up"])?;
         }
         Ok(())
     }

@@ -107,6 +107,16 @@ struct RunArgs {
     /// Skip the throughput rounds.
     #[arg(long)]
     no_throughput: bool,
+    /// Skip holding flows open (the gateway's memory per flow).
+    #[arg(long)]
+    no_memory: bool,
+    /// Only these paths (comma-separated, e.g. `envoy_hbone,keyway_cross_zone`), for profiling
+    /// one change; the published run measures every path.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// The MTU of every link of the bed (9000: jumbo frames, as on most clouds' VPCs).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
+    mtu: u16,
     /// Keep the bed up after the measurements until Enter is pressed (for profiling).
     #[arg(long)]
     keep: bool,
@@ -233,7 +243,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
     }
 
     eprintln!("== starting the bed");
-    let bed = bed::Bed::start_all(tools, "kwbench")?;
+    let bed = bed::Bed::start_all(tools, "kwbench", a.mtu)?;
     eprintln!("   up in {:.1} s (run directory {})", t_start.elapsed().as_secs_f64(), bed.dir.display());
     let rss_idle = measure::gateway_rss(&bed);
 
@@ -245,7 +255,9 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         warmup: a.warmup,
         paths: ["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone"]
             .map(str::to_owned)
-            .to_vec(),
+            .into_iter()
+            .filter(|p| a.paths.is_empty() || a.paths.contains(p))
+            .collect(),
         variants: vec!["keepalive".into(), "new_connection".into()],
     };
     let lat = if a.no_latency {
@@ -254,19 +266,29 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         eprintln!("== latency: {} req/s, {} connections, rounds of every path", a.rate, a.connections);
         measure::latency(&bed, &lat_spec)?
     };
-    eprintln!("== gateway memory: {} flows held across zones", a.hold_flows);
-    let mem = match measure::hold_flows(&bed, a.hold_flows, rss_idle.clone()) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            eprintln!("   failed: {e:#}");
-            None
+    if !a.no_memory {
+        eprintln!("== gateway memory: {} flows held across zones", a.hold_flows);
+    }
+    let mem = if a.no_memory {
+        None
+    } else {
+        match measure::hold_flows(&bed, a.hold_flows, rss_idle.clone()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("   failed: {e:#}");
+                None
+            }
         }
     };
     let tput = if a.no_throughput {
         Vec::new()
     } else {
         eprintln!("== throughput: iperf3, 1 and 8 flows, rounds of every path");
-        let paths = ["direct", "envoy_hbone", "keyway_cross_zone", "boringtun"].map(str::to_owned);
+        let paths: Vec<String> = ["direct", "envoy_hbone", "keyway_cross_zone", "boringtun"]
+            .map(str::to_owned)
+            .into_iter()
+            .filter(|p| a.paths.is_empty() || a.paths.contains(p))
+            .collect();
         measure::throughput(&bed, a.rounds, a.throughput_seconds, &[1, 8], &paths)?
     };
     let la_after = loadavg();
@@ -299,7 +321,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
     });
     let v = report::build(&report::Inputs {
         date: date.clone(),
-        machine: machine(),
+        machine: format!("{}; links of MTU {}", machine(), a.mtu),
         load,
         lat_spec: &lat_spec,
         lat: &lat,
@@ -308,6 +330,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         mem: mem.as_ref(),
         policy: read("target/bench-policy.json"),
         filter: read("target/bench-filter.json"),
+        failover: read("target/bench-failover.json"),
     });
     let text = serde_json::to_string_pretty(&v)?;
     std::fs::write(out.join("latest.json"), &text)?;

@@ -71,12 +71,18 @@ pub struct Topology {
     pub zones: Vec<String>,
     namespaces: Vec<String>,
     links: u32,
+    mtu: u16,
 }
 
 impl Topology {
     /// Creates the router and `zones` zone namespaces: zone `z` has the pod subnet 10.61.z.0/24
     /// (its bridge is 10.61.z.1) and reaches the router over 10.60.z.0/24 (router .1, zone .2).
     pub fn new(prefix: &str, zones: u8) -> anyhow::Result<Topology> {
+        Topology::with_mtu(prefix, zones, 1500)
+    }
+
+    /// [`Topology::new`] with every link's MTU `mtu` (9000: the jumbo frames of many clusters).
+    pub fn with_mtu(prefix: &str, zones: u8, mtu: u16) -> anyhow::Result<Topology> {
         // Remove what a crashed earlier run of the same prefix left behind.
         if let Ok(list) = sh(&["ip", "netns", "list"]) {
             for line in list.lines() {
@@ -93,6 +99,7 @@ impl Topology {
             zones: Vec::new(),
             namespaces: Vec::new(),
             links: 0,
+            mtu,
         };
         t.add_ns(&router)?;
         ns_sh(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
@@ -131,8 +138,9 @@ impl Topology {
         sh(&["ip", "link", "set", &tb, "netns", b_ns])?;
         ns_sh(a_ns, &["ip", "link", "set", &ta, "name", a_name])?;
         ns_sh(b_ns, &["ip", "link", "set", &tb, "name", b_name])?;
-        ns_sh(a_ns, &["ip", "link", "set", a_name, "up"])?;
-        ns_sh(b_ns, &["ip", "link", "set", b_name, "up"])?;
+        let mtu = self.mtu.to_string();
+        ns_sh(a_ns, &["ip", "link", "set", a_name, "mtu", &mtu, "up"])?;
+        ns_sh(b_ns, &["ip", "link", "set", b_name, "mtu", &mtu, "up"])?;
         Ok((a_name.to_owned(), b_name.to_owned()))
     }
 

@@ -166,6 +166,18 @@ fn stream_of_connections(c: &Cluster, secs: u64, mut at: impl FnMut(f64)) -> (us
     (ok, failed, longest)
 }
 
+/// Adds a failover measurement to the JSON object in `$KEYWAY_FAILOVER_OUT`, when set: `make bench`
+/// reports it (the figure is measured, not asserted: timings are the benchmarks' business).
+fn record_failover(key: &str, took: Duration) {
+    let Some(path) = std::env::var_os("KEYWAY_FAILOVER_OUT") else { return };
+    let mut v: serde_json::Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    v[key] = serde_json::json!((took.as_secs_f64() * 1000.0).round() / 1000.0);
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap_or_default()).unwrap();
+}
+
 #[test]
 fn gateway_replica_failover_keeps_new_connections_flowing() {
     let (_turn, mut c) = Cluster::for_test("gf");
@@ -203,6 +215,7 @@ fn gateway_replica_failover_keeps_new_connections_flowing() {
     println!(
         "gateway failover (zone-a/gw-1 killed at 1 s, zone-b/gw-1 at 3 s): {ok} ok, {failed} failed, longest gap {longest:?}"
     );
+    record_failover("replica_gap_s", longest);
     assert!(ok >= 20, "new connections kept flowing: {ok} ok, {failed} failed");
     assert!(failed <= 3, "at most the connections in flight at each kill fail: {failed}");
     let (_, after_failed, _) = stream_of_connections(&c, 2, |_| {});
@@ -229,6 +242,7 @@ fn zone_failover_by_locality_and_back() {
     })
     .unwrap();
     println!("zone failover: traffic in zone-c {moved:?} after zone-b's gateways died");
+    record_failover("zone_s", moved);
     for _ in 0..3 {
         assert_eq!(who(&c), "keyway-app shop/catalog-c port 3550");
     }

@@ -105,7 +105,41 @@ fn transport(config: &Config) -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(4 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
     t.send_window(64 * 1024 * 1024);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_udp_payload(config));
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
+}
+
+/// The largest UDP payload of the overlay: its MTU (`overlay_mtu`, else the largest MTU of this
+/// host's interfaces, [`largest_link_mtu`]) less the IP and UDP headers of the listen address's
+/// family. quinn's default stops at 1452 bytes: on jumbo-frame networks (9001 on most clouds'
+/// VPCs) six times the packets, and six times the per-packet work, for the same bytes.
+fn max_udp_payload(config: &Config) -> u16 {
+    let mtu = config.overlay_mtu.unwrap_or_else(largest_link_mtu);
+    let headers = if config.listen.overlay.is_ipv4() { 20 + 8 } else { 40 + 8 };
+    mtu.max(crate::config::MIN_OVERLAY_MTU).saturating_sub(headers)
+}
+
+/// The largest MTU of this host's interfaces other than loopback, from `/sys/class/net`; 1500
+/// when none can be read.
+fn largest_link_mtu() -> u16 {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return 1500 };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name() != "lo")
+        .filter_map(|e| std::fs::read_to_string(e.path().join("mtu")).ok()?.trim().parse::<u16>().ok())
+        .max()
+        .unwrap_or(1500)
+}
+
+/// The overlay's QUIC endpoint on `config.listen.overlay`, taking datagrams up to the overlay's
+/// MTU ([`max_udp_payload`]).
+fn overlay_endpoint(config: &Config, server: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+    let mut endpoint = quinn::EndpointConfig::default();
+    endpoint.max_udp_payload_size(max_udp_payload(config))?;
+    let socket = std::net::UdpSocket::bind(config.listen.overlay)
+        .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
+    Ok(quinn::Endpoint::new(endpoint, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
 }
 
 /// Checks a configuration without starting anything: loads the inventory and policies, the
@@ -214,8 +248,7 @@ pub async fn build_from<S: InventorySource>(
     let (server, client) = quic_configs(&config, &tls)?;
     // Peers are dialled with Routing's client configuration, which a renewed certificate replaces.
     let routing = Routing::new(&config, zone_roots, client);
-    let endpoint = quinn::Endpoint::server(server, config.listen.overlay)
-        .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
+    let endpoint = overlay_endpoint(&config, server)?;
     let overlay_addr = endpoint.local_addr()?;
     let listener = tokio::net::TcpListener::bind(config.listen.tunnel)
         .await

@@ -25,7 +25,9 @@ pub const DEFAULT_MAX_FLOWS: usize = 100_000;
 /// Default timeout to connect onwards (ms).
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Default QUIC keep-alive interval (ms).
-pub const DEFAULT_KEEPALIVE_MS: u64 = 500;
+pub const DEFAULT_KEEPALIVE_MS: u64 = 200;
+/// The smallest `overlay_mtu`: a 1200-byte QUIC datagram in IPv6 and UDP headers.
+pub const MIN_OVERLAY_MTU: u16 = 1280;
 /// Default QUIC idle timeout (ms): a peer silent this long is down.
 pub const DEFAULT_PEER_IDLE_TIMEOUT_MS: u64 = 2_000;
 /// Default interval between checks of the inventory and secrets for changes (ms).
@@ -421,6 +423,11 @@ pub struct Config {
     /// A peer gateway silent this long is down, ms.
     #[serde(default = "default_idle")]
     pub peer_idle_timeout_ms: u64,
+    /// The largest IP packet the overlay network carries between gateways (its MTU). QUIC's path
+    /// MTU discovery probes up to it; unset, the largest MTU of this host's interfaces is taken
+    /// (a probe the path does not carry is lost and discovery settles lower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_mtu: Option<u16>,
     /// How often the inventory directory and the secrets file are checked for changes, ms.
     #[serde(default = "default_reload")]
     pub reload_interval_ms: u64,
@@ -577,6 +584,9 @@ impl Config {
                 "limits.replay_per_source",
                 format!("must be between 1 and replay_cache ({})", l.replay_cache),
             ));
+        }
+        if self.overlay_mtu.is_some_and(|m| m < MIN_OVERLAY_MTU) {
+            return Err(bad("overlay_mtu", format!("must be at least {MIN_OVERLAY_MTU} (QUIC's smallest)")));
         }
         if self.keepalive_ms == 0 || self.peer_idle_timeout_ms <= self.keepalive_ms {
             return Err(bad(

@@ -1,6 +1,10 @@
 //! Zones, their gateway replicas and their health. Health is the state of the QUIC connection to
 //! each peer, kept alive by keep-alives: a replica whose connection closes (idle timeout, reset) is
-//! taken out at once and new flows go to the other replicas.
+//! taken out at once and new flows go to the other replicas. Before that, a replica from which no
+//! datagram has come for [`SILENT_KEEPALIVES`] keep-alive intervals (a live peer answers every
+//! keep-alive within one interval) is *silent*: new flows, and flows waiting for its answer, go
+//! to the other replicas, and a zone whose replicas are all silent fails over, without waiting for
+//! the idle timeout; it is taken back as soon as a datagram comes again.
 //!
 //! A peer is a replica listed by name (its certificate must be exactly that gateway's), or a
 //! zone's `entry`, one address in front of replicas that are not listed (any gateway certificate of
@@ -37,6 +41,8 @@ pub struct PeerGateway {
     /// Its overlay address.
     pub address: SocketAddr,
     conn: RwLock<Option<quinn::Connection>>,
+    /// Whether the connection has been silent for too long (see the module's documentation).
+    silent: tokio::sync::watch::Sender<bool>,
 }
 
 impl PeerGateway {
@@ -70,6 +76,21 @@ impl PeerGateway {
         }
     }
 
+    /// Whether no datagram has come from the peer for [`SILENT_KEEPALIVES`] keep-alive intervals.
+    pub fn is_silent(&self) -> bool {
+        *self.silent.borrow()
+    }
+
+    /// Resolves once the peer is silent (at once if it is).
+    pub async fn silence(&self) {
+        let mut rx = self.silent.subscribe();
+        let _ = rx.wait_for(|silent| *silent).await;
+    }
+
+    fn set_silent(&self, silent: bool) {
+        self.silent.send_if_modified(|s| std::mem::replace(s, silent) != silent);
+    }
+
     /// Takes the peer out until its connection is re-established (after a stream failed on it).
     pub fn mark_down(&self) {
         if let Some(c) = self.connection() {
@@ -77,6 +98,9 @@ impl PeerGateway {
         }
     }
 }
+
+/// After how many keep-alive intervals without a datagram a peer is silent.
+pub const SILENT_KEEPALIVES: u32 = 3;
 
 /// A view of one peer for the admin endpoint.
 #[derive(Debug, Serialize)]
@@ -89,8 +113,12 @@ pub struct PeerView {
     pub address: SocketAddr,
     /// Whether the overlay connection is up.
     pub up: bool,
+    /// Whether the peer is silent (up, but nothing heard for several keep-alive intervals).
+    pub silent: bool,
     /// Smoothed round-trip time, ms, when up.
     pub rtt_ms: Option<f64>,
+    /// The path MTU in use (largest UDP payload QUIC sends), when up.
+    pub mtu: Option<u16>,
 }
 
 /// Every peer gateway by zone.
@@ -108,6 +136,7 @@ pub struct Routing {
     /// overlay certificate is renewed).
     client: RwLock<quinn::ClientConfig>,
     next: AtomicUsize,
+    keepalive: Duration,
 }
 
 impl Routing {
@@ -135,6 +164,7 @@ impl Routing {
                         entry,
                         address,
                         conn: RwLock::new(None),
+                        silent: tokio::sync::watch::Sender::new(false),
                     })
                 })
                 .collect();
@@ -150,6 +180,7 @@ impl Routing {
             zone_roots,
             client: RwLock::new(client),
             next: AtomicUsize::new(0),
+            keepalive: Duration::from_millis(config.keepalive_ms),
         }
     }
 
@@ -203,9 +234,10 @@ impl Routing {
     }
 
     /// Whether a zone is reachable: this zone always is; another zone when one of its gateways is
-    /// connected.
+    /// connected and not silent.
     pub fn zone_up(&self, zone: &str) -> bool {
-        zone == self.my_zone || self.zones.get(zone).is_some_and(|ps| ps.iter().any(|p| p.connection().is_some()))
+        zone == self.my_zone
+            || self.zones.get(zone).is_some_and(|ps| ps.iter().any(|p| !p.is_silent() && p.connection().is_some()))
     }
 
     /// The zones to try for a destination in `zone`, in locality order: the zone itself, then its
@@ -216,11 +248,11 @@ impl Routing {
         out
     }
 
-    /// A connected gateway of `zone`, round-robin over the healthy replicas.
+    /// A connected gateway of `zone` that is not silent, round-robin over the healthy replicas.
     pub fn pick(&self, zone: &str) -> Option<(Arc<PeerGateway>, quinn::Connection)> {
         let peers = self.zones.get(zone)?;
         let healthy: Vec<(Arc<PeerGateway>, quinn::Connection)> =
-            peers.iter().filter_map(|p| p.connection().map(|c| (p.clone(), c))).collect();
+            peers.iter().filter(|p| !p.is_silent()).filter_map(|p| p.connection().map(|c| (p.clone(), c))).collect();
         if healthy.is_empty() {
             return None;
         }
@@ -244,7 +276,9 @@ impl Routing {
                     name,
                     address: p.address,
                     up: c.is_some(),
-                    rtt_ms: c.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    silent: p.is_silent(),
+                    rtt_ms: c.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
+                    mtu: c.map(|c| c.stats().path.current_mtu),
                 }
             })
             .collect()
@@ -291,7 +325,8 @@ async fn maintain(routing: Arc<Routing>, peer: Arc<PeerGateway>, endpoint: quinn
                     peer.set(Some(conn.clone()));
                     gauge.inc();
                     backoff = Duration::from_millis(100);
-                    let reason = conn.closed().await;
+                    let reason = watch_silence(&peer, &conn, routing.keepalive).await;
+                    peer.set_silent(false);
                     peer.set(None);
                     gauge.dec();
                     tracing::warn!(peer = %peer.id.spiffe_id(), reason = %reason, "overlay peer down");
@@ -311,5 +346,35 @@ async fn maintain(routing: Arc<Routing>, peer: Arc<PeerGateway>, endpoint: quinn
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Watches `conn` until it closes, marking `peer` silent while no datagram has come from it for
+/// [`SILENT_KEEPALIVES`] keep-alive intervals; returns why it closed.
+async fn watch_silence(peer: &PeerGateway, conn: &quinn::Connection, keepalive: Duration) -> quinn::ConnectionError {
+    let limit = keepalive * SILENT_KEEPALIVES;
+    let mut tick = tokio::time::interval(keepalive / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = conn.stats().udp_rx.datagrams;
+    let mut heard_at = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            reason = conn.closed() => return reason,
+            _ = tick.tick() => {
+                let now = conn.stats().udp_rx.datagrams;
+                if now != heard {
+                    heard = now;
+                    heard_at = tokio::time::Instant::now();
+                    if peer.is_silent() {
+                        tracing::info!(peer = %peer.id.spiffe_id(), "overlay peer heard again; taken back");
+                        peer.set_silent(false);
+                    }
+                } else if !peer.is_silent() && heard_at.elapsed() >= limit {
+                    tracing::warn!(peer = %peer.id.spiffe_id(), silent_ms = heard_at.elapsed().as_millis() as u64,
+                        "overlay peer silent; new flows go to other replicas or zones");
+                    peer.set_silent(true);
+                }
+            }
+        }
     }
 }

@@ -48,7 +48,15 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
             recv.read_exact(&mut reason).await.map_err(|e| e.to_string())?;
             Ok::<_, String>((send, recv, code, String::from_utf8_lossy(&reason).into_owned()))
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+        // A replica that goes silent while the flow waits for its answer is left for the next.
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt) => r,
+            () = peer.silence() => {
+                tracing::warn!(peer = %log.next_hop, "overlay peer went silent before answering; trying another replica");
+                continue;
+            }
+        };
+        match outcome {
             Ok(Ok((send, recv, FlowStatus::Connected, _))) => return Ok(Box::new(tokio::io::join(recv, send))),
             Ok(Ok((_, _, FlowStatus::Denied, reason))) => {
                 tracing::info!(peer = %log.next_hop, rule = %reason, "destination zone denied the flow");
