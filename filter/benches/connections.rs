@@ -1,25 +1,30 @@
 //! Per-connection cost of the keyway filter inside Envoy, side by side in one run.
 //!
-//! One Envoy (one worker thread) with three listeners that differ only in their network filters,
+//! One Envoy (one worker thread) with five listeners that differ only in their network filters,
 //! each in front of `tcp_proxy` to the same local echo server:
 //!
 //! * `none`: no filter;
 //! * `rbac`: Envoy's native RBAC network filter with one allow rule (source 127.0.0.0/8, the
 //!   listener's port);
+//! * `empty_wasm`: the empty proxy-wasm network filter (`examples/empty_filter.rs`: a stream
+//!   context per connection that does nothing), same runtime (V8) and SDK, its own VM: Envoy's
+//!   per-connection wasm plumbing and nothing else, the baseline keyway is judged against;
 //! * `keyway`: the keyway filter in mode `outbound` (static keys), which seals a token per
 //!   connection and stores it as filter state;
-//! * `keyway_plain`: the keyway filter in mode `inbound_plain` with every source exempt: the cost
-//!   of a wasm network filter that reads two properties and lets the connection through, which
-//!   tells Envoy's per-connection wasm overhead apart from keyway's own work.
+//! * `keyway_plain`: the keyway filter in mode `inbound_plain` with every source exempt (reads two
+//!   properties, counts, lets the connection through).
 //!
 //! Clients (this process, `BENCH_CLIENTS` concurrent loops) open a connection, send one byte, wait
 //! for the echo and reset the connection; a sample is the time from `connect()` to the echo. The
-//! variants take turns in rounds so that drift on a shared machine hits them alike. Prints a table
-//! and writes `target/bench-filter.json`.
+//! variants take turns in rounds (each round starts one variant later) so that drift on a shared
+//! machine hits them alike. Each figure is the median over rounds of that round's figure; the
+//! ratios and differences against `empty_wasm` are medians of the per-round ratios and
+//! differences (paired in the same round). Prints a table and writes `target/bench-filter.json`.
 //!
-//! `cargo bench -p keyway-filter --bench connections` (needs Envoy and `make wasm`, like the tests).
-//! Environment: `BENCH_ROUNDS` (default 4), `BENCH_SECONDS` per round and variant (default 2),
-//! `BENCH_CLIENTS` (default 8).
+//! `cargo bench -p keyway-filter --bench connections` (needs Envoy and `make wasm`, which builds
+//! both modules, like the tests). Environment: `BENCH_ROUNDS` (default 6), `BENCH_SECONDS` per
+//! round and variant (default 2), `BENCH_CLIENTS` (default 8), `BENCH_VARIANTS` (a comma-separated
+//! subset, for profiling one variant with `perf record -e cpu-clock -p <the bench's envoy child>`; default all).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -31,6 +36,7 @@ mod load;
 mod harness;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use harness::{EchoApp, Envoy, free_port, render, wasm_module};
@@ -40,7 +46,7 @@ use load::{closed_loop, env_or, percentile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const VARIANTS: [&str; 4] = ["none", "rbac", "keyway", "keyway_plain"];
+const VARIANTS: [&str; 5] = ["none", "rbac", "empty_wasm", "keyway", "keyway_plain"];
 
 const CONFIG: &str = r#"
 admin:
@@ -70,6 +76,22 @@ static_resources:
               allow-mesh:
                 permissions: [ { destination_port: ${RBAC_PORT} } ]
                 principals: [ { remote_ip: { address_prefix: 127.0.0.0, prefix_len: 8 } } ]
+      - name: envoy.filters.network.tcp_proxy
+        typed_config: *proxy
+  - name: empty_wasm
+    address: { socket_address: { address: 127.0.0.1, port_value: ${EMPTY_WASM_PORT} } }
+    filter_chains:
+    - filters:
+      - name: empty
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm
+          config:
+            name: empty
+            root_id: empty
+            vm_config:
+              vm_id: empty
+              runtime: envoy.wasm.runtime.v8
+              code: { local: { filename: "${EMPTY_WASM}" } }
       - name: envoy.filters.network.tcp_proxy
         typed_config: *proxy
   - name: keyway
@@ -142,14 +164,72 @@ async fn round(port: u16, clients: u64, seconds: u64) -> (Vec<u32>, u64) {
     closed_loop(clients, seconds, move || one(port)).await
 }
 
+/// The empty module next to the keyway module (`make wasm` builds both).
+fn empty_wasm_module(keyway: &Path) -> PathBuf {
+    let p = keyway.parent().map(|d| d.join("examples/empty_filter.wasm")).unwrap_or_default();
+    assert!(
+        p.is_file(),
+        "the empty filter module {} is missing: build it with `make wasm` (cargo build -p keyway-filter \
+         --target wasm32-wasip1 --profile wasm-release --example empty_filter)",
+        p.display()
+    );
+    p
+}
+
+/// One round of one variant.
+#[derive(Clone, Copy, Default)]
+struct Round {
+    rate: f64,
+    p50: u32,
+    p90: u32,
+    p99: u32,
+    /// Envoy's CPU time (every thread, user and kernel) per connection, µs.
+    cpu_us: f64,
+}
+
+/// The pid of this process's Envoy child.
+fn envoy_pid() -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // `pid (comm) state ppid …`; comm may hold spaces, so split after the last ')'.
+        let (head, tail) = stat.rsplit_once(')')?;
+        let ppid: u32 = tail.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == me && head.ends_with("(envoy")).then_some(pid)
+    })
+}
+
+/// The CPU time of every thread of `pid` so far, ns (`/proc/<pid>/task/*/schedstat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The median of `v` (0 when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken from the command line.
-    let rounds = env_or("BENCH_ROUNDS", 4);
+    let rounds = env_or("BENCH_ROUNDS", 6);
     let seconds = env_or("BENCH_SECONDS", 2);
     let clients = env_or("BENCH_CLIENTS", 8);
     let wasm = wasm_module();
-    let module_size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
+    let empty_wasm = empty_wasm_module(&wasm);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (module_size, empty_module_size) = (size(&wasm), size(&empty_wasm));
     let echo = EchoApp::start().await.unwrap();
 
     let secret = EpochSecret::from_bytes([42; 32]);
@@ -172,29 +252,50 @@ async fn main() {
     let mut vars = BTreeMap::new();
     let admin = free_port();
     vars.insert("ADMIN_PORT", admin.to_string());
-    for v in ["NONE_PORT", "RBAC_PORT", "KEYWAY_PORT", "KEYWAY_PLAIN_PORT"] {
-        vars.insert(v, free_port().to_string());
+    for v in VARIANTS {
+        vars.insert(port_var(v), free_port().to_string());
     }
     vars.insert("ECHO_PORT", echo.port.to_string());
     vars.insert("WASM", wasm.display().to_string());
+    vars.insert("EMPTY_WASM", empty_wasm.display().to_string());
     vars.insert("KEYWAY_CONFIG", keyway_config);
     let envoy = Envoy::start(&render(CONFIG, &vars), admin, "bench").unwrap();
-    let port_of = |v: &str| -> u16 { vars[format!("{}_PORT", v.to_uppercase()).as_str()].parse().unwrap() };
+    let port_of = |v: &str| -> u16 { vars[port_var(v)].parse().unwrap() };
+    let pid = envoy_pid().expect("the bench's Envoy process");
 
+    let only = std::env::var("BENCH_VARIANTS").unwrap_or_default();
+    let chosen: Vec<&str> =
+        VARIANTS.into_iter().filter(|v| only.is_empty() || only.split(',').any(|o| o == *v)).collect();
     // Warm up every listener (V8 compiles lazily, pools fill).
-    for v in VARIANTS {
+    for v in chosen.iter().copied() {
         let _ = round(port_of(v), clients, 1).await;
     }
-    let mut samples: BTreeMap<&str, (Vec<u32>, u64, f64)> = BTreeMap::new();
+    let mut per_round: BTreeMap<&str, Vec<Round>> = BTreeMap::new();
+    let mut totals: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for r in 0..rounds {
-        for v in VARIANTS {
-            let started = Instant::now();
-            let (s, f) = round(port_of(v), clients, seconds).await;
-            let e = samples.entry(v).or_default();
-            e.0.extend(s);
-            e.1 += f;
-            e.2 += started.elapsed().as_secs_f64();
-            eprintln!("round {}/{rounds} {v}: done", r + 1);
+        // Each round starts one variant later, so no variant always follows the same one.
+        let shift = usize::try_from(r).unwrap_or(0) % chosen.len();
+        for v in chosen.iter().copied().cycle().skip(shift).take(chosen.len()) {
+            let (started, cpu_before) = (Instant::now(), cpu_ns(pid));
+            let (mut s, f) = round(port_of(v), clients, seconds).await;
+            let secs = started.elapsed().as_secs_f64();
+            let cpu = cpu_ns(pid).saturating_sub(cpu_before);
+            s.sort_unstable();
+            let t = totals.entry(v).or_default();
+            t.0 += s.len();
+            t.1 += f;
+            let p = |q| percentile(&s, q);
+            let cpu_us = cpu as f64 / 1000.0 / (s.len().max(1) as f64);
+            let one = Round { rate: s.len() as f64 / secs.max(1e-9), p50: p(0.5), p90: p(0.9), p99: p(0.99), cpu_us };
+            per_round.entry(v).or_default().push(one);
+            eprintln!(
+                "round {}/{rounds} {v}: {:.0} conn/s, p50 {} µs, p99 {} µs, envoy cpu {:.1} µs/conn",
+                r + 1,
+                one.rate,
+                one.p50,
+                one.p99,
+                one.cpu_us
+            );
         }
     }
     let keyway_allowed = envoy
@@ -205,44 +306,93 @@ async fn main() {
         .sum::<u64>();
     drop(envoy);
 
-    let mut rows = Vec::new();
-    for v in VARIANTS {
-        let (mut s, failures, secs) = samples.remove(v).unwrap_or_default();
-        s.sort_unstable();
-        let rate = s.len() as f64 / secs.max(1e-9);
-        rows.push((v, rate, percentile(&s, 0.5), percentile(&s, 0.9), percentile(&s, 0.99), s.len(), failures));
-    }
-    let base = rows[0];
-    let rbac = rows[1];
+    let rounds_of = |v: &str| per_round.get(v).cloned().unwrap_or_default();
+    let med = |v: &str, f: fn(&Round) -> f64| median(rounds_of(v).iter().map(f).collect());
+    // Paired in the same round: `f(a's round, b's round)`, median over rounds.
+    let paired = |a: &str, b: &str, f: fn(&Round, &Round) -> f64| {
+        median(rounds_of(a).iter().zip(rounds_of(b).iter()).map(|(x, y)| f(x, y)).collect())
+    };
+    let ratio = |x: &Round, y: &Round| x.rate / y.rate.max(1e-9);
+    let added_p99 = |x: &Round, y: &Round| f64::from(x.p99) - f64::from(y.p99);
+    let added_p50 = |x: &Round, y: &Round| f64::from(x.p50) - f64::from(y.p50);
+    let added_cpu = |x: &Round, y: &Round| x.cpu_us - y.cpu_us;
     println!(
-        "\nper-connection cost through one Envoy listener ({clients} clients, {rounds} rounds x {seconds} s per variant)"
+        "\nper-connection cost through one Envoy listener ({clients} clients, {rounds} rounds x {seconds} s per \
+         variant; medians over rounds, ratios and differences paired per round)"
     );
-    println!("| variant | conn/s | vs none | p50 µs | p90 µs | p99 µs | added p99 µs | connections | failures |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (v, rate, p50, p90, p99, n, failures) in &rows {
-        println!(
-            "| {v} | {rate:.0} | {:.3} | {p50} | {p90} | {p99} | {} | {n} | {failures} |",
-            rate / base.1,
-            i64::from(*p99) - i64::from(base.4)
+    println!(
+        "| variant | conn/s | vs none | vs empty wasm | p50 µs | p90 µs | p99 µs | added p99 µs vs empty wasm | \
+         envoy CPU µs/conn | added CPU µs vs empty wasm | connections | failures |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut variants = Vec::new();
+    for v in chosen.iter().copied() {
+        let (n, failures) = totals.get(v).copied().unwrap_or_default();
+        let (rate, p50, p90, p99, cpu) = (
+            med(v, |r| r.rate),
+            med(v, |r| f64::from(r.p50)),
+            med(v, |r| f64::from(r.p90)),
+            med(v, |r| f64::from(r.p99)),
+            med(v, |r| r.cpu_us),
         );
+        let (vs_none, vs_empty) = (paired(v, "none", ratio), paired(v, "empty_wasm", ratio));
+        let (p99_vs_empty, cpu_vs_empty) = (paired(v, "empty_wasm", added_p99), paired(v, "empty_wasm", added_cpu));
+        println!(
+            "| {v} | {rate:.0} | {vs_none:.3} | {vs_empty:.3} | {p50:.0} | {p90:.0} | {p99:.0} | {p99_vs_empty:.0} | \
+             {cpu:.1} | {cpu_vs_empty:.1} | {n} | {failures} |"
+        );
+        variants.push(serde_json::json!({
+            "variant": v, "connections_per_second": rate, "p50_us": p50, "p90_us": p90, "p99_us": p99,
+            "envoy_cpu_us_per_connection": cpu,
+            "vs_none": vs_none, "vs_empty_wasm": vs_empty, "added_p99_us_vs_empty_wasm": p99_vs_empty,
+            "added_envoy_cpu_us_vs_empty_wasm": cpu_vs_empty,
+            "connections": n, "failures": failures,
+            "rounds": rounds_of(v).iter().map(|r| serde_json::json!({
+                "connections_per_second": r.rate, "p50_us": r.p50, "p90_us": r.p90, "p99_us": r.p99,
+                "envoy_cpu_us_per_connection": r.cpu_us,
+            })).collect::<Vec<_>>(),
+        }));
     }
-    let keyway = rows[2];
+    let kw_vs_empty = paired("keyway", "empty_wasm", ratio);
+    let kw_p99 = paired("keyway", "empty_wasm", added_p99);
+    let kw_p50 = paired("keyway", "empty_wasm", added_p50);
+    let kw_cpu = paired("keyway", "empty_wasm", added_cpu);
+    let kw_cpu_ratio = paired("empty_wasm", "keyway", |x, y| x.cpu_us / y.cpu_us.max(1e-9));
     println!(
-        "\nkeyway / none = {:.3}, keyway / rbac = {:.3}, keyway added p99 = {} µs; module size {module_size} bytes; \
-         keyway counted {keyway_allowed} allowed connections",
-        keyway.1 / base.1,
-        keyway.1 / rbac.1,
-        i64::from(keyway.4) - i64::from(base.4)
+        "\nkeyway / empty wasm = {kw_vs_empty:.3} (goal >= 0.97), added p99 over empty wasm = {kw_p99:.0} µs (goal <= 50), \
+         added p50 = {kw_p50:.0} µs; Envoy CPU per connection: keyway + {kw_cpu:.1} µs over empty wasm \
+         (empty ÷ keyway {kw_cpu_ratio:.3}); keyway / none = {:.3}, keyway / rbac = {:.3}, empty wasm / none = {:.3}; \
+         module size {module_size} bytes (empty {empty_module_size}); keyway counted {keyway_allowed} allowed connections",
+        paired("keyway", "none", ratio),
+        paired("keyway", "rbac", ratio),
+        paired("empty_wasm", "none", ratio),
     );
+    if chosen.len() != VARIANTS.len() {
+        eprintln!("BENCH_VARIANTS chose a subset: target/bench-filter.json left as it was");
+        return;
+    }
     let json = serde_json::json!({
         "clients": clients, "rounds": rounds, "seconds_per_round": seconds,
-        "module_size_bytes": module_size,
-        "variants": rows.iter().map(|(v, rate, p50, p90, p99, n, f)| serde_json::json!({
-            "variant": v, "connections_per_second": rate, "p50_us": p50, "p90_us": p90, "p99_us": p99,
-            "connections": n, "failures": f,
-        })).collect::<Vec<_>>(),
+        "module_size_bytes": module_size, "empty_module_size_bytes": empty_module_size,
+        "keyway_vs_empty_wasm": kw_vs_empty,
+        "keyway_added_p99_us_vs_empty_wasm": kw_p99,
+        "keyway_added_p50_us_vs_empty_wasm": kw_p50,
+        "keyway_added_envoy_cpu_us_vs_empty_wasm": kw_cpu,
+        "empty_wasm_vs_keyway_envoy_cpu": kw_cpu_ratio,
+        "variants": variants,
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-filter.json");
     let _ = std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap());
     eprintln!("wrote {}", out.display());
+}
+
+/// The template variable of a variant's port (`keyway_plain` → `KEYWAY_PLAIN_PORT`).
+fn port_var(variant: &str) -> &'static str {
+    match variant {
+        "none" => "NONE_PORT",
+        "rbac" => "RBAC_PORT",
+        "empty_wasm" => "EMPTY_WASM_PORT",
+        "keyway" => "KEYWAY_PORT",
+        _ => "KEYWAY_PLAIN_PORT",
+    }
 }

@@ -3,10 +3,14 @@
 //! failure, and stay usable for `grace_ms` after the last successful fetch (each key also has its
 //! own `not_after_ms`). During a rotation the bundle lists two epochs: tokens are sealed with the
 //! newest usable one ([`KeyBundle::signing_key`]), tickets of any listed usable epoch verify.
+//!
+//! Each key is decoded and keyed once, when its bundle arrives: the state keeps every key's
+//! HMAC-SHA256 state with the key schedule done ([`WorkloadMac`], [`TicketMac`]), so a connection
+//! costs only its own MAC blocks.
 
 use std::net::IpAddr;
 
-use keyway_policy::auth::{TicketKey, WorkloadKey};
+use keyway_policy::auth::{TicketKey, TicketMac, WorkloadKey, WorkloadMac};
 use keyway_policy::keyservice::KeyBundle;
 use keyway_policy::wire::KEY_SERVICE_IP_PARAM;
 
@@ -67,7 +71,35 @@ pub enum NoKey {
 #[derive(Clone, Debug)]
 pub struct KeyState {
     bundle: Option<KeyBundle>,
+    /// The bundle's keys, keyed, in the bundle's order.
+    macs: Macs,
     service: Option<Service>,
+}
+
+/// The MAC state of every key of a bundle, index for index (`None`: the key does not decode, so
+/// it seals and verifies nothing, as [`KeyBundle::signing_key`] and [`KeyBundle::ticket_key`]
+/// would find).
+#[derive(Clone, Debug, Default)]
+struct Macs {
+    workload: Vec<Option<WorkloadMac>>,
+    ticket: Vec<Option<TicketMac>>,
+}
+
+impl Macs {
+    fn of(bundle: &KeyBundle) -> Self {
+        Macs {
+            workload: bundle
+                .workload_keys
+                .iter()
+                .map(|k| WorkloadKey::from_base64url(&k.key).ok().map(|k| k.keyed()))
+                .collect(),
+            ticket: bundle
+                .ticket_keys
+                .iter()
+                .map(|k| TicketKey::from_base64url(&k.key).ok().map(|k| k.keyed()))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -87,13 +119,14 @@ struct Service {
 impl KeyState {
     /// Static keys: always usable (each key until its `not_after_ms`).
     pub fn fixed(bundle: KeyBundle) -> Self {
-        KeyState { bundle: Some(bundle), service: None }
+        KeyState { macs: Macs::of(&bundle), bundle: Some(bundle), service: None }
     }
 
     /// Keys from a key service: none until the first fetch, which is due at once.
     pub fn from_service(config: &KeyServiceConfig) -> Self {
         KeyState {
             bundle: None,
+            macs: Macs::default(),
             service: Some(Service {
                 grace_ms: config.grace_ms,
                 retry_ms: config.retry_ms,
@@ -117,16 +150,26 @@ impl KeyState {
         }
     }
 
-    /// The key to seal a token with at `now_ms`, with its epoch.
-    pub fn signing_key(&self, now_ms: u64) -> Option<(u32, WorkloadKey)> {
-        self.bundle(now_ms)?.signing_key(now_ms)
+    /// The key to seal a token with at `now_ms`, with its epoch: the key
+    /// [`KeyBundle::signing_key`] picks (the newest usable epoch), keyed.
+    pub fn signing_key(&self, now_ms: u64) -> Option<(u32, &WorkloadMac)> {
+        let bundle = self.bundle(now_ms)?;
+        bundle
+            .workload_keys
+            .iter()
+            .zip(&self.macs.workload)
+            .filter(|(k, _)| k.usable_at(now_ms))
+            .max_by_key(|(k, _)| k.epoch)
+            .and_then(|(k, mac)| Some((k.epoch, mac.as_ref()?)))
     }
 
-    /// The ticket key of `epoch` at `now_ms`.
-    pub fn ticket_key(&self, epoch: u32, now_ms: u64) -> Result<TicketKey, NoKey> {
+    /// The ticket key of `epoch` at `now_ms` ([`KeyBundle::ticket_key`]), keyed.
+    pub fn ticket_key(&self, epoch: u32, now_ms: u64) -> Result<&TicketMac, NoKey> {
         let bundle = self.bundle(now_ms).ok_or(NoKey::NoKeys)?;
-        if let Some(key) = bundle.ticket_key(epoch, now_ms) {
-            return Ok(key);
+        let listed =
+            bundle.ticket_keys.iter().zip(&self.macs.ticket).find(|(k, _)| k.epoch == epoch && k.valid_at(now_ms));
+        if let Some(mac) = listed.and_then(|(_, mac)| mac.as_ref()) {
+            return Ok(mac);
         }
         if bundle.ticket_keys.iter().any(|k| k.usable_at(now_ms)) {
             Err(NoKey::UnknownEpoch)
@@ -182,6 +225,7 @@ impl KeyState {
             s.fetched_at_ms = Some(now_ms);
             s.next_fetch_ms = now_ms.saturating_add(bundle.refresh_ms.max(MIN_REFRESH_MS));
         }
+        self.macs = Macs::of(&bundle);
         self.bundle = Some(bundle);
     }
 
@@ -301,6 +345,69 @@ pub(crate) mod tests {
         assert!(expired.signing_key(11).is_none());
         assert_eq!(expired.ticket_key(1, 11).err(), Some(NoKey::NoKeys));
         assert_eq!(expired.epochs(5), (vec![1], vec![1]));
+    }
+
+    #[test]
+    fn kept_mac_states_pick_and_seal_as_the_bundle_does() {
+        use keyway_policy::Protocol;
+        use keyway_policy::auth::{TicketClaims, TokenClaims, decode_ticket};
+        // Rotation with an activation, an expiry, an undecodable key and a repeated epoch.
+        let mut b = bundle(&[(1, Some(5_000)), (2, None), (3, None)]);
+        b.workload_keys[2].not_before_ms = Some(2_000);
+        b.workload_keys.push(EpochKey {
+            epoch: 4,
+            key: "short".into(),
+            not_after_ms: Some(3_000),
+            not_before_ms: None,
+        });
+        b.workload_keys.push(EpochKey { epoch: 3, key: key(33), not_after_ms: None, not_before_ms: None });
+        b.ticket_keys.push(EpochKey { epoch: 9, key: "short".into(), not_after_ms: None, not_before_ms: None });
+        let fixed = KeyState::fixed(b.clone());
+        let mut fetched = KeyState::from_service(&service());
+        fetched.fetched(b.clone(), 0);
+        let claims = |epoch, now| TokenClaims {
+            epoch,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            dst_port: 80,
+            protocol: Protocol::Tcp,
+            issued_at_ms: now,
+            nonce: [7; 12],
+        };
+        for s in [&fixed, &fetched] {
+            for now in [0, 1_999, 2_000, 2_500, 3_001, 5_000, 5_001] {
+                let kept = s.signing_key(now).map(|(e, mac)| (e, claims(e, now).seal_with(mac)));
+                // What the state did before it kept MAC states: the usable bundle's own pick.
+                let reference =
+                    s.bundle(now).and_then(|b| b.signing_key(now)).map(|(e, key)| (e, claims(e, now).seal(&key)));
+                assert_eq!(kept, reference, "at {now}");
+                for epoch in [1, 2, 3, 9, 10] {
+                    let ticket = TicketClaims {
+                        epoch,
+                        src: "10.0.0.3".parse().unwrap(),
+                        dst: "10.0.0.1".parse().unwrap(),
+                        dst_port: 80,
+                        protocol: Protocol::Tcp,
+                        issued_at_ms: now,
+                        nonce: [8; 12],
+                        src_identity: "spiffe://td/ns/a/sa/c".into(),
+                    };
+                    let sealed = |k: &TicketKey| decode_ticket(&ticket.seal(k).unwrap()).unwrap();
+                    let verify =
+                        |k| s.ticket_key(epoch, now).map(|mac| sealed(k).verify_with(mac, now, 0, ticket.dst, 80));
+                    let reference = |k| {
+                        s.bundle(now)
+                            .and_then(|b| b.ticket_key(epoch, now))
+                            .map(|key| sealed(k).verify(&key, now, 0, ticket.dst, 80))
+                    };
+                    let genuine = TicketKey::from_base64url(&key(100 + epoch as u8)).unwrap();
+                    let forged = TicketKey::from_bytes([1; 32]);
+                    for k in [&genuine, &forged] {
+                        assert_eq!(verify(k).ok(), reference(k), "epoch {epoch} at {now}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

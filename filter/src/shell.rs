@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use chacha20::ChaCha20Rng;
+use chacha20::rand_core::{Rng as _, SeedableRng as _};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType, MetricType};
@@ -313,6 +315,30 @@ fn node_metadata() -> NodeMetadata {
 /// A property, when the host has it.
 fn property(path: Vec<&str>) -> Option<Vec<u8>> {
     hostcalls::get_property(path).ok().flatten()
+}
+
+thread_local! {
+    /// The nonce generator of this VM (one VM per worker thread; every plugin of the VM draws from
+    /// it): ChaCha20 seeded with 32 bytes of the host's random source (WASI `random_get`) at the
+    /// first draw, so a connection costs no host call for its nonce. The first draw comes from a
+    /// connection, after Envoy instantiated the worker's VM, so no two VMs share a seed.
+    static NONCES: RefCell<Option<ChaCha20Rng>> = const { RefCell::new(None) };
+}
+
+/// A fresh nonce, or `None` when the host has never given randomness to seed from (the draw is
+/// tried again at the next connection; meanwhile tokens are refused as `no-randomness`).
+fn nonce<const N: usize>() -> Option<[u8; N]> {
+    NONCES.with(|cell| {
+        let mut rng = cell.borrow_mut();
+        if rng.is_none() {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).ok()?;
+            *rng = Some(ChaCha20Rng::from_seed(seed));
+        }
+        let mut out = [0u8; N];
+        rng.as_mut()?.fill_bytes(&mut out);
+        Some(out)
+    })
 }
 
 /// The host's clock in unix ms (0 when it cannot be read: every credential then fails its window).

@@ -145,7 +145,7 @@ pub fn outbound(
             issued_at_ms: now_ms,
             nonce,
         };
-        Ok(Token { text: claims.seal(&key), epoch })
+        Ok(Token { text: claims.seal_with(key), epoch })
     })();
     conclude(r, fail_open)
 }
@@ -241,7 +241,7 @@ pub fn verify_ticket(
             NoKey::NoKeys => Denial::internal(NO_KEY, "no usable ticket key: keys missing, expired or stale"),
             NoKey::UnknownEpoch => Denial::auth(&AuthError::UnknownEpoch { kind: Kind::Ticket, epoch }),
         })?;
-        sealed.verify(&key, now_ms, window_ms, overlay_ip, port).map_err(|e| Denial::auth(&e))
+        sealed.verify_with(key, now_ms, window_ms, overlay_ip, port).map_err(|e| Denial::auth(&e))
     })()
 }
 

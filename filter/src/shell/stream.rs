@@ -8,7 +8,7 @@ use proxy_wasm::types::{Action, LogLevel};
 
 use keyway_policy::wire::TOKEN_PROPERTY;
 
-use super::{Shared, log, now_ms, property};
+use super::{Shared, log, nonce, now_ms, property};
 use crate::config::Mode;
 use crate::verdict::{self, Action as Verdict, parse_address};
 
@@ -38,8 +38,7 @@ impl StreamContext for Connection {
 impl Connection {
     fn outbound(&self) -> bool {
         let dst = property(vec!["destination", "address"]).as_deref().and_then(parse_address);
-        let mut nonce = [0u8; 12];
-        let nonce = getrandom::fill(&mut nonce).ok().map(|()| nonce);
+        let nonce = nonce();
         let now = now_ms();
         let mut s = self.state.borrow_mut();
         let Some(src) = s.identity.as_ref().map(|i| i.overlay_ip) else { return false };
@@ -65,11 +64,31 @@ impl Connection {
         }
     }
 
+    /// Reads only the addresses an exemption can match: the destination port when ports are
+    /// exempt, then the source when sources are and the port was not; a refusal reads both for
+    /// its log line. An address no exemption can match never changes the verdict, so it is the
+    /// one reading both up front gives.
     fn plain(&self) -> bool {
-        let src = property(vec!["source", "address"]).as_deref().and_then(parse_address).map(|a| a.ip());
-        let dst_port = property(vec!["destination", "address"]).as_deref().and_then(parse_address).map(|a| a.port());
+        let read_port =
+            || property(vec!["destination", "address"]).as_deref().and_then(parse_address).map(|a| a.port());
+        let read_src = || property(vec!["source", "address"]).as_deref().and_then(parse_address).map(|a| a.ip());
+        let (by_port, by_source) = {
+            let s = self.state.borrow();
+            (!s.exemptions.ports.is_empty(), !s.exemptions.cidrs.is_empty())
+        };
+        let dst_port = if by_port { read_port() } else { None };
         let mut s = self.state.borrow_mut();
-        match verdict::inbound_plain(&s.exemptions, src, dst_port) {
+        let mut action = verdict::inbound_plain(&s.exemptions, None, dst_port);
+        let mut src = None;
+        if by_source && matches!(action, Verdict::Deny(_)) {
+            src = read_src();
+            action = verdict::inbound_plain(&s.exemptions, src, dst_port);
+        }
+        if matches!(action, Verdict::Deny(_)) {
+            let (src, dst_port) = (src.or_else(read_src), dst_port.or_else(read_port));
+            action = verdict::inbound_plain(&s.exemptions, src, dst_port);
+        }
+        match action {
             Verdict::Allow(()) => {
                 s.metrics.connection("allow");
                 true
