@@ -24,8 +24,12 @@ use crate::verdict::{self, Denial, Exemptions, TunnelCheck};
 mod stream;
 mod tunnel;
 
-/// How often a root context with a key service looks at its refresh schedule.
+/// How often a root context with a key service looks at its refresh schedule (and flushes its
+/// allowed-connection counts).
 const TICK: Duration = Duration::from_millis(200);
+
+/// How often a root context without a key service flushes its allowed-connection counts.
+const FLUSH_TICK: Duration = Duration::from_secs(1);
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -50,6 +54,13 @@ struct Root {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        if let Some(state) = &self.state {
+            state.borrow_mut().metrics.flush();
+        }
+        true
+    }
+
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let Some(state) = &self.state else { return };
         let mut s = state.borrow_mut();
@@ -130,9 +141,13 @@ impl RootContext for Root {
             let mode = settings.mode.as_str();
             log(LogLevel::Warn, &format!("keyway {mode}: fail_open has no effect in this mode: what fails is refused"));
         }
-        if matches!(settings.keys, KeySource::Service(_)) && hostcalls::set_tick_period(TICK).is_err() {
-            log(LogLevel::Error, "keyway: cannot set the tick period; the key service would never be asked");
+        let tick = if matches!(settings.keys, KeySource::Service(_)) { TICK } else { FLUSH_TICK };
+        if hostcalls::set_tick_period(tick).is_err() {
+            log(LogLevel::Error, "keyway: cannot set the tick period; keys would never be fetched nor counts flushed");
             return false;
+        }
+        if let Some(old) = &self.state {
+            old.borrow_mut().metrics.flush();
         }
         self.state = Some(Rc::new(RefCell::new(State { settings, identity, keys, replay, exemptions, metrics })));
         true
@@ -141,6 +156,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(state) = &self.state else { return };
         let mut s = state.borrow_mut();
+        s.metrics.flush();
         let now = now_ms();
         if !s.keys.fetch_due(now) {
             return;
@@ -190,6 +206,9 @@ struct Metrics {
     mode: Mode,
     /// By verdict: allow, deny, fail_open.
     connections: [Option<u32>; 3],
+    /// Allowed connections not yet added to their counter: they are added at every tick (and
+    /// when the plugin stops), one host call for many connections; refusals are counted at once.
+    allowed: u64,
     denials: BTreeMap<&'static str, u32>,
     refreshes: BTreeMap<&'static str, u32>,
 }
@@ -207,13 +226,33 @@ impl Metrics {
                 .filter_map(|o| Some((o.as_str(), define(&metrics::key_refreshes(*o))?)))
                 .collect()
         };
-        Metrics { mode, connections, denials, refreshes }
+        Metrics { mode, connections, denials, refreshes, allowed: 0 }
+    }
+
+    /// Counts an allowed connection (added to the counter at the next [`Metrics::flush`]).
+    fn allowed(&mut self) {
+        self.allowed = self.allowed.saturating_add(1);
+    }
+
+    /// Adds the allowed connections counted since the last flush to their counter.
+    fn flush(&mut self) {
+        if self.allowed > 0
+            && let Some(id) = self.connection_id("allow")
+        {
+            let _ = hostcalls::increment_metric(id, i64::try_from(self.allowed).unwrap_or(i64::MAX));
+            self.allowed = 0;
+        }
+    }
+
+    /// The counter of connections with `verdict`.
+    fn connection_id(&self, verdict: &str) -> Option<u32> {
+        let index = metrics::VERDICTS.iter().position(|v| *v == verdict)?;
+        self.connections.get(index).copied().flatten()
     }
 
     fn connection(&self, verdict: &str) {
-        let index = metrics::VERDICTS.iter().position(|v| *v == verdict);
-        if let Some(Some(id)) = index.and_then(|i| self.connections.get(i)) {
-            let _ = hostcalls::increment_metric(*id, 1);
+        if let Some(id) = self.connection_id(verdict) {
+            let _ = hostcalls::increment_metric(id, 1);
         }
     }
 

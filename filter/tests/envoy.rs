@@ -239,6 +239,8 @@ async fn outbound_attaches_a_verifiable_token_and_closes_without_key() -> Result
     let second = gateway.next_connect().await?;
     let second = decode_token(second.headers[TOKEN_HEADER].to_str()?)?;
     assert_ne!(second.claims().nonce, claims.nonce);
+    // Allowed connections are added to their counter at the plugin's next tick.
+    envoy.wait_until("two allowed connections to be counted", || stat(&envoy, &conn_stat("outbound", "allow")) >= 2)?;
     assert_eq!(stat(&envoy, &conn_stat("outbound", "allow")), 2);
 
     // Without a usable key the connection is closed and no CONNECT is ever opened upstream.
@@ -304,6 +306,8 @@ async fn inbound_tunnel_verifies_tickets_and_plain_inbound_is_closed() -> Result
         assert_eq!(r.echo, None);
     }
     assert_eq!(app.accepted.load(Ordering::SeqCst), 1, "a refused tunnel reached the application");
+    envoy
+        .wait_until("the allowed tunnel to be counted", || stat(&envoy, &conn_stat("inbound_tunnel", "allow")) >= 1)?;
     assert_eq!(stat(&envoy, &conn_stat("inbound_tunnel", "allow")), 1);
     assert_eq!(stat(&envoy, &conn_stat("inbound_tunnel", "deny")), cases.len() as u64);
     assert_eq!(stat(&envoy, &denial_stat("ticket-wrong-destination")), 2);
@@ -322,6 +326,9 @@ async fn inbound_tunnel_verifies_tickets_and_plain_inbound_is_closed() -> Result
     };
     assert_eq!(echo_on(&mut from_exempt_source, b"kubelet").await?, b"kubelet");
     assert_eq!(app.accepted.load(Ordering::SeqCst), 3);
+    envoy.wait_until("two allowed plain connections to be counted", || {
+        stat(&envoy, &conn_stat("inbound_plain", "allow")) >= 2
+    })?;
     assert_eq!(stat(&envoy, &conn_stat("inbound_plain", "allow")), 2);
     Ok(())
 }
@@ -533,5 +540,37 @@ async fn fail_open_without_keys_refuses_a_forged_ticket() -> Result<()> {
     assert_eq!(r.reason(), Some("no-key"));
     assert_eq!(app.accepted.load(Ordering::SeqCst), 0, "the forged ticket reached the application");
     assert_eq!(stat(&envoy, &conn_stat("inbound_tunnel", "fail_open")), 0);
+    Ok(())
+}
+
+/// Issue 13: each worker's VM draws nonces from its own ChaCha20 generator, seeded from the host's
+/// random source at its first draw; tokens sealed on two workers never share a nonce (one seed
+/// shared by the VMs would repeat the same sequence on both). Connections are opened until both
+/// workers sealed several tokens (per-worker listener stats).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonces_differ_across_worker_vms() -> Result<()> {
+    let mut gateway = FakeGateway::start().await?;
+    let keys = bundle(CART, CART_IP, &[(7, None)], 10_000);
+    let cfg = static_config("outbound", &keys);
+    let out = Outbound::new(gateway.port, free_port(), cfg.clone(), service_config("outbound", None), cfg);
+    let envoy = Envoy::start_workers(&out.yaml(), out.port("ADMIN_PORT"), "nonce-workers", 2)?;
+    let port = out.port("OUT_STATIC_PORT");
+    let worker_cx = |w: u32| envoy.stat(&format!("listener.127.0.0.1_{port}.worker_{w}.downstream_cx_total"));
+    let mut nonces = std::collections::BTreeSet::new();
+    let mut tokens = 0;
+    while tokens < 400 && (worker_cx(0) < 8 || worker_cx(1) < 8) {
+        assert_eq!(echo_through(port, b"n").await?, b"n");
+        let connect = gateway.next_connect().await?;
+        let token = decode_token(connect.headers.get(TOKEN_HEADER).expect("token header").to_str()?)?;
+        nonces.insert(token.claims().nonce);
+        tokens += 1;
+    }
+    assert!(
+        worker_cx(0) >= 8 && worker_cx(1) >= 8,
+        "the connections did not reach both workers ({} and {}): the test would prove nothing",
+        worker_cx(0),
+        worker_cx(1)
+    );
+    assert_eq!(nonces.len(), tokens, "a nonce was sealed twice");
     Ok(())
 }

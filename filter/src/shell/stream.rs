@@ -50,7 +50,7 @@ impl Connection {
                     s.metrics.connection("deny");
                     return false;
                 }
-                s.metrics.connection("allow");
+                s.metrics.allowed();
                 true
             }
             Verdict::FailOpen(d) => {
@@ -90,7 +90,7 @@ impl Connection {
         }
         match action {
             Verdict::Allow(()) => {
-                s.metrics.connection("allow");
+                s.metrics.allowed();
                 true
             }
             Verdict::FailOpen(d) => {

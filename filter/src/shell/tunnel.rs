@@ -31,7 +31,7 @@ impl HttpContext for Tunnel {
             verdict::inbound_tunnel_shared(&check, &s.keys, replay, ticket.as_deref(), authority.as_deref(), now);
         match action {
             Verdict::Allow(claims) => {
-                s.metrics.connection("allow");
+                s.metrics.allowed();
                 let _ = hostcalls::set_property(vec![SOURCE_IDENTITY_PROPERTY], Some(claims.src_identity.as_bytes()));
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, TICKET_HEADER, None);
                 Action::Continue
