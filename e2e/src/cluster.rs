@@ -572,6 +572,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to a gateway replica: `STOP` hangs it without closing
+    /// anything, as a frozen host would.
+    pub fn signal_gateway(&self, zone: &str, name: &str, signal: &str) -> anyhow::Result<()> {
+        let g = self.gateways.get(self.gateway_index(zone, name)?).context("gateway")?;
+        let pid = g.proc.as_ref().and_then(Proc::pid).with_context(|| format!("{zone}/{name} is not running"))?;
+        sh(&["kill", &format!("-{signal}"), &pid.to_string()])?;
+        Ok(())
+    }
+
     /// Starts a gateway replica again.
     pub fn start_gateway(&mut self, zone: &str, name: &str) -> anyhow::Result<()> {
         let i = self.gateway_index(zone, name)?;

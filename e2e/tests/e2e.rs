@@ -222,6 +222,35 @@ fn gateway_replica_failover_keeps_new_connections_flowing() {
     assert_eq!(after_failed, 0, "once the replicas are gone, no new connection fails");
 }
 
+/// `(up, silent)` of peer `peer` in the `/peers` of gateway `of`.
+fn peer_state(c: &Cluster, of: (&str, &str), peer: (&str, &str)) -> Option<(bool, bool)> {
+    let (status, body) = c.gateway_admin(of.0, of.1, "/peers").ok()?;
+    let peers: Vec<serde_json::Value> = serde_json::from_str(&body).ok().filter(|_| status == 200)?;
+    let p = peers.iter().find(|p| p["zone"] == peer.0 && p["name"] == peer.1)?;
+    Some((p["up"].as_bool()?, p["silent"].as_bool()?))
+}
+
+#[test]
+fn a_hung_gateway_is_left_while_its_connection_is_still_open_and_taken_back_when_it_answers() {
+    let (_turn, c) = Cluster::for_test("hg");
+    assert_eq!(peer_state(&c, ("zone-a", "gw-1"), ("zone-b", "gw-1")), Some((true, false)));
+    // Frozen: no datagram, no close, no reset; its QUIC connection stays open until the idle timeout.
+    c.signal_gateway("zone-b", "gw-1", "STOP").unwrap();
+    let seen = wait_until(Duration::from_secs(10), "zone-b/gw-1 silent on an open connection", || {
+        peer_state(&c, ("zone-a", "gw-1"), ("zone-b", "gw-1")) == Some((true, true))
+    });
+    c.signal_gateway("zone-b", "gw-1", "CONT").unwrap();
+    let seen = seen.unwrap();
+    println!("hung gateway: silent on an open connection after {seen:?}");
+    // While it was silent, new flows into zone-b went to gw-2; awake, it is taken back.
+    wait_until(Duration::from_secs(10), "zone-b/gw-1 taken back", || {
+        peer_state(&c, ("zone-a", "gw-1"), ("zone-b", "gw-1")) == Some((true, false))
+    })
+    .unwrap();
+    let (_, failed, _) = stream_of_connections(&c, 1, |_| {});
+    assert_eq!(failed, 0, "flows go on once the replica answers again");
+}
+
 #[test]
 fn zone_failover_by_locality_and_back() {
     let (_turn, mut c) = Cluster::for_test("zf");
