@@ -100,7 +100,7 @@ fn transport(config: &Config) -> Arc<quinn::TransportConfig> {
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(config.peer_idle_timeout_ms)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(u32::try_from(config.limits.max_flows).unwrap_or(u32::MAX)));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(config.limits.max_flows_per_peer));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.stream_receive_window(quinn::VarInt::from_u32(4 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));

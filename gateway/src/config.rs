@@ -22,6 +22,8 @@ pub const DEFAULT_WINDOW_MS: u64 = 30_000;
 pub const DEFAULT_REPLAY_CAPACITY: usize = 1_000_000;
 /// Default limit of concurrent flows.
 pub const DEFAULT_MAX_FLOWS: usize = 100_000;
+/// Default limit of concurrent flows on one QUIC connection to a peer gateway.
+pub const DEFAULT_MAX_FLOWS_PER_PEER: u32 = 4096;
 /// Default timeout to connect onwards (ms).
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Default QUIC keep-alive interval (ms).
@@ -156,6 +158,12 @@ pub struct Limits {
     /// Nonces remembered for replay detection; when full of unexpired nonces new tokens are refused.
     #[serde(default = "default_replay")]
     pub replay_cache: usize,
+    /// Concurrent flows on the QUIC connection with one peer gateway (QUIC's stream limit). quinn
+    /// keeps an entry for every stream a peer may open, from the moment the connection opens
+    /// (about 110 bytes each: 0.45 MiB per peer at the default); a flow that finds its peer's
+    /// connection full goes to another replica of the zone, or is refused `max-flows-per-peer`.
+    #[serde(default = "default_max_flows_per_peer")]
+    pub max_flows_per_peer: u32,
     /// Timeout to connect onwards (peer stream, sidecar, external address), ms.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -189,6 +197,9 @@ pub struct Limits {
     pub header_timeout_ms: u64,
 }
 
+fn default_max_flows_per_peer() -> u32 {
+    DEFAULT_MAX_FLOWS_PER_PEER
+}
 fn default_flow_idle() -> u64 {
     DEFAULT_FLOW_IDLE_TIMEOUT_MS
 }
@@ -238,6 +249,7 @@ impl Default for Limits {
         Limits {
             max_flows: DEFAULT_MAX_FLOWS,
             replay_cache: DEFAULT_REPLAY_CAPACITY,
+            max_flows_per_peer: DEFAULT_MAX_FLOWS_PER_PEER,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             max_flows_per_source: None,
             replay_per_source: None,
@@ -555,6 +567,9 @@ impl Config {
                 "limits.max_flows_per_source",
                 format!("must be between 1 and max_flows ({})", l.max_flows),
             ));
+        }
+        if l.max_flows_per_peer == 0 {
+            return Err(bad("limits.max_flows_per_peer", "must be positive".to_owned()));
         }
         if l.flow_idle_timeout_ms == 0
             || l.header_timeout_ms == 0

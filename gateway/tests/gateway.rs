@@ -538,3 +538,41 @@ async fn a_gateway_waits_for_its_mesh_certificate_files() {
     let io = o.connect(c1, &api_c, dst(&web, 8080), Some(&t)).await.open();
     assert_eq!(echo(io, b"late").await, b"late");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_peer_connection_sends_flows_to_the_other_replica_then_refuses_them() {
+    // Two flows per peer connection; zone-b has two replicas, so a1 carries four into zone-b.
+    let o = Overlay::start_with("peerfull", ZONES, app(21), POLICIES, |c| c.limits.max_flows_per_peer = 2).await;
+    let (web, api) = (o.workload("web").clone(), o.workload("api").clone());
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let t = o.token(&web, api.overlay, 8080, None, now_ms());
+        let mut io = o.connect(a1, &web, dst(&api, 8080), Some(&t)).await.open();
+        roundtrip(&mut io, b"held").await;
+        open.push(io);
+    }
+    let t = o.token(&web, api.overlay, 8080, None, now_ms());
+    let (status, reason, _) = o.connect(a1, &web, dst(&api, 8080), Some(&t)).await.refused();
+    assert_eq!((status, reason.as_str()), (503, "max-flows-per-peer"));
+    // Nothing was taken down: the open flows still carry bytes, and one ending makes room.
+    for io in &mut open {
+        roundtrip(io, b"still here").await;
+    }
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = o.token(&web, api.overlay, 8080, None, now_ms());
+        match o.connect(a1, &web, dst(&api, 8080), Some(&t)).await {
+            keyway_e2e::loopback::Connect::Open(_) => break,
+            refused => {
+                assert!(tokio::time::Instant::now() < deadline, "no room after a flow ended: {:?}", refused.refused());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let refused =
+        metric(o.gw("zone-a", "a1").admin_addr, "keyway_gateway_limit_refusals_total", "limit=\"max_flows_per_peer\"")
+            .await;
+    assert!(refused >= 1.0, "counted: {refused}");
+}

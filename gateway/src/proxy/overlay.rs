@@ -35,11 +35,18 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
     }
     .encode();
     let replicas = proxy.config.zone(zone).map_or(1, |z| z.gateways.len());
+    let mut full = false;
     for _ in 0..replicas.max(1) {
         let Some((peer, conn)) = proxy.routing.pick(zone) else { break };
         log.next_hop = format!("{}/{}", peer.id.zone, peer.id.name);
+        // A stream now or never: a connection holding the peer's `max_flows_per_peer` streams
+        // would make the flow wait for another flow to end.
+        let Ok(opened) = tokio::time::timeout(Duration::ZERO, conn.open_bi()).await else {
+            full = true;
+            continue;
+        };
         let attempt = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = opened.map_err(|e| e.to_string())?;
             send.write_all(&header).await.map_err(|e| e.to_string())?;
             let mut prefix = [0u8; 6];
             recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
@@ -82,7 +89,7 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
             }
         }
     }
-    Err(Refusal::ZoneUnreachable)
+    Err(if full { Refusal::Limit(super::refusal::Limit::MaxFlowsPerPeer) } else { Refusal::ZoneUnreachable })
 }
 
 /// Accepts overlay connections until the endpoint closes. A connection attempt from an address

@@ -35,6 +35,8 @@ pub enum Limit {
     MaxFlows,
     /// The source holds its `limits.max_flows_per_source` flows.
     MaxFlowsPerSource,
+    /// Every connection to the destination zone's gateways holds `limits.max_flows_per_peer` flows.
+    MaxFlowsPerPeer,
 }
 
 impl Limit {
@@ -42,6 +44,7 @@ impl Limit {
         match self {
             Limit::MaxFlows => "max-flows",
             Limit::MaxFlowsPerSource => "max-flows-per-source",
+            Limit::MaxFlowsPerPeer => "max-flows-per-peer",
         }
     }
 
@@ -49,6 +52,7 @@ impl Limit {
         match self {
             Limit::MaxFlows => "max_flows",
             Limit::MaxFlowsPerSource => "max_flows_per_source",
+            Limit::MaxFlowsPerPeer => "max_flows_per_peer",
         }
     }
 }
@@ -294,6 +298,7 @@ mod tests {
             (Refusal::Draining, "draining", 503, "error"),
             (Refusal::Limit(Limit::MaxFlows), "max-flows", 503, "error"),
             (Refusal::Limit(Limit::MaxFlowsPerSource), "max-flows-per-source", 503, "error"),
+            (Refusal::Limit(Limit::MaxFlowsPerPeer), "max-flows-per-peer", 503, "error"),
             (Refusal::ExternalForbidden(addr.ip()), "external-forbidden", 403, "deny"),
             (Refusal::Header("flow-source-zone"), "flow-source-zone", 502, "deny"),
             (Refusal::Token("token-mac"), "token-mac", 403, "deny"),
