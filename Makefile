@@ -46,9 +46,9 @@ istio-xds: ## Istio's own pilot, at each pinned release, generates the sample si
 conformance: setup ## only the golden-data conformance suites, with the pass counts
 	$(CARGO) test -p keyway-policy --test conformance --locked -- --nocapture
 
-wasm: setup ## the proxy-wasm filter module: <target dir>/wasm32-wasip1/wasm-release/keyway_filter.wasm
-	$(CARGO) build -p keyway-filter --target $(WASM_TARGET) --profile wasm-release --locked
-	@stat -c '%n: %s bytes' $(TARGET_DIR)/$(WASM_TARGET)/wasm-release/keyway_filter.wasm
+wasm: setup ## the proxy-wasm filter module: <target dir>/wasm32-wasip1/wasm-release/keyway_filter.wasm (and examples/empty_filter.wasm, the filter bench's baseline)
+	$(CARGO) build -p keyway-filter --target $(WASM_TARGET) --profile wasm-release --locked --lib --example empty_filter
+	@stat -c '%n: %s bytes' $(TARGET_DIR)/$(WASM_TARGET)/wasm-release/keyway_filter.wasm $(TARGET_DIR)/$(WASM_TARGET)/wasm-release/examples/empty_filter.wasm
 
 e2e: setup wasm ## end-to-end tests only: zones as network namespaces, real gateways and Envoy sidecars (root)
 	./scripts/install-deps.sh
