@@ -123,10 +123,17 @@ pub fn build(inp: &Inputs<'_>) -> Value {
                 .unwrap_or(f64::NAN)
         };
         let (none, rbac, kw, plain) = (rate("none"), rate("rbac"), rate("keyway"), rate("keyway_plain"));
+        let empty = rate("empty_wasm");
+        // The bench's own paired ratio (median of per-round ratios) when it wrote one.
+        let paired = |key: &str, fallback: f64| f[key].as_f64().unwrap_or(fallback);
         json!({
             "conn_rate_no_filter": num(none), "conn_rate_rbac": num(rbac), "conn_rate_keyway": num(kw),
-            "conn_rate_keyway_plain_inbound": num(plain),
+            "conn_rate_keyway_plain_inbound": num(plain), "conn_rate_empty_wasm": num(empty),
             "keyway_vs_no_filter": num(kw / none), "rbac_vs_no_filter": num(rbac / none),
+            "keyway_vs_empty_wasm": num(paired("keyway_vs_empty_wasm", kw / empty)),
+            "keyway_added_p99_us_vs_empty_wasm": num(paired("keyway_added_p99_us_vs_empty_wasm", f64::NAN)),
+            "keyway_added_envoy_cpu_us_vs_empty_wasm": num(paired("keyway_added_envoy_cpu_us_vs_empty_wasm", f64::NAN)),
+            "goal": {"keyway_vs_empty_wasm": 0.97, "keyway_added_p99_us_vs_empty_wasm": 50},
             "module_size_bytes": f["module_size_bytes"].clone(),
             "source": "target/bench-filter.json (cargo bench -p keyway-filter --bench connections)",
         })
@@ -301,11 +308,14 @@ pub fn markdown(v: &Value) -> String {
     ));
     let fl = &v["filter"];
     s.push_str(&format!(
-        "**Filter** (from the filter bench): no filter {} conn/s, RBAC {}, keyway {} (keyway ÷ none {}).\n\n",
+        "**Filter** (from the filter bench): no filter {} conn/s, RBAC {}, empty wasm filter {}, keyway {} (keyway ÷ none {}; keyway ÷ empty wasm **{}**, goal ≥ 0.97; added p99 over empty wasm, one client, **{}** µs, goal ≤ 50).\n\n",
         f(fl, &["conn_rate_no_filter"], 0),
         f(fl, &["conn_rate_rbac"], 0),
+        f(fl, &["conn_rate_empty_wasm"], 0),
         f(fl, &["conn_rate_keyway"], 0),
-        f(fl, &["keyway_vs_no_filter"], 2)
+        f(fl, &["keyway_vs_no_filter"], 2),
+        f(fl, &["keyway_vs_empty_wasm"], 3),
+        f(fl, &["keyway_added_p99_us_vs_empty_wasm"], 0)
     ));
     let fo = &v["failover"];
     s.push_str(&format!(
