@@ -246,6 +246,124 @@ fn f(v: &Value, path: &[&str], digits: usize) -> String {
     if x.is_finite() { format!("{x:.digits$}") } else { "–".into() }
 }
 
+/// A goal: the figures (JSON paths), at most or at least the goal, digits shown.
+struct Goal {
+    figure: &'static str,
+    paths: &'static [&'static [&'static str]],
+    at_most: bool,
+    goal: f64,
+    digits: usize,
+}
+
+/// The goals of issue 13, each with this run's figures.
+const GOALS: &[Goal] = &[
+    Goal {
+        figure: "added cross-zone latency, keep-alive, p50 / p99 (ms)",
+        paths: &[&["latency", "added_cross_zone_p50_ms"], &["latency", "added_cross_zone_p99_ms"]],
+        at_most: true,
+        goal: f64::NAN,
+        digits: 2,
+    },
+    Goal {
+        figure: "added cross-zone latency, new connection per request, p50 / p99 (ms)",
+        paths: &[
+            &["latency", "added_cross_zone_new_connection_p50_ms"],
+            &["latency", "added_cross_zone_new_connection_p99_ms"],
+        ],
+        at_most: true,
+        goal: f64::NAN,
+        digits: 2,
+    },
+    Goal {
+        figure: "cross-zone throughput ÷ Envoy HBONE, 1 / 8 flows",
+        paths: &[&["throughput", "keyway_vs_envoy_hbone"], &["throughput", "flows_8", "keyway_vs_envoy_hbone"]],
+        at_most: false,
+        goal: 0.6,
+        digits: 2,
+    },
+    Goal {
+        figure: "CPU seconds per GB ÷ Envoy HBONE's, 1 flow",
+        paths: &[&["throughput", "cpu_s_per_gb", "keyway_vs_envoy_hbone"]],
+        at_most: true,
+        goal: 1.5,
+        digits: 2,
+    },
+    Goal {
+        figure: "throughput ÷ boringtun, 8 flows",
+        paths: &[&["throughput", "flows_8", "keyway_vs_boringtun"]],
+        at_most: false,
+        goal: 4.0,
+        digits: 2,
+    },
+    Goal {
+        figure: "gateway vCPU per 1000 req/s, keep-alive (busier gateway)",
+        paths: &[&["gateway", "vcpu_per_1k_rps"]],
+        at_most: true,
+        goal: 0.06,
+        digits: 3,
+    },
+    Goal {
+        figure: "gateway RSS idle (MiB)",
+        paths: &[&["gateway", "rss_idle_mb"]],
+        at_most: true,
+        goal: 12.0,
+        digits: 1,
+    },
+    Goal {
+        figure: "gateway RSS per 1000 open flows (MiB, busier gateway)",
+        paths: &[&["gateway", "rss_per_1k_flows_mb"]],
+        at_most: true,
+        goal: 8.0,
+        digits: 1,
+    },
+    Goal {
+        figure: "filter connection rate ÷ an empty wasm filter",
+        paths: &[&["filter", "keyway_vs_empty_wasm"]],
+        at_most: false,
+        goal: 0.97,
+        digits: 2,
+    },
+    Goal {
+        figure: "replica failover: longest gap for new connections (s)",
+        paths: &[&["failover", "replica_gap_s"]],
+        at_most: true,
+        goal: 1.0,
+        digits: 2,
+    },
+    Goal { figure: "zone failover (s)", paths: &[&["failover", "zone_s"]], at_most: true, goal: 1.5, digits: 2 },
+];
+
+/// The goals table: each figure of this run, its goal, and whether it is met.
+pub fn goals(v: &Value) -> String {
+    let mut s = String::from("| figure | this run | goal | met |\n|---|---:|---:|---|\n");
+    for g in GOALS {
+        let values: Vec<f64> = g.paths.iter().map(|p| get(v, p)).collect();
+        // The latency rows have one goal per figure (p50, p99).
+        let goals: Vec<f64> = match (g.goal.is_nan(), g.figure.contains("new connection")) {
+            (false, _) => vec![g.goal; values.len()],
+            (true, true) => vec![1.0, 3.0],
+            (true, false) => vec![0.25, 0.8],
+        };
+        let shown = |x: f64, d: usize| if x.is_finite() { format!("{x:.d$}") } else { "–".into() };
+        let cmp = if g.at_most { "≤" } else { "≥" };
+        let met = if values.iter().any(|x| !x.is_finite()) {
+            "not measured"
+        } else if values.iter().zip(&goals).all(|(x, goal)| if g.at_most { x <= goal } else { x >= goal }) {
+            "yes"
+        } else {
+            "no"
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} {} | {met} |\n",
+            g.figure,
+            values.iter().map(|x| shown(*x, g.digits)).collect::<Vec<_>>().join(" / "),
+            cmp,
+            goals.iter().map(|x| shown(*x, 2)).collect::<Vec<_>>().join(" / "),
+        ));
+    }
+    s
+}
+
 /// The results section (Markdown) for `bench/README.md`.
 pub fn markdown(v: &Value) -> String {
     let mut s = String::new();
@@ -255,6 +373,9 @@ pub fn markdown(v: &Value) -> String {
         v["machine"].as_str().unwrap_or_default(),
         v["load"]["summary"].as_str().unwrap_or_default()
     ));
+    s.push_str("**Goals** (issue 13)\n\n");
+    s.push_str(&goals(v));
+    s.push('\n');
     let lat = &v["latency"];
     s.push_str(&format!(
         "**Latency** ({} req/s, {} connections, 1 KiB answers, {} rounds of {} s, medians of rounds; ms)\n\n",
