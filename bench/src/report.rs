@@ -324,6 +324,13 @@ const GOALS: &[Goal] = &[
         digits: 2,
     },
     Goal {
+        figure: "filter added p99 per connection over the empty wasm filter (µs)",
+        paths: &[&["filter", "keyway_added_p99_us_vs_empty_wasm"]],
+        at_most: true,
+        goal: 50.0,
+        digits: 0,
+    },
+    Goal {
         figure: "replica failover: longest gap for new connections (s)",
         paths: &[&["failover", "replica_gap_s"]],
         at_most: true,
