@@ -164,6 +164,10 @@ pub struct Limits {
     /// connection full goes to another replica of the zone, or is refused `max-flows-per-peer`.
     #[serde(default = "default_max_flows_per_peer")]
     pub max_flows_per_peer: u32,
+    /// Flows one source may hold on one peer gateway connection; default a quarter of
+    /// `max_flows_per_peer`, so one workload's flood cannot take a zone's streams from the others.
+    #[serde(default)]
+    pub max_flows_per_peer_per_source: Option<u32>,
     /// Timeout to connect onwards (peer stream, sidecar, external address), ms.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
@@ -221,6 +225,14 @@ fn default_header_timeout() -> u64 {
 
 impl Limits {
     /// The flows one source may hold.
+    /// The flows one source may hold on one peer gateway connection
+    /// (`max_flows_per_peer_per_source`, default a quarter of `max_flows_per_peer`).
+    pub fn peer_flows_per_source(&self) -> usize {
+        let n = self.max_flows_per_peer_per_source.unwrap_or(self.max_flows_per_peer / SOURCE_SHARE_DIVISOR as u32);
+        usize::try_from(n.max(1)).unwrap_or(usize::MAX)
+    }
+
+    /// The flows one source may hold through this gateway.
     pub fn flows_per_source(&self) -> usize {
         self.max_flows_per_source.unwrap_or(self.max_flows / SOURCE_SHARE_DIVISOR).max(1)
     }
@@ -250,6 +262,7 @@ impl Default for Limits {
             max_flows: DEFAULT_MAX_FLOWS,
             replay_cache: DEFAULT_REPLAY_CAPACITY,
             max_flows_per_peer: DEFAULT_MAX_FLOWS_PER_PEER,
+            max_flows_per_peer_per_source: None,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             max_flows_per_source: None,
             replay_per_source: None,
@@ -570,6 +583,12 @@ impl Config {
         }
         if l.max_flows_per_peer == 0 {
             return Err(bad("limits.max_flows_per_peer", "must be positive".to_owned()));
+        }
+        if l.max_flows_per_peer_per_source.is_some_and(|n| n == 0 || n > l.max_flows_per_peer) {
+            return Err(bad(
+                "limits.max_flows_per_peer_per_source",
+                format!("must be between 1 and max_flows_per_peer ({})", l.max_flows_per_peer),
+            ));
         }
         if l.flow_idle_timeout_ms == 0
             || l.header_timeout_ms == 0

@@ -133,6 +133,8 @@ pub struct Proxy {
     shares: Arc<Shares>,
     tunnel_conns: Arc<Semaphore>,
     tunnel_shares: Arc<Shares>,
+    /// Per peer gateway connection (by peer address), the flows each source holds on it.
+    peer_shares: Mutex<HashMap<SocketAddr, Arc<Shares>>>,
     next_flow: AtomicU64,
     draining: CancellationToken,
 }
@@ -153,6 +155,7 @@ impl Proxy {
             shares: Shares::new(config.limits.flows_per_source()),
             tunnel_conns: Arc::new(Semaphore::new(config.limits.max_tunnel_connections)),
             tunnel_shares: Shares::new(config.limits.max_tunnel_connections_per_source),
+            peer_shares: Mutex::default(),
             config,
             state,
             metrics,
@@ -214,6 +217,17 @@ impl Proxy {
             Shares::take(&self.tunnel_shares, source.to_canonical()).ok_or("max_tunnel_connections_per_source")?;
         let conn = self.tunnel_conns.clone().try_acquire_owned().map_err(|_| "max_tunnel_connections")?;
         Ok(ConnPermit { _conn: conn, _share: share })
+    }
+
+    /// A place for a flow of `source` on the connection with the peer gateway at `peer`, held
+    /// for the flow's life; `None` when the source holds its share of that connection's streams
+    /// ([`crate::config::Limits::peer_flows_per_source`]).
+    fn admit_to_peer(&self, peer: SocketAddr, source: IpAddr) -> Option<Share> {
+        let shares = {
+            let mut all = self.peer_shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            all.entry(peer).or_insert_with(|| Shares::new(self.config.limits.peer_flows_per_source())).clone()
+        };
+        Shares::take(&shares, source.to_canonical())
     }
 
     /// Waits until every admitted flow has ended.

@@ -341,3 +341,26 @@ async fn one_source_cannot_take_every_tunnel_connection() {
     assert!(refused >= 1.0, "counted: {refused}");
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_cannot_take_every_stream_into_a_zone() {
+    // 8 streams on the peer connection into zone-b; one source may hold a quarter of them.
+    let o = Overlay::start_with("att-peer", ZONES, app(50), POLICIES, |c| c.limits.max_flows_per_peer = 8).await;
+    let (web, cache, api) = (o.workload("web").clone(), o.workload("cache").clone(), o.workload("api").clone());
+    let a1 = o.gw("zone-a", "a1").tunnel_addr;
+    let to_api = SocketAddr::new(api.overlay, 8080);
+    // web floods genuine, allowed flows into zone-b with tokens of its own keys.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let t = o.token(&web, api.overlay, 8080, None, now_ms());
+        held.push(o.connect(a1, &web, to_api, Some(&t)).await.open());
+    }
+    let t = o.token(&web, api.overlay, 8080, None, now_ms());
+    let (status, reason, _) = o.connect(a1, &web, to_api, Some(&t)).await.refused();
+    assert_eq!((status, reason.as_str()), (503, "max-flows-per-peer"), "web's third flow into zone-b");
+    // Another workload of the zone still reaches zone-b.
+    let t = o.token(&cache, api.overlay, 8080, None, now_ms());
+    let io = o.connect(a1, &cache, to_api, Some(&t)).await.open();
+    assert_eq!(echo(io, b"cache still gets through").await, b"cache still gets through");
+    drop(held);
+}

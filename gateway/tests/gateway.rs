@@ -541,8 +541,13 @@ async fn a_gateway_waits_for_its_mesh_certificate_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_peer_connection_sends_flows_to_the_other_replica_then_refuses_them() {
-    // Two flows per peer connection; zone-b has two replicas, so a1 carries four into zone-b.
-    let o = Overlay::start_with("peerfull", ZONES, app(21), POLICIES, |c| c.limits.max_flows_per_peer = 2).await;
+    // Two flows per peer connection; zone-b has two replicas, so a1 carries four into zone-b (all
+    // from web: its share of a connection is the whole of it here).
+    let o = Overlay::start_with("peerfull", ZONES, app(21), POLICIES, |c| {
+        c.limits.max_flows_per_peer = 2;
+        c.limits.max_flows_per_peer_per_source = Some(2);
+    })
+    .await;
     let (web, api) = (o.workload("web").clone(), o.workload("api").clone());
     let a1 = o.gw("zone-a", "a1").tunnel_addr;
     let mut open = Vec::new();

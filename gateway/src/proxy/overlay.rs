@@ -12,7 +12,7 @@ use keyway_policy::engine::Peer;
 use keyway_policy::flow::{FlowHeader, Status, StatusCode as FlowStatus};
 
 use super::accesslog::FlowLog;
-use super::relay::{BoxIo, relay};
+use super::relay::{BoxIo, Holding, relay};
 use super::{Entry, Flow, Proxy, Refusal, Route, deliver};
 use crate::tls::{GatewayIdentity, peer_identity};
 
@@ -39,8 +39,13 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
     for _ in 0..replicas.max(1) {
         let Some((peer, conn)) = proxy.routing.pick(zone) else { break };
         log.next_hop = format!("{}/{}", peer.id.zone, peer.id.name);
-        // A stream now or never: a connection holding the peer's `max_flows_per_peer` streams
-        // would make the flow wait for another flow to end.
+        // One source holds at most its share of a peer connection's streams; and a stream now or
+        // never: a connection holding the peer's `max_flows_per_peer` streams would make the flow
+        // wait for another flow to end.
+        let Some(share) = proxy.admit_to_peer(peer.address, flow.src) else {
+            full = true;
+            continue;
+        };
         let Ok(opened) = tokio::time::timeout(Duration::ZERO, conn.open_bi()).await else {
             full = true;
             continue;
@@ -64,7 +69,9 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
             }
         };
         match outcome {
-            Ok(Ok((send, recv, FlowStatus::Connected, _))) => return Ok(Box::new(tokio::io::join(recv, send))),
+            Ok(Ok((send, recv, FlowStatus::Connected, _))) => {
+                return Ok(Box::new(Holding { io: tokio::io::join(recv, send), held: share }));
+            }
             Ok(Ok((_, _, FlowStatus::Denied, reason))) => {
                 tracing::info!(peer = %log.next_hop, rule = %reason, "destination zone denied the flow");
                 log.rule = format!("{} | destination zone: {reason}", log.rule);

@@ -177,6 +177,40 @@ where
     }
 }
 
+/// A byte stream with something held for as long as it is open (a flow's place under a limit).
+pub struct Holding<S, H> {
+    /// The stream.
+    pub io: S,
+    /// What is held.
+    pub held: H,
+}
+
+impl<S, H> std::fmt::Debug for Holding<S, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holding").finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + Unpin, H: Unpin> AsyncRead for Holding<S, H> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin, H: Unpin> AsyncWrite for Holding<S, H> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// A stream that counts the bytes written to it.
 struct Counted<S> {
     inner: S,
