@@ -272,37 +272,27 @@ mod tests {
     #[tokio::test]
     async fn a_megabyte_each_way_through_slow_writers_arrives_whole_and_counted() {
         // 1 KiB pipes: nearly every write is partial or pending, so the kept remainder is used.
-        let (mut client, a) = tokio::io::duplex(1024);
-        let (b, mut server) = tokio::io::duplex(1024);
+        let (client, a) = tokio::io::duplex(1024);
+        let (b, server) = tokio::io::duplex(1024);
         let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (u, d) = (up.clone(), down.clone());
         let relaying = tokio::spawn(async move { relay(a, b, &u, &d, Duration::from_secs(60)).await });
         let data: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
         let (to_server, to_client) = (data.clone(), data.clone());
-        let client_side = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(&mut client);
+        // Each end sends its megabyte and shuts down while reading the other's to the end.
+        let end = |mut io: tokio::io::DuplexStream, out: Vec<u8>| async move {
+            let (mut r, mut w) = tokio::io::split(&mut io);
             let send = async {
-                w.write_all(&to_server).await.unwrap();
+                w.write_all(&out).await.unwrap();
                 w.shutdown().await.unwrap();
             };
             let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let ((), n) = tokio::join!(send, recv);
+            let ((), n) = tokio::join!(send, r.read_to_end(&mut got));
             n.unwrap();
             got
-        });
-        let server_side = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(&mut server);
-            let send = async {
-                w.write_all(&to_client).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let ((), n) = tokio::join!(send, recv);
-            n.unwrap();
-            got
-        });
+        };
+        let client_side = tokio::spawn(end(client, to_server));
+        let server_side = tokio::spawn(end(server, to_client));
         assert!(client_side.await.unwrap() == data, "the client got the server's megabyte unchanged");
         assert!(server_side.await.unwrap() == data, "the server got the client's megabyte unchanged");
         assert_eq!(relaying.await.unwrap(), Ended::Closed);
