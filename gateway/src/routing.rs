@@ -81,6 +81,11 @@ impl PeerGateway {
         *self.silent.borrow()
     }
 
+    /// The live connection, if any, unless the peer is silent: what new flows may use.
+    fn usable(&self) -> Option<quinn::Connection> {
+        if self.is_silent() { None } else { self.connection() }
+    }
+
     /// Resolves once the peer is silent (at once if it is).
     pub async fn silence(&self) {
         let mut rx = self.silent.subscribe();
@@ -236,8 +241,7 @@ impl Routing {
     /// Whether a zone is reachable: this zone always is; another zone when one of its gateways is
     /// connected and not silent.
     pub fn zone_up(&self, zone: &str) -> bool {
-        zone == self.my_zone
-            || self.zones.get(zone).is_some_and(|ps| ps.iter().any(|p| !p.is_silent() && p.connection().is_some()))
+        zone == self.my_zone || self.zones.get(zone).is_some_and(|ps| ps.iter().any(|p| p.usable().is_some()))
     }
 
     /// The zones to try for a destination in `zone`, in locality order: the zone itself, then its
@@ -252,7 +256,7 @@ impl Routing {
     pub fn pick(&self, zone: &str) -> Option<(Arc<PeerGateway>, quinn::Connection)> {
         let peers = self.zones.get(zone)?;
         let healthy: Vec<(Arc<PeerGateway>, quinn::Connection)> =
-            peers.iter().filter(|p| !p.is_silent()).filter_map(|p| p.connection().map(|c| (p.clone(), c))).collect();
+            peers.iter().filter_map(|p| p.usable().map(|c| (p.clone(), c))).collect();
         if healthy.is_empty() {
             return None;
         }
