@@ -224,7 +224,6 @@ fn default_header_timeout() -> u64 {
 }
 
 impl Limits {
-    /// The flows one source may hold.
     /// The flows one source may hold on one peer gateway connection
     /// (`max_flows_per_peer_per_source`, default a quarter of `max_flows_per_peer`).
     pub fn peer_flows_per_source(&self) -> usize {
