@@ -225,6 +225,10 @@ fn loadavg() -> String {
 }
 
 fn run(a: &RunArgs) -> anyhow::Result<()> {
+    // The paths `--paths` selects (all when it is not given).
+    let selected = |all: &[&str]| -> Vec<String> {
+        all.iter().filter(|p| a.paths.is_empty() || a.paths.iter().any(|q| q == *p)).map(|p| (*p).to_owned()).collect()
+    };
     let t_start = std::time::Instant::now();
     let tools = tools()?;
     let out = if a.out.is_absolute() { a.out.clone() } else { repo()?.join(&a.out) };
@@ -253,11 +257,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         connections: a.connections,
         seconds: a.latency_seconds,
         warmup: a.warmup,
-        paths: ["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone"]
-            .map(str::to_owned)
-            .into_iter()
-            .filter(|p| a.paths.is_empty() || a.paths.contains(p))
-            .collect(),
+        paths: selected(&["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone"]),
         variants: vec!["keepalive".into(), "new_connection".into()],
     };
     let lat = if a.no_latency {
@@ -266,12 +266,10 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         eprintln!("== latency: {} req/s, {} connections, rounds of every path", a.rate, a.connections);
         measure::latency(&bed, &lat_spec)?
     };
-    if !a.no_memory {
-        eprintln!("== gateway memory: {} flows held across zones", a.hold_flows);
-    }
     let mem = if a.no_memory {
         None
     } else {
+        eprintln!("== gateway memory: {} flows held across zones", a.hold_flows);
         match measure::hold_flows(&bed, a.hold_flows, rss_idle.clone()) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -284,11 +282,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         Vec::new()
     } else {
         eprintln!("== throughput: iperf3, 1 and 8 flows, rounds of every path");
-        let paths: Vec<String> = ["direct", "envoy_hbone", "keyway_cross_zone", "boringtun"]
-            .map(str::to_owned)
-            .into_iter()
-            .filter(|p| a.paths.is_empty() || a.paths.contains(p))
-            .collect();
+        let paths = selected(&["direct", "envoy_hbone", "keyway_cross_zone", "boringtun"]);
         measure::throughput(&bed, a.rounds, a.throughput_seconds, &[1, 8], &paths)?
     };
     let la_after = loadavg();
