@@ -9,6 +9,14 @@
 //!        | verdict: u16be length + UTF-8 (the source gateway's deciding rule)
 //! status = magic "KWS" | version u8 (1) | code u8 | reason: u8 length + UTF-8
 //! ```
+//!
+//! UDP travels in QUIC datagrams (RFC 9221), one [`Datagram`] each, between an agent and its
+//! gateways and between gateways; no stream, no status, no retransmission:
+//!
+//! ```text
+//! datagram = magic "KWD" | version u8 (1) | protocol u8 (17) | src ip16 | dst ip16
+//!          | src_port u16be | dst_port u16be | payload (the rest)
+//! ```
 
 use std::net::IpAddr;
 
@@ -17,6 +25,9 @@ use crate::ports::Protocol;
 
 const HEADER_MAGIC: &[u8; 3] = b"KWF";
 const STATUS_MAGIC: &[u8; 3] = b"KWS";
+const DATAGRAM_MAGIC: &[u8; 3] = b"KWD";
+/// The bytes a [`Datagram`] adds in front of its payload.
+pub const DATAGRAM_OVERHEAD: usize = 3 + 1 + 1 + 16 + 16 + 2 + 2;
 /// The flow header version this gateway writes and reads.
 pub const VERSION: u8 = 1;
 /// The largest body a header may have.
@@ -246,10 +257,86 @@ impl Status {
     }
 }
 
+/// One UDP packet of a flow, as carried in a QUIC datagram: the 5-tuple and the payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    /// The source overlay address (checked by the receiver against who sent it).
+    pub src: IpAddr,
+    /// The destination address.
+    pub dst: IpAddr,
+    /// The source port.
+    pub src_port: u16,
+    /// The destination port.
+    pub dst_port: u16,
+    /// The UDP payload.
+    pub payload: Vec<u8>,
+}
+
+impl Datagram {
+    /// The wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(DATAGRAM_OVERHEAD + self.payload.len());
+        out.extend_from_slice(DATAGRAM_MAGIC);
+        out.push(VERSION);
+        out.push(Protocol::Udp.number());
+        out.extend_from_slice(&ip16(self.src));
+        out.extend_from_slice(&ip16(self.dst));
+        out.extend_from_slice(&self.src_port.to_be_bytes());
+        out.extend_from_slice(&self.dst_port.to_be_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Decodes one datagram. Only UDP is carried (protocol 17).
+    pub fn decode(bytes: &[u8]) -> Result<Datagram, FlowError> {
+        let mut r = Reader(bytes);
+        if r.take(3)? != DATAGRAM_MAGIC {
+            return Err(FlowError::Magic);
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(FlowError::Version(version));
+        }
+        if r.u8()? != Protocol::Udp.number() {
+            return Err(FlowError::Field("protocol"));
+        }
+        Ok(Datagram {
+            src: ip_from16(r.array()?),
+            dst: ip_from16(r.array()?),
+            src_port: r.u16()?,
+            dst_port: r.u16()?,
+            payload: r.0.to_vec(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn datagrams_round_trip_and_refuse_what_they_are_not() {
+        let d = Datagram {
+            src: "10.128.9.1".parse().unwrap(),
+            dst: "10.128.2.20".parse().unwrap(),
+            src_port: 40000,
+            dst_port: 5353,
+            payload: b"ping".to_vec(),
+        };
+        let b = d.encode();
+        assert_eq!(b.len(), DATAGRAM_OVERHEAD + 4);
+        assert_eq!(Datagram::decode(&b), Ok(d.clone()));
+        assert_eq!(Datagram::decode(&b[..DATAGRAM_OVERHEAD - 1]), Err(FlowError::Length));
+        let mut v = b.clone();
+        v[4] = 6;
+        assert_eq!(Datagram::decode(&v), Err(FlowError::Field("protocol")));
+        let mut v = b.clone();
+        v[3] = 2;
+        assert_eq!(Datagram::decode(&v), Err(FlowError::Version(2)));
+        let empty = Datagram { payload: Vec::new(), ..d };
+        assert_eq!(Datagram::decode(&empty.encode()), Ok(empty));
+    }
 
     fn header() -> FlowHeader {
         FlowHeader {
@@ -291,6 +378,7 @@ mod tests {
         #[test]
         fn decoder_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = FlowHeader::decode(&bytes);
+            let _ = Datagram::decode(&bytes);
             if bytes.len() >= 6 {
                 let p: [u8; 6] = bytes[..6].try_into().unwrap();
                 let _ = Status::decode_prefix(&p);
