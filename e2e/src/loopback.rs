@@ -159,7 +159,7 @@ fn gateway_config(
     zones: &[keyway_gateway::config::Zone],
 ) -> anyhow::Result<Config> {
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let listen = Listen { tunnel: loopback(0), overlay: loopback(overlay_port), admin: loopback(0) };
+    let listen = Listen { tunnel: loopback(0), overlay: loopback(overlay_port), admin: loopback(0), edge: loopback(0) };
     let mut c = gwconfig::config(zone, name, listen, files, zones)?;
     c.keepalive_ms = 200;
     c.peer_idle_timeout_ms = 3000;

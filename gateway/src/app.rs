@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, overlay, tunnel};
+use crate::proxy::{Proxy, edge, overlay, tunnel};
 use crate::routing::Routing;
 use crate::source::{FileSource, InventorySource, Sink};
 use crate::state::State;
@@ -30,11 +30,14 @@ pub struct Handle {
     pub tunnel_addr: SocketAddr,
     /// The overlay endpoint's address.
     pub overlay_addr: SocketAddr,
+    /// The edge endpoint's address (agents).
+    pub edge_addr: SocketAddr,
     /// The admin listener's address.
     pub admin_addr: SocketAddr,
     /// The data path's shared state (for tests and the admin endpoint).
     pub proxy: Arc<Proxy>,
     endpoint: quinn::Endpoint,
+    edge_endpoint: quinn::Endpoint,
     admin: Option<crate::admin::AdminHandle>,
     reload: watch::Sender<u64>,
 }
@@ -79,8 +82,10 @@ impl Handle {
     async fn stop(&mut self, code: u32, reason: &[u8]) {
         self.proxy.drain();
         self.endpoint.set_server_config(None);
+        self.edge_endpoint.set_server_config(None);
         self.proxy.routing.close_all();
         self.endpoint.close(quinn::VarInt::from_u32(code), reason);
+        self.edge_endpoint.close(quinn::VarInt::from_u32(code), reason);
         let left = self.proxy.tasks.stop(STOP_WAIT).await;
         if left > 0 {
             tracing::warn!(tasks = left, "tasks still running after the stop");
@@ -135,11 +140,83 @@ fn largest_link_mtu() -> u16 {
 /// The overlay's QUIC endpoint on `config.listen.overlay`, taking datagrams up to the overlay's
 /// MTU ([`max_udp_payload`]).
 fn overlay_endpoint(config: &Config, server: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+    udp_endpoint(config, config.listen.overlay, "overlay", server)
+}
+
+/// A QUIC endpoint on `addr` (`what` names it in errors), taking datagrams up to the overlay's
+/// MTU ([`max_udp_payload`]).
+fn udp_endpoint(
+    config: &Config,
+    addr: SocketAddr,
+    what: &str,
+    server: quinn::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
     let mut endpoint = quinn::EndpointConfig::default();
     endpoint.max_udp_payload_size(max_udp_payload(config))?;
-    let socket = std::net::UdpSocket::bind(config.listen.overlay)
-        .map_err(|e| anyhow::anyhow!("overlay {}: cannot bind: {e}", config.listen.overlay))?;
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| anyhow::anyhow!("{what} {addr}: cannot bind: {e}"))?;
     Ok(quinn::Endpoint::new(endpoint, Some(server), socket, Arc::new(quinn::TokioRuntime))?)
+}
+
+/// The edge listener's QUIC server configuration: this gateway's overlay certificate, client
+/// certificates of the overlay CA or the mesh root, not in `edge.crls`; and its verifier.
+fn edge_config(
+    config: &Config,
+    tls: &TlsMaterial,
+    state: &State,
+) -> anyhow::Result<(quinn::ServerConfig, Arc<dyn rustls::server::danger::ClientCertVerifier>)> {
+    let roots = crate::tls::merged_roots(tls, state.mesh().roots())?;
+    let crls = crate::tls::load_crls(&config.edge.crls)?;
+    let (mut server, verifier) = crate::tls::quic_edge_server_config(tls, roots, crls)?;
+    server.transport_config(transport(config));
+    Ok((server, verifier))
+}
+
+/// Reads the datagrams of every peer connection this gateway dials (those it accepts are read
+/// where they are accepted).
+async fn read_dialled_peers(proxy: Arc<Proxy>) {
+    let mut up = proxy.routing.peers_up();
+    while let Some((zone, conn)) = up.recv().await {
+        proxy.tasks.spawn(crate::proxy::udp::from_peer_connection(proxy.clone(), zone, conn));
+    }
+}
+
+/// Rebuilds the edge listener's TLS when the overlay certificate, the mesh root or a revocation
+/// list changes (checked every `interval`, and on request), and closes the connections of agents
+/// whose certificate is no longer accepted. A change that does not load is rejected (metric,
+/// error log) and the running configuration stays.
+async fn reload_edge_tls(
+    proxy: Arc<Proxy>,
+    endpoint: quinn::Endpoint,
+    interval: Duration,
+    mut requests: watch::Receiver<u64>,
+) {
+    let config = proxy.config.clone();
+    let mut paths =
+        vec![config.tls.ca.clone(), config.tls.cert.clone(), config.tls.key.clone(), config.mesh.ca.clone()];
+    paths.extend(config.edge.crls.iter().cloned());
+    let watch = crate::state::FileWatch::new(crate::state::fingerprint(&paths));
+    requests.borrow_and_update();
+    loop {
+        let Some(force) = next_check(interval, &mut requests).await else { return };
+        if !watch.due(crate::state::fingerprint(&paths), force) {
+            continue;
+        }
+        let loaded = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
+            .map_err(anyhow::Error::from)
+            .and_then(|tls| edge_config(&config, &tls, &proxy.state));
+        match loaded {
+            Ok((server, verifier)) => {
+                endpoint.set_server_config(Some(server));
+                crate::proxy::edge::recheck(&proxy, verifier.as_ref());
+                proxy.metrics.reloads.with_label_values(&["edge-tls", "ok"]).inc();
+                tracing::info!("edge certificates and revocation lists loaded");
+            }
+            Err(e) => {
+                proxy.metrics.reloads.with_label_values(&["edge-tls", "rejected"]).inc();
+                tracing::error!(error = %format!("{e:#}"), "edge TLS change rejected; the running configuration stays");
+            }
+        }
+    }
 }
 
 /// Checks a configuration without starting anything: loads the inventory and policies, the
@@ -254,26 +331,44 @@ pub async fn build_from<S: InventorySource>(
         .await
         .map_err(|e| anyhow::anyhow!("tunnel {}: cannot bind: {e}", config.listen.tunnel))?;
     let tunnel_addr = listener.local_addr()?;
+    let (edge_server, _) = edge_config(&config, &tls, &state)?;
+    let edge_endpoint = udp_endpoint(&config, config.listen.edge, "edge", edge_server)?;
+    let edge_addr = edge_endpoint.local_addr()?;
 
     let proxy = Arc::new(Proxy::new(config.clone(), state.clone(), metrics.clone(), identity, routing, clock));
     let admin = crate::admin::start(proxy.clone())?;
     let admin_addr = admin.addr;
     let (reload, reloads) = watch::channel(0u64);
+    let interval = Duration::from_millis(config.reload_interval_ms.max(1));
 
     let tasks = &proxy.tasks;
     tasks.spawn(tunnel::serve(proxy.clone(), listener));
     tasks.spawn(overlay::serve(proxy.clone(), endpoint.clone()));
+    tasks.spawn(read_dialled_peers(proxy.clone()));
     proxy.routing.spawn_connectors(&endpoint, &metrics, tasks);
+    tasks.spawn(edge::serve(proxy.clone(), edge_endpoint.clone()));
+    tasks.spawn(crate::proxy::udp::expire(proxy.clone()));
+    tasks.spawn(reload_edge_tls(proxy.clone(), edge_endpoint.clone(), interval, reloads.clone()));
     tasks.spawn(source.run(Sink { state: state.clone(), metrics: metrics.clone(), reload: reloads.clone() }));
-    let interval = Duration::from_millis(config.reload_interval_ms.max(1));
     tasks.spawn(reload_overlay_tls(proxy.clone(), endpoint.clone(), interval, reloads.clone()));
     tasks.spawn(reload_secrets(state, interval, reloads));
     tracing::info!(
-        zone = %config.zone, name = %config.name, tunnel = %tunnel_addr, overlay = %overlay_addr, admin = %admin_addr,
+        zone = %config.zone, name = %config.name, tunnel = %tunnel_addr, overlay = %overlay_addr, edge = %edge_addr,
+        admin = %admin_addr,
         config = %serde_json::to_string(&*config).unwrap_or_default(),
         "keyway gateway started"
     );
-    Ok(Handle { tunnel_addr, overlay_addr, admin_addr, proxy, endpoint, admin: Some(admin), reload })
+    Ok(Handle {
+        tunnel_addr,
+        overlay_addr,
+        edge_addr,
+        admin_addr,
+        proxy,
+        endpoint,
+        edge_endpoint,
+        admin: Some(admin),
+        reload,
+    })
 }
 
 /// Waits for the next look at changed files: `Some(false)` after `interval`, `Some(true)` on a

@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_TUNNEL_PORT: u16 = 15180;
 /// Default overlay port (QUIC between gateways).
 pub const DEFAULT_OVERLAY_PORT: u16 = 15443;
+/// Default edge port (UDP): QUIC from `keyway agent`s (devices, pods' UDP).
+pub const DEFAULT_EDGE_PORT: u16 = 15444;
+/// Default `limits.max_udp_flows`.
+pub const DEFAULT_MAX_UDP_FLOWS: usize = 16_384;
+/// Default time a UDP flow may carry no datagram either way before it is forgotten (ms): a new
+/// datagram is decided again. Linux conntrack's timeout for UDP flows that saw a reply.
+pub const DEFAULT_UDP_IDLE_TIMEOUT_MS: u64 = 30_000;
 /// Default admin port.
 pub const DEFAULT_ADMIN_PORT: u16 = 15190;
 /// Default port of the sidecars' keyway inbound CONNECT listener.
@@ -66,6 +73,13 @@ pub struct Listen {
     /// Admin (TCP): health, metrics, config dump, peers, key service.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Edge (UDP): QUIC from `keyway agent`s: devices outside the clusters and pods' UDP.
+    #[serde(default = "default_edge")]
+    pub edge: SocketAddr,
+}
+
+fn default_edge() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_EDGE_PORT))
 }
 
 fn default_tunnel() -> SocketAddr {
@@ -80,7 +94,7 @@ fn default_admin() -> SocketAddr {
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen { tunnel: default_tunnel(), overlay: default_overlay(), admin: default_admin() }
+        Listen { tunnel: default_tunnel(), overlay: default_overlay(), admin: default_admin(), edge: default_edge() }
     }
 }
 
@@ -199,6 +213,23 @@ pub struct Limits {
     /// listener's HTTP/1 header read timeout.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_ms: u64,
+    /// UDP flows (5-tuples, both directions one flow) the gateway tracks at once; a new flow
+    /// beyond it is dropped (`max_udp_flows`).
+    #[serde(default = "default_max_udp_flows")]
+    pub max_udp_flows: usize,
+    /// UDP flows one source may hold; default a quarter of `max_udp_flows`.
+    #[serde(default)]
+    pub max_udp_flows_per_source: Option<usize>,
+    /// Time a UDP flow may carry no datagram before it is forgotten (ms).
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_timeout_ms: u64,
+}
+
+fn default_max_udp_flows() -> usize {
+    DEFAULT_MAX_UDP_FLOWS
+}
+fn default_udp_idle() -> u64 {
+    DEFAULT_UDP_IDLE_TIMEOUT_MS
 }
 
 fn default_max_flows_per_peer() -> u32 {
@@ -236,6 +267,11 @@ impl Limits {
         self.max_flows_per_source.unwrap_or(self.max_flows / SOURCE_SHARE_DIVISOR).max(1)
     }
 
+    /// The UDP flows one source may hold.
+    pub fn udp_flows_per_source(&self) -> usize {
+        self.max_udp_flows_per_source.unwrap_or(self.max_udp_flows / SOURCE_SHARE_DIVISOR).max(1)
+    }
+
     /// The replay-cache nonces one source may hold.
     pub fn replay_share(&self) -> usize {
         self.replay_per_source.unwrap_or(self.replay_cache / SOURCE_SHARE_DIVISOR).max(1)
@@ -271,6 +307,9 @@ impl Default for Limits {
             max_tunnel_connections: DEFAULT_MAX_TUNNEL_CONNECTIONS,
             max_tunnel_connections_per_source: DEFAULT_MAX_TUNNEL_CONNECTIONS_PER_SOURCE,
             header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
+            max_udp_flows: DEFAULT_MAX_UDP_FLOWS,
+            max_udp_flows_per_source: None,
+            udp_idle_timeout_ms: DEFAULT_UDP_IDLE_TIMEOUT_MS,
         }
     }
 }
@@ -310,6 +349,17 @@ pub struct Admin {
     /// over the pod network); restrict who reaches the admin port with a NetworkPolicy then.
     #[serde(default)]
     pub remote: bool,
+}
+
+/// The edge listener (`listen.edge`): QUIC from `keyway agent`s, each presenting a certificate
+/// of the overlay CA (a device's, from `keyway ca issue-device`) or of the mesh CA (a pod's own).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Edge {
+    /// Certificate revocation lists (PEM, from `keyway ca revoke`): a certificate they list is
+    /// refused at the handshake, and an open connection with it is closed when the file changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crls: Vec<PathBuf>,
 }
 
 /// Who may fetch keys from the key service.
@@ -441,6 +491,9 @@ pub struct Config {
     /// Who the admin endpoints answer.
     #[serde(default)]
     pub admin: Admin,
+    /// The edge listener: `keyway agent`s of this zone.
+    #[serde(default)]
+    pub edge: Edge,
     /// QUIC keep-alive interval, ms.
     #[serde(default = "default_keepalive")]
     pub keepalive_ms: u64,
@@ -574,6 +627,15 @@ impl Config {
             return Err(bad("limits", "max_flows and replay_cache must be positive".to_owned()));
         }
         let l = &self.limits;
+        if l.max_udp_flows == 0 || l.udp_idle_timeout_ms == 0 {
+            return Err(bad("limits", "max_udp_flows and udp_idle_timeout_ms must be positive".to_owned()));
+        }
+        if l.max_udp_flows_per_source.is_some_and(|n| n == 0 || n > l.max_udp_flows) {
+            return Err(bad(
+                "limits.max_udp_flows_per_source",
+                format!("must be between 1 and limits.max_udp_flows ({})", l.max_udp_flows),
+            ));
+        }
         if l.max_flows_per_source.is_some_and(|n| n == 0 || n > l.max_flows) {
             return Err(bad(
                 "limits.max_flows_per_source",

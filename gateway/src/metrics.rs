@@ -35,6 +35,12 @@ pub struct Metrics {
     /// Incoming QUIC connection attempts, by outcome (`retry`: asked to prove its address;
     /// `accepted`; `refused-limit`: too many handshakes in progress; `failed`).
     pub handshakes: IntCounterVec,
+    /// UDP datagrams, by what became of them (`forwarded`, `delivered`, or the refusal's reason).
+    pub udp_datagrams: IntCounterVec,
+    /// UDP flows tracked now.
+    pub udp_flows: IntGauge,
+    /// Agents connected to the edge listener now.
+    pub agents: IntGauge,
 }
 
 impl Metrics {
@@ -60,6 +66,12 @@ impl Metrics {
             "Incoming QUIC connection attempts by outcome.",
             &["outcome"],
         )?;
+        let udp_datagrams =
+            counter("keyway_gateway_udp_datagrams_total", "UDP datagrams by what became of them.", &["outcome"])?;
+        let udp_flows = IntGauge::new("keyway_gateway_udp_flows", "UDP flows tracked now.")?;
+        registry.register(Box::new(udp_flows.clone()))?;
+        let agents = IntGauge::new("keyway_gateway_agents", "Agents connected to the edge listener now.")?;
+        registry.register(Box::new(agents.clone()))?;
         let kubernetes_refused = IntGauge::new(
             "keyway_gateway_kubernetes_refused_objects",
             "Cluster objects left out of the inventory as conflicting (the log names them).",
@@ -95,6 +107,9 @@ impl Metrics {
             key_requests,
             handshakes,
             kubernetes_refused,
+            udp_datagrams,
+            udp_flows,
+            agents,
         })
     }
 

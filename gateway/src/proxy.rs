@@ -11,12 +11,14 @@
 
 pub mod accesslog;
 pub mod deliver;
+pub mod edge;
 pub mod overlay;
 pub mod pool;
 pub mod refusal;
 pub mod relay;
 pub mod route;
 pub mod tunnel;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -129,6 +131,10 @@ pub struct Proxy {
     pub tasks: Tasks,
     /// HTTP/2 connections to this zone's sidecars.
     pub sidecars: pool::SidecarPool,
+    /// The agents connected to the edge listener.
+    pub agents: edge::Agents,
+    /// The UDP flows tracked.
+    pub udp: udp::Tracker,
     flows: Arc<Semaphore>,
     shares: Arc<Shares>,
     tunnel_conns: Arc<Semaphore>,
@@ -163,6 +169,8 @@ impl Proxy {
             clock,
             tasks: Tasks::new(),
             sidecars: pool::SidecarPool::default(),
+            agents: edge::Agents::default(),
+            udp: udp::Tracker::default(),
             next_flow: AtomicU64::new(1),
             draining: CancellationToken::new(),
         }
@@ -244,6 +252,17 @@ impl Proxy {
     /// Decides the flow from `src` (a peer of `engine`, the snapshot it was looked up in) to `dst`
     /// and finds its route, choosing a service's endpoint outside the zones in `avoid`.
     pub fn decide(&self, engine: &Engine, src: Peer, dst: SocketAddr, avoid: &[String]) -> Result<Decision, Refusal> {
+        self.decide_protocol(engine, src, (dst, keyway_policy::Protocol::Tcp), avoid)
+    }
+
+    /// As [`Proxy::decide`], for a flow of any protocol.
+    pub fn decide_protocol(
+        &self,
+        engine: &Engine,
+        src: Peer,
+        dst: (SocketAddr, keyway_policy::Protocol),
+        avoid: &[String],
+    ) -> Result<Decision, Refusal> {
         let start = std::time::Instant::now();
         let turn = self.next_flow.load(Ordering::Relaxed) as usize;
         let d = route::decide(engine, &self.routing, src, dst, avoid, turn);

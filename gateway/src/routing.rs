@@ -142,6 +142,8 @@ pub struct Routing {
     client: RwLock<quinn::ClientConfig>,
     next: AtomicUsize,
     keepalive: Duration,
+    /// Told of every peer connection this gateway dials, once up (zone, connection).
+    up: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, quinn::Connection)>>>,
 }
 
 impl Routing {
@@ -186,6 +188,7 @@ impl Routing {
             client: RwLock::new(client),
             next: AtomicUsize::new(0),
             keepalive: Duration::from_millis(config.keepalive_ms),
+            up: std::sync::Mutex::default(),
         }
     }
 
@@ -295,6 +298,20 @@ impl Routing {
         }
     }
 
+    /// The peer connections this gateway dials, each once it is up (its zone and itself): for
+    /// reading what the peer sends besides the answers to this gateway's streams.
+    pub fn peers_up(&self) -> tokio::sync::mpsc::UnboundedReceiver<(String, quinn::Connection)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.up.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    fn announce(&self, zone: &str, conn: &quinn::Connection) {
+        if let Some(tx) = self.up.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            let _ = tx.send((zone.to_owned(), conn.clone()));
+        }
+    }
+
     /// Closes every peer connection (on shutdown).
     pub fn close_all(&self) {
         for p in self.zones.values().flatten() {
@@ -327,6 +344,7 @@ async fn maintain(routing: Arc<Routing>, peer: Arc<PeerGateway>, endpoint: quinn
                 Ok(id) if peer.takes(&id) => {
                     tracing::info!(peer = %peer.id.spiffe_id(), presented = %id.spiffe_id(), address = %peer.address, "overlay peer up");
                     peer.set(Some(conn.clone()));
+                    routing.announce(&id.zone, &conn);
                     gauge.inc();
                     backoff = Duration::from_millis(100);
                     let reason = watch_silence(&peer, &conn, routing.keepalive).await;

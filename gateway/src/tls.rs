@@ -28,7 +28,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// The ALPN protocol of the overlay.
-pub use keyway_policy::wire::ALPN;
+pub use keyway_policy::wire::{ALPN, EDGE_ALPN};
 
 /// The suffix of every gateway's DNS name.
 pub use keyway_policy::wire::SERVER_NAME_SUFFIX;
@@ -125,6 +125,14 @@ pub enum TlsError {
     /// A QUIC connection has no peer certificate (it was not made with our configurations).
     #[error("peer presented no certificate")]
     NoPeerCertificate,
+    /// A certificate revocation list file does not parse.
+    #[error("{path}: not a certificate revocation list: {reason}")]
+    Crl {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The identity of one gateway: `spiffe://<trust_domain>/zone/<zone>/gateway/<name>`.
@@ -408,6 +416,58 @@ pub fn quic_server_config(m: &TlsMaterial) -> Result<quinn::ServerConfig, TlsErr
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// The QUIC server configuration of the edge listener: the gateway's overlay certificate, TLS
+/// 1.3 only, ALPN [`EDGE_ALPN`], and a client certificate required that chains to one of `roots`
+/// (the overlay CA for devices, the mesh CA for pods) and is not listed in `crls` (only the
+/// end entity is checked; a certificate of a CA without a list is not revoked). Returns the
+/// client verifier too, to check open connections again when the lists change.
+pub fn quic_edge_server_config(
+    m: &TlsMaterial,
+    roots: Arc<RootCertStore>,
+    crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+) -> Result<(quinn::ServerConfig, Arc<dyn rustls::server::danger::ClientCertVerifier>), TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(m.chain.clone(), m.key.clone_key())?;
+    tls.alpn_protocols = vec![EDGE_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    Ok((quinn::ServerConfig::with_crypto(Arc::new(quic)), verifier))
+}
+
+/// The overlay CA's certificates of `m` and the certificates of `more` in one root store.
+pub fn merged_roots(m: &TlsMaterial, more: &RootCertStore) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = root_store(&m.ca, "ca certificate")?;
+    store.roots.extend(more.roots.iter().cloned());
+    Ok(Arc::new(store))
+}
+
+/// Every certificate revocation list in the PEM files `paths`; errors name the file.
+pub fn load_crls(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    use rustls_pki_types::CertificateRevocationListDer;
+    let mut out = Vec::new();
+    for path in paths {
+        let name = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: name.clone(), source })?;
+        let before = out.len();
+        for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
+            out.push(crl.map_err(|e| TlsError::Crl { path: name.clone(), reason: e.to_string() })?);
+        }
+        if out.len() == before {
+            return Err(TlsError::Crl { path: name, reason: "no X509 CRL block found".into() });
+        }
+    }
+    Ok(out)
 }
 
 /// The QUIC client configuration of the overlay: presents the gateway's certificate, verifies

@@ -30,6 +30,8 @@ pub const KEY_SERVICE_IP_PARAM: &str = "ip";
 
 /// The ALPN protocol of the overlay between gateways.
 pub const ALPN: &[u8] = b"keyway/1";
+/// The ALPN protocol of the edge: a `keyway agent` and the gateways of its zone.
+pub const EDGE_ALPN: &[u8] = b"keyway-edge/1";
 /// The DNS suffix of a gateway's overlay server name: `<name>.<zone>.gateway.keyway`.
 pub const SERVER_NAME_SUFFIX: &str = "gateway.keyway";
 

@@ -50,16 +50,7 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
             full = true;
             continue;
         };
-        let attempt = async {
-            let (mut send, mut recv) = opened.map_err(|e| e.to_string())?;
-            send.write_all(&header).await.map_err(|e| e.to_string())?;
-            let mut prefix = [0u8; 6];
-            recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
-            let (code, n) = Status::decode_prefix(&prefix).map_err(|e| e.to_string())?;
-            let mut reason = vec![0u8; n];
-            recv.read_exact(&mut reason).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((send, recv, code, String::from_utf8_lossy(&reason).into_owned()))
-        };
+        let attempt = exchange(opened, &header);
         // A replica that goes silent while the flow waits for its answer is left for the next.
         let outcome = tokio::select! {
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt) => r,
@@ -99,18 +90,48 @@ pub async fn open(proxy: &Proxy, flow: &Flow, zone: &str, log: &mut FlowLog) -> 
     Err(if full { Refusal::Limit(super::refusal::Limit::MaxFlowsPerPeer) } else { Refusal::ZoneUnreachable })
 }
 
-/// Accepts overlay connections until the endpoint closes. A connection attempt from an address
-/// that has not proved it receives packets there is answered with a QUIC Retry (a spoofed
-/// source never completes one); at most `limits.max_handshakes` handshakes run at once, more are
-/// refused (the peer's connector tries again).
+/// Accepts overlay connections until the endpoint closes (see [`accept_loop`]); each connection
+/// must be a configured gateway's, and carries one flow per stream and UDP in datagrams.
 pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
+    accept_loop(proxy, endpoint, |p, conn| async move {
+        let peer = match peer_identity(&conn) {
+            Ok(id) if p.routing.accepts(&p.config, &id, &crate::tls::peer_chain(&conn)) => id,
+            Ok(id) => {
+                tracing::error!(presented = %id.spiffe_id(), remote = %conn.remote_address(),
+                    "overlay connection from a certificate that is not a configured gateway; closed");
+                conn.close(quinn::VarInt::from_u32(2), b"not a gateway of this overlay");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, remote = %conn.remote_address(), "overlay peer identity unreadable; closed");
+                conn.close(quinn::VarInt::from_u32(2), b"bad identity");
+                return;
+            }
+        };
+        p.tasks.spawn(super::udp::from_peer_connection(p.clone(), peer.zone.clone(), conn.clone()));
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            p.tasks.spawn(handle_stream(p.clone(), peer.clone(), send, recv));
+        }
+    })
+    .await;
+}
+
+/// Accepts QUIC connections on `endpoint` until it closes and runs `on_connection` for each
+/// established one. A connection attempt from an address that has not proved it receives
+/// packets there is answered with a QUIC Retry (a spoofed source never completes one); at most
+/// `limits.max_handshakes` handshakes run at once, more are refused (the peer tries again).
+pub(super) async fn accept_loop<F, Fut>(proxy: Arc<Proxy>, endpoint: quinn::Endpoint, on_connection: F)
+where
+    F: Fn(Arc<Proxy>, quinn::Connection) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let handshakes = Arc::new(tokio::sync::Semaphore::new(proxy.config.limits.max_handshakes));
     let count = |outcome: &str| proxy.metrics.handshakes.with_label_values(&[outcome]).inc();
     while let Some(incoming) = endpoint.accept().await {
         if !incoming.remote_address_validated() {
             count("retry");
             if let Err(e) = incoming.retry() {
-                tracing::debug!(error = %e, "overlay retry not sent");
+                tracing::debug!(error = %e, "quic retry not sent");
             }
             continue;
         }
@@ -121,46 +142,44 @@ pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
             continue;
         };
         let p = proxy.clone();
+        let on_connection = on_connection.clone();
         proxy.tasks.spawn(async move {
             let handshake = incoming.await;
             drop(permit);
-            let conn = match handshake {
-                Ok(c) => {
+            match handshake {
+                Ok(conn) => {
                     p.metrics.handshakes.with_label_values(&["accepted"]).inc();
-                    c
+                    on_connection(p, conn).await;
                 }
                 Err(e) => {
                     p.metrics.handshakes.with_label_values(&["failed"]).inc();
-                    tracing::warn!(error = %e, "overlay handshake failed");
-                    return;
+                    tracing::warn!(error = %e, "quic handshake failed");
                 }
-            };
-            let peer = match peer_identity(&conn) {
-                Ok(id) if p.routing.accepts(&p.config, &id, &crate::tls::peer_chain(&conn)) => id,
-                Ok(id) => {
-                    tracing::error!(presented = %id.spiffe_id(), remote = %conn.remote_address(),
-                        "overlay connection from a certificate that is not a configured gateway; closed");
-                    conn.close(quinn::VarInt::from_u32(2), b"not a gateway of this overlay");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, remote = %conn.remote_address(), "overlay peer identity unreadable; closed");
-                    conn.close(quinn::VarInt::from_u32(2), b"bad identity");
-                    return;
-                }
-            };
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                p.tasks.spawn(handle_stream(p.clone(), peer.clone(), send, recv));
             }
         });
     }
 }
 
-async fn answer(send: &mut quinn::SendStream, code: FlowStatus, reason: &str) {
+/// Sends `header` on a newly `opened` stream and reads the answer: the stream and the status.
+pub(super) async fn exchange(
+    opened: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+    header: &[u8],
+) -> Result<(quinn::SendStream, quinn::RecvStream, FlowStatus, String), String> {
+    let (mut send, mut recv) = opened.map_err(|e| e.to_string())?;
+    send.write_all(header).await.map_err(|e| e.to_string())?;
+    let mut prefix = [0u8; 6];
+    recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    let (code, n) = Status::decode_prefix(&prefix).map_err(|e| e.to_string())?;
+    let mut reason = vec![0u8; n];
+    recv.read_exact(&mut reason).await.map_err(|e| e.to_string())?;
+    Ok((send, recv, code, String::from_utf8_lossy(&reason).into_owned()))
+}
+
+pub(super) async fn answer(send: &mut quinn::SendStream, code: FlowStatus, reason: &str) {
     let _ = send.write_all(&Status { code, reason: reason.to_owned() }.encode()).await;
 }
 
-async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, Refusal> {
+pub(super) async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, Refusal> {
     let read = async {
         let mut prefix = [0u8; 6];
         recv.read_exact(&mut prefix).await.map_err(|_| "flow-length")?;
@@ -240,10 +259,14 @@ async fn accept(
     }
     let decided = proxy.decide(&engine, src, dst, &[]);
     log.note_rule(&decided);
-    let Route::Local { sidecar, recipient } = decided?.route else {
-        return Err(Refusal::Unroutable(super::refusal::Unroutable::NotInZone));
-    };
     let flow = Flow { id: header.flow_id, src: header.src, identity: header.identity, dst };
-    let upstream = deliver::to_sidecar(proxy, &flow, sidecar, &recipient).await?;
+    let upstream = match decided?.route {
+        Route::Local { sidecar, recipient } => deliver::to_sidecar(proxy, &flow, sidecar, &recipient).await?,
+        Route::Agent(_) => {
+            log.next_hop = "agent".into();
+            super::edge::open_to_agent(proxy, &flow, log).await?
+        }
+        _ => return Err(Refusal::Unroutable(super::refusal::Unroutable::NotInZone)),
+    };
     Ok((upstream, permit))
 }

@@ -16,6 +16,8 @@ pub enum Entry {
     Tunnel,
     /// From a peer gateway, over the overlay.
     Overlay,
+    /// From a `keyway agent`, over the edge listener.
+    Edge,
 }
 
 impl Entry {
@@ -24,6 +26,7 @@ impl Entry {
         match self {
             Entry::Tunnel => "tunnel",
             Entry::Overlay => "overlay",
+            Entry::Edge => "edge",
         }
     }
 }
@@ -68,6 +71,11 @@ pub enum Unroutable {
     DestinationZoneUnknown,
     /// A flow from a peer gateway for a destination that is not in this zone.
     NotInZone,
+    /// The destination is reached through its `keyway agent`, and none is connected here.
+    NoAgent,
+    /// UDP to a Service's overlay address or outside the overlay: keyway carries UDP between
+    /// workloads and devices only.
+    UdpNotCarried,
 }
 
 /// Why delivering to a destination failed.
@@ -210,6 +218,8 @@ impl Refusal {
             Refusal::Unroutable(Unroutable::ServiceNoReachableEndpoint) => "service-no-reachable-endpoint",
             Refusal::Unroutable(Unroutable::DestinationZoneUnknown) => "destination-zone-unknown",
             Refusal::Unroutable(Unroutable::NotInZone) => "not-in-zone",
+            Refusal::Unroutable(Unroutable::NoAgent) => "no-agent",
+            Refusal::Unroutable(Unroutable::UdpNotCarried) => "udp-not-carried",
             Refusal::Delivery(e) => e.label(),
             Refusal::ZoneUnreachable => "zone-unreachable",
             Refusal::RemoteUnreachable(_) => "destination-unreachable",

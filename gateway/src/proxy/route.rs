@@ -21,6 +21,9 @@ pub enum Route {
         /// Who the ticket is for.
         recipient: Recipient,
     },
+    /// A workload of this zone reached through its `keyway agent` (a device, a pod's UDP): over
+    /// the agent's connection to this gateway.
+    Agent(IpAddr),
     /// A workload of another zone: through one of its gateways.
     Zone(String),
     /// An address outside the overlay: straight out.
@@ -87,15 +90,24 @@ pub fn pick_endpoint(
     Some(Err(Unroutable::ServiceNoReachableEndpoint))
 }
 
-/// Decides the flow from `src` to `dst` and finds its route (see [`pick_endpoint`] for services).
+/// The inventory kind of a device: a workload outside any cluster, joined by a `keyway agent`.
+pub const DEVICE_KIND: &str = "WorkloadEntry";
+
+/// Decides the flow of `protocol` from `src` to `dst` and finds its route (see [`pick_endpoint`]
+/// for services). TCP to a device and every UDP flow to this zone go to the destination's agent;
+/// UDP goes nowhere else than to workloads and devices.
 pub fn decide(
     engine: &Engine,
     routing: &Routing,
     src: Peer,
-    dst: SocketAddr,
+    (dst, protocol): (SocketAddr, Protocol),
     avoid: &[String],
     turn: usize,
 ) -> Result<Decision, Refusal> {
+    let udp = protocol == Protocol::Udp;
+    if udp && engine.inventory().service_for(dst.ip()).is_some() {
+        return Err(Refusal::Unroutable(Unroutable::UdpNotCarried));
+    }
     let service = engine.inventory().service_for(dst.ip()).is_some();
     let (ip, dst_peer) = match pick_endpoint(engine, routing, dst.ip(), avoid, turn) {
         None => (dst.ip(), engine.peer_for(dst.ip())),
@@ -106,7 +118,7 @@ pub fn decide(
         }
         Some(Err(u)) => return Err(Refusal::Unroutable(u)),
     };
-    let d = engine.decide(src, dst_peer, Protocol::Tcp, dst.port());
+    let d = engine.decide(src, dst_peer, protocol, dst.port());
     let rule = engine.describe_decision(&d);
     if d.verdict == Verdict::Deny {
         return Err(Refusal::Policy { rule });
@@ -115,11 +127,13 @@ pub fn decide(
         Peer::Ip(ip) if external_forbidden(ip, routing.external_loopback()) => {
             return Err(Refusal::ExternalForbidden(ip));
         }
+        Peer::Ip(_) if udp => return Err(Refusal::Unroutable(Unroutable::UdpNotCarried)),
         Peer::Ip(ip) => Route::External(SocketAddr::new(ip, dst.port())),
         Peer::Workload(w) => {
             let w = engine.inventory().workloads.get(w);
             match w.and_then(|w| w.zone.as_deref().map(|z| (w, z))) {
                 None => return Err(Refusal::Unroutable(Unroutable::DestinationZoneUnknown)),
+                Some((w, zone)) if zone == routing.my_zone() && (udp || w.kind == DEVICE_KIND) => Route::Agent(ip),
                 Some((w, zone)) if zone == routing.my_zone() => {
                     let sidecar = w.sidecar_ips.first().copied().unwrap_or(ip);
                     let recipient = Recipient {

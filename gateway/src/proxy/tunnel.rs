@@ -242,7 +242,7 @@ fn verify(
 
 /// Connects an allowed flow to its next hop. A service whose chosen zone fails to take the flow is
 /// decided again for an endpoint in the next zone of the locality order.
-async fn onwards(
+pub(super) async fn onwards(
     proxy: &Proxy,
     engine: &Engine,
     mut flow: Flow,
@@ -258,6 +258,10 @@ async fn onwards(
             Route::Local { sidecar, recipient } => {
                 log.next_hop = "local".into();
                 return deliver::to_sidecar(proxy, &flow, *sidecar, recipient).await;
+            }
+            Route::Agent(_) => {
+                log.next_hop = "agent".into();
+                return super::edge::open_to_agent(proxy, &flow, log).await;
             }
             Route::External(addr) => {
                 log.next_hop = "external".into();
