@@ -11,6 +11,7 @@
 //! with its bound addresses; `main` and the tests both use it. The data path lives in [`proxy`].
 
 pub mod admin;
+pub mod agent;
 pub mod app;
 pub mod ca;
 pub mod cli;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keyway_gateway::cli::{ca_cmd, gateway_cmd, keys_cmd, policy_cmd};
+use keyway_gateway::cli::{agent_cmd, ca_cmd, gateway_cmd, keys_cmd, policy_cmd};
 
 /// Keyway: Layer-3 network-policy enforcement for Istio service meshes, on any CNI.
 ///
@@ -33,6 +33,9 @@ enum Command {
     /// allowed or denied.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Join the overlay from a device outside the clusters (a laptop, a VM): a TUN device, its
+    /// traffic to overlay addresses through the zone's edge gateways.
+    Agent(agent_cmd::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +45,6 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => ca_cmd::run(cmd),
         Command::Keys(cmd) => keys_cmd::run(cmd),
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Agent(args) => agent_cmd::run(args),
     }
 }
