@@ -10,8 +10,18 @@
 //! (server and client: every gateway is both ends of the overlay), and no CA rights. Issuing again
 //! replaces the files (renewal); creating a CA never replaces one unless forced.
 //!
-//! Validity: the CA 10 years, gateway certificates 1 year, both configurable; `not_before` is
-//! set an hour back to tolerate clock skew between machines. A certificate never outlives its CA.
+//! A workload certificate names `spiffe://<td>/ns/<namespace>/sa/<service account>`: a mesh
+//! workload's ([`Ca::issue_workload`], server and client use, as istiod issues) or a device's
+//! ([`Ca::issue_device`], client use only: a `keyway agent` outside the clusters, whose identity is
+//! that of its `WorkloadEntry` in the inventory). Revocation lists: [`crl`].
+//!
+//! Validity: the CA 10 years, gateway certificates 1 year, devices 90 days, all configurable;
+//! `not_before` is set an hour back to tolerate clock skew between machines. A certificate never
+//! outlives its CA.
+
+pub mod crl;
+
+pub use crl::{CRL_FILE, CRL_VALIDITY_DAYS, Revocation, load_crls, refresh_crl, revoke};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,6 +47,9 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const CA_VALIDITY_DAYS: u32 = 3650;
 /// The default validity of a gateway certificate (1 year).
 pub const GATEWAY_VALIDITY_DAYS: u32 = 365;
+/// The default validity of a device certificate (90 days: a laptop is lost more easily than a
+/// gateway; renew with `keyway ca issue-device` again).
+pub const DEVICE_VALIDITY_DAYS: u32 = 90;
 /// The longest validity keyway issues (100 years).
 pub const MAX_VALIDITY_DAYS: u32 = 36_500;
 /// The default trust domain.
@@ -113,6 +126,22 @@ pub enum CaError {
     /// rcgen failed (key generation, encoding).
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// The certificate to revoke was not issued by this CA.
+    #[error("{path}: {reason}")]
+    NotIssuedByCa {
+        /// The certificate file.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// The revocation list file is not one this CA signed.
+    #[error("{path}: {reason}")]
+    BadCrl {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The operating system gave no random bytes.
     #[error("cannot draw random bytes from the operating system: {0}")]
     Random(String),
@@ -147,6 +176,25 @@ impl IssuedPaths {
     /// The files of gateway `zone`/`name` in `out`.
     pub fn in_dir(out: &Path, zone: &str, name: &str) -> Self {
         IssuedPaths { cert: out.join(format!("{zone}-{name}.pem")), key: out.join(format!("{zone}-{name}-key.pem")) }
+    }
+}
+
+/// What a workload certificate is for: its extended key usages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadUse {
+    /// A mesh workload (a sidecar, a gateway's mesh side): server and client.
+    Mesh,
+    /// A device outside the clusters (`keyway agent`): client only; it dials its edge gateway and
+    /// never serves TLS.
+    Device,
+}
+
+impl WorkloadUse {
+    fn extended_key_usages(self) -> Vec<ExtendedKeyUsagePurpose> {
+        match self {
+            WorkloadUse::Mesh => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            WorkloadUse::Device => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        }
     }
 }
 
@@ -402,7 +450,7 @@ impl Ca {
             SanType::DnsName(host.as_str().try_into()?),
             SanType::DnsName(zone_host.as_str().try_into()?),
         ];
-        let (cert_pem, key_pem) = self.sign(&host, sans, not_before, not_after)?;
+        let (cert_pem, key_pem) = self.sign(&host, sans, WorkloadUse::Mesh, not_before, not_after)?;
         Ok(IssuedCert { identity, cert_pem, key_pem, not_after_unix: i64::try_from(not_after).unwrap_or(i64::MAX) })
     }
 
@@ -429,12 +477,13 @@ impl Ca {
         Ok((not_before, not_after))
     }
 
-    /// Signs a leaf certificate (server and client use) with a new P-256 key; returns the
-    /// certificate and the key, PEM.
+    /// Signs a leaf certificate (server and client use, or client only for a device) with a new
+    /// P-256 key; returns the certificate and the key, PEM.
     fn sign(
         &self,
         common_name: &str,
         sans: Vec<SanType>,
+        usage: WorkloadUse,
         not_before: u64,
         not_after: u64,
     ) -> Result<(String, String), CaError> {
@@ -446,7 +495,7 @@ impl Ca {
         p.subject_alt_names = sans;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = usage.extended_key_usages();
         p.use_authority_key_identifier_extension = true;
         p.serial_number = Some(serial()?);
         set_validity(&mut p, not_before, not_after);
@@ -477,6 +526,32 @@ impl Ca {
         days: u32,
         now: SystemTime,
     ) -> Result<(String, String), CaError> {
+        self.issue_identity(namespace, service_account, WorkloadUse::Mesh, days, now)
+    }
+
+    /// Issues a device certificate (a `keyway agent` outside the clusters) from the overlay CA:
+    /// the one SAN `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, the identity of
+    /// the device's `WorkloadEntry`, client use only, valid `days` from `now`, a new P-256 key;
+    /// returns the certificate and key, PEM.
+    pub fn issue_device(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        days: u32,
+        now: SystemTime,
+    ) -> Result<(String, String), CaError> {
+        self.issue_identity(namespace, service_account, WorkloadUse::Device, days, now)
+    }
+
+    /// A certificate of `spiffe://<td>/ns/<namespace>/sa/<service account>` for `usage`.
+    fn issue_identity(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        usage: WorkloadUse,
+        days: u32,
+        now: SystemTime,
+    ) -> Result<(String, String), CaError> {
         for (what, v) in [("namespace", namespace), ("service account", service_account)] {
             let ok = !v.is_empty()
                 && v.len() <= 253
@@ -492,6 +567,7 @@ impl Ca {
         self.sign(
             &format!("{service_account}.{namespace}"),
             vec![SanType::URI(id.as_str().try_into()?)],
+            usage,
             not_before,
             not_after,
         )
@@ -557,7 +633,30 @@ pub fn issue_workload_with(
     days: u32,
     out: &Path,
 ) -> Result<IssuedPaths, CaError> {
-    let (cert, key) = ca.issue_workload(namespace, service_account, days, SystemTime::now())?;
+    save_identity(ca, namespace, service_account, WorkloadUse::Mesh, days, out)
+}
+
+/// Issues a device certificate ([`Ca::issue_device`]) with a loaded overlay CA into `out`, as
+/// [`issue_workload_with`] does.
+pub fn issue_device_with(
+    ca: &Ca,
+    namespace: &str,
+    service_account: &str,
+    days: u32,
+    out: &Path,
+) -> Result<IssuedPaths, CaError> {
+    save_identity(ca, namespace, service_account, WorkloadUse::Device, days, out)
+}
+
+fn save_identity(
+    ca: &Ca,
+    namespace: &str,
+    service_account: &str,
+    usage: WorkloadUse,
+    days: u32,
+    out: &Path,
+) -> Result<IssuedPaths, CaError> {
+    let (cert, key) = ca.issue_identity(namespace, service_account, usage, days, SystemTime::now())?;
     std::fs::create_dir_all(out).map_err(|source| CaError::Write { path: out.display().to_string(), source })?;
     let paths = IssuedPaths::in_dir(out, namespace, service_account);
     write(&paths.key, &key, PRIVATE_FILE_MODE, Replace::Yes)?;
@@ -581,125 +680,4 @@ pub fn utc_date(unix_secs: i64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tls::TlsMaterial;
-    use std::os::unix::fs::PermissionsExt as _;
-
-    fn tmpdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("keyway-ca-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn mode(p: &Path) -> u32 {
-        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-    }
-
-    #[test]
-    fn init_then_issue_gives_loadable_material() {
-        let dir = tmpdir("flow");
-        init_ca(&dir, "example.org").unwrap();
-        let files = CaFiles::in_dir(&dir);
-        assert_eq!(mode(&files.key), 0o600);
-        assert_eq!(mode(&files.cert), 0o644);
-        let ca = Ca::load(&dir).unwrap();
-        assert_eq!(ca.trust_domain(), "example.org");
-        let out = dir.join("gw");
-        let paths = issue_gateway(&dir, "example.org", "zone-a", "gw-1", &out).unwrap();
-        assert_eq!(paths, IssuedPaths { cert: out.join("zone-a-gw-1.pem"), key: out.join("zone-a-gw-1-key.pem") });
-        assert_eq!(mode(&paths.key), 0o600);
-        let m = TlsMaterial::load(&files.cert, &paths.cert, &paths.key).unwrap();
-        let id = m.identity().unwrap();
-        assert_eq!(id.spiffe_id(), "spiffe://example.org/zone/zone-a/gateway/gw-1");
-        // Only the CA certificate and the gateway files; no temporaries, no key copies.
-        let mut names: Vec<String> =
-            std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        assert_eq!(names, ["zone-a-gw-1-key.pem", "zone-a-gw-1.pem"]);
-    }
-
-    #[test]
-    fn init_refuses_to_replace_unless_forced() {
-        let dir = tmpdir("refuse");
-        init_ca(&dir, "td").unwrap();
-        let before = std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap();
-        let err = init_ca(&dir, "td").unwrap_err().to_string();
-        assert!(err.contains("already exists") && err.contains("--force"), "{err}");
-        assert_eq!(std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap(), before);
-        init_ca_with(&dir, "td", 10, true).unwrap();
-        assert_ne!(std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap(), before);
-        // A lone key file is enough to refuse.
-        let lone = tmpdir("lone");
-        std::fs::write(lone.join(CA_KEY_FILE), "x").unwrap();
-        assert!(matches!(init_ca(&lone, "td"), Err(CaError::Exists { .. })));
-    }
-
-    #[test]
-    fn issue_checks_names_trust_domain_and_validity() {
-        let ca = Ca::generate("td", 30, SystemTime::now()).unwrap();
-        let now = SystemTime::now();
-        for (zone, name) in [("Zone", "a"), ("z", ""), ("z", "-a"), ("z_1", "a"), ("z", &"a".repeat(64))] {
-            assert!(matches!(ca.issue(zone, name, 1, now), Err(CaError::BadName(_))), "{zone} {name}");
-        }
-        assert!(matches!(ca.issue("z", "a", 0, now), Err(CaError::BadValidity { days: 0 })));
-        let err = ca.issue("z", "a", 365, now).unwrap_err().to_string();
-        assert!(err.contains("outlive the CA") && err.contains("ask for --days"), "{err}");
-        let later = now + Duration::from_secs(40 * SECONDS_PER_DAY);
-        assert!(ca.issue("z", "a", 1, later).unwrap_err().to_string().contains("the CA expired"));
-        assert!(matches!(Ca::generate("Bad TD", 1, now), Err(CaError::BadName(_))));
-
-        let dir = tmpdir("td");
-        ca.save(&dir, false).unwrap();
-        let err = issue_gateway(&dir, "other", "z", "a", &dir).unwrap_err();
-        assert!(matches!(err, CaError::WrongTrustDomain { .. }), "{err}");
-    }
-
-    #[test]
-    fn load_refuses_a_mismatched_key_and_a_non_ca() {
-        let a = Ca::generate("td", 10, SystemTime::now()).unwrap();
-        let b = Ca::generate("td", 10, SystemTime::now()).unwrap();
-        let err = Ca::from_pem(a.cert_pem(), &b.key.serialize_pem(), "ca.pem", "ca-key.pem").unwrap_err();
-        assert!(err.to_string().starts_with("ca-key.pem: not the key of the CA certificate"), "{err}");
-        let leaf = a.issue("z", "g", 1, SystemTime::now()).unwrap();
-        let err = Ca::from_pem(&leaf.cert_pem, leaf.key_pem(), "ca.pem", "ca-key.pem").unwrap_err();
-        assert!(err.to_string().contains("not a CA certificate"), "{err}");
-        let missing = tmpdir("missing");
-        assert!(Ca::load(&missing).unwrap_err().to_string().contains("ca.pem: cannot read"));
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc_date(0), "1970-01-01");
-        assert_eq!(utc_date(951_782_400), "2000-02-29");
-        assert_eq!(utc_date(1_767_225_599), "2025-12-31");
-        assert_eq!(utc_date(-86_400), "1969-12-31");
-    }
-
-    #[test]
-    fn issued_certificate_has_the_expected_shape() {
-        let ca = Ca::generate("cluster.local", CA_VALIDITY_DAYS, SystemTime::now()).unwrap();
-        let now = SystemTime::now();
-        let issued = ca.issue("zone-b", "gw-2", 7, now).unwrap();
-        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
-        let (_, x) = X509Certificate::from_der(&der).unwrap();
-        assert!(!x.is_ca());
-        let names: Vec<String> =
-            x.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| format!("{n}")).collect();
-        assert_eq!(
-            names,
-            [
-                "URI(spiffe://cluster.local/zone/zone-b/gateway/gw-2)",
-                "DNSName(gw-2.zone-b.gateway.keyway)",
-                "DNSName(zone-b.gateway.keyway)"
-            ]
-        );
-        let eku = x.extended_key_usage().unwrap().unwrap().value;
-        assert!(eku.server_auth && eku.client_auth);
-        let span = x.validity().not_after.timestamp() - x.validity().not_before.timestamp();
-        assert_eq!(span, 7 * 86_400 + 3600);
-        assert!(format!("{issued:?} {ca:?}").contains("[redacted]"));
-        assert!(!format!("{issued:?}").contains("PRIVATE KEY"));
-    }
-}
+mod tests;

@@ -281,3 +281,52 @@ fn gateway_check_verifies_everything_and_opens_nothing() {
         "{err}"
     );
 }
+
+#[test]
+fn ca_issue_device_then_revoke_it() {
+    let dir = tmpdir("device", &[]);
+    let d = |p: &str| dir.join(p).to_str().unwrap().to_owned();
+    assert!(keyway(&["ca", "init", "--out", &d("ca")]).status.success());
+    let issue = |ca: &str, out: &str| {
+        keyway(&[
+            "ca",
+            "issue-device",
+            "--ca",
+            ca,
+            "--namespace",
+            "field",
+            "--service-account",
+            "laptop-7",
+            "--out",
+            out,
+        ])
+    };
+    let out = issue(&d("ca"), &d("dev"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("issued device spiffe://cluster.local/ns/field/sa/laptop-7, valid 90 days\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mode = std::fs::metadata(dir.join("dev/field-laptop-7-key.pem")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is private");
+
+    let out = keyway(&["ca", "revoke", "--ca", &d("ca"), "--cert", &d("dev/field-laptop-7.pem")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.starts_with("revoked serial ") && shown.contains(": 1 certificate(s) revoked, CRL number 1,"),
+        "{shown}"
+    );
+    assert!(shown.contains(&format!("{}\tthe revocation list", d("ca/revoked.pem"))), "{shown}");
+    let out = keyway(&["ca", "revoke", "--ca", &d("ca"), "--refresh"]);
+    assert!(text(&out.stdout).starts_with("revocation list signed again: 1 certificate(s) revoked, CRL number 2,"));
+
+    // Another CA's certificate: refused, exit 2; neither --cert nor --refresh: a usage error.
+    assert!(keyway(&["ca", "init", "--out", &d("other")]).status.success());
+    assert!(issue(&d("other"), &d("other-dev")).status.success());
+    let out = keyway(&["ca", "revoke", "--ca", &d("ca"), "--cert", &d("other-dev/field-laptop-7.pem")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not issued by this CA"), "{}", text(&out.stderr));
+    assert_eq!(keyway(&["ca", "revoke", "--ca", &d("ca")]).status.code(), Some(2));
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::ca::{self, CA_VALIDITY_DAYS, DEFAULT_TRUST_DOMAIN, GATEWAY_VALIDITY_DAYS};
+use crate::ca::{self, CA_VALIDITY_DAYS, DEFAULT_TRUST_DOMAIN, DEVICE_VALIDITY_DAYS, GATEWAY_VALIDITY_DAYS};
 use crate::tls::server_name;
 
 /// Exit code for bad input or a failed operation.
@@ -90,6 +90,57 @@ pub enum CaCommand {
         #[arg(long, default_value_t = GATEWAY_VALIDITY_DAYS)]
         days: u32,
     },
+    /// Issue the identity certificate of a device outside the clusters (`keyway agent`).
+    ///
+    /// Writes OUT/<namespace>-<service-account>.pem and OUT/<namespace>-<service-account>-key.pem
+    /// (mode 0600), from the overlay CA (the directory of `keyway ca issue`): one URI SAN
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, client use only, ECDSA P-256,
+    /// 90 days by default. NAMESPACE and SERVICE-ACCOUNT are those of the device's WorkloadEntry
+    /// in the inventory (its metadata.namespace and spec.serviceAccount, `default` when unset),
+    /// which the NetworkPolicies select. Issuing again replaces the files (renewal); revoke a lost
+    /// device's certificate with `keyway ca revoke`.
+    ///
+    /// Example: keyway ca issue-device --ca ./ca --namespace field --service-account laptop-7 --out ./device
+    IssueDevice {
+        /// The overlay CA directory (ca.pem and ca-key.pem, from `keyway ca init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The namespace of the device's WorkloadEntry.
+        #[arg(long, value_name = "NAMESPACE")]
+        namespace: String,
+        /// The service account of the device's WorkloadEntry (spec.serviceAccount).
+        #[arg(long, value_name = "NAME", default_value = "default")]
+        service_account: String,
+        /// The directory to write the certificate and key to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days (at most the CA's remaining validity).
+        #[arg(long, default_value_t = DEVICE_VALIDITY_DAYS)]
+        days: u32,
+    },
+    /// Revoke a certificate the CA issued (a lost device, a retired gateway, a pod's mesh
+    /// certificate), or re-sign the revocation list.
+    ///
+    /// Adds the certificate's serial number to DIR/revoked.pem, an X.509 CRL signed by the CA
+    /// listing every certificate it revoked (created on first use), and signs it again: CRL
+    /// number one more, thisUpdate now, nextUpdate in 7 days. A certificate the CA did not issue
+    /// is refused. Works for the overlay CA and for a mesh CA of `keyway ca init`. Gateways read
+    /// the list at start and on reload and use it whatever its nextUpdate (nextUpdate is a reminder:
+    /// run `keyway ca revoke --refresh` weekly for tools that check it); copy the new file to
+    /// every gateway.
+    ///
+    /// Example: keyway ca revoke --ca ./ca --cert ./device/field-laptop-7.pem
+    Revoke {
+        /// The CA directory (ca.pem, ca-key.pem; revoked.pem is written there).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The certificate to revoke (PEM; the first certificate of a chain).
+        #[arg(long, value_name = "FILE", required_unless_present = "refresh", conflicts_with = "refresh")]
+        cert: Option<PathBuf>,
+        /// Re-sign the list with new dates and no new entry (writes an empty list where none exists).
+        #[arg(long)]
+        refresh: bool,
+    },
 }
 
 /// Runs the command: what was written on stdout; an error as one line on stderr and exit code 2.
@@ -144,6 +195,40 @@ fn execute(cmd: CaCommand) -> Result<String, ca::CaError> {
                 loaded.trust_domain(),
                 paths.cert.display(),
                 paths.key.display(),
+            ))
+        }
+        CaCommand::IssueDevice { ca: ca_dir, namespace, service_account, out, days } => {
+            let loaded = ca::Ca::load(&ca_dir)?;
+            let paths = ca::issue_device_with(&loaded, &namespace, &service_account, days, &out)?;
+            Ok(format!(
+                "issued device spiffe://{}/ns/{namespace}/sa/{service_account}, valid {days} days\n\
+                 {}\tthe device certificate: give it to `keyway agent` with the overlay CA's ca.pem\n\
+                 {}\tthe device key (mode 0600): keep it on the device only\n\
+                 declare the device in the inventory as a WorkloadEntry {namespace}/<name> with \
+                 spec.serviceAccount {service_account}, keyway.io/zone and keyway.io/overlay-ips (docs/policy.md)\n",
+                loaded.trust_domain(),
+                paths.cert.display(),
+                paths.key.display(),
+            ))
+        }
+        CaCommand::Revoke { ca: ca_dir, cert, refresh: _ } => {
+            let now = std::time::SystemTime::now();
+            let r = match &cert {
+                Some(cert) => ca::revoke(&ca_dir, cert, now)?,
+                None => ca::refresh_crl(&ca_dir, now)?,
+            };
+            let what = match (&r.serial, r.already_revoked) {
+                (Some(serial), false) => format!("revoked serial {serial}"),
+                (Some(serial), true) => format!("serial {serial} was already revoked; list signed again"),
+                (None, _) => "revocation list signed again".to_owned(),
+            };
+            Ok(format!(
+                "{what}: {} certificate(s) revoked, CRL number {}, next update {}\n\
+                 {}\tthe revocation list: copy it to every gateway (gateways refuse the certificates it names)\n",
+                r.revoked,
+                r.crl_number,
+                ca::utc_date(i64::try_from(r.next_update_unix).unwrap_or(i64::MAX)),
+                r.path.display(),
             ))
         }
     }
