@@ -78,7 +78,7 @@ fn try_edge(p: &Pki, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
 fn config(dir: &Path, gateways: &[SocketAddr]) -> AgentConfig {
     let gws: Vec<String> = gateways.iter().map(|g| format!("\"{g}\"")).collect();
     let text = format!(
-        "zone: zone-a\noverlay_ip: {OVERLAY_IP}\noverlay_cidrs: [127.0.0.0/8]\ngateways: [{}]\n\
+        "zone: zone-a\noverlay_ip: {OVERLAY_IP}\noverlay_cidrs: [127.0.0.8/29]\ngateways: [{}]\n\
          tls: {{ca: {d}/ca.pem, cert: {d}/laptop.pem, key: {d}/laptop-key.pem}}\n",
         gws.join(", "),
         d = dir.display()

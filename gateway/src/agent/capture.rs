@@ -114,6 +114,13 @@ impl Capture {
                     std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), "0")
                         .map_err(|e| AgentError::Capture(format!("rp_filter of {dev}: {e}")))?;
                 }
+                // The agent's own QUIC to a gateway whose address is inside the overlay (a
+                // gateway pod's address) keeps the pod's normal route.
+                for g in config.gateway_ips_in_overlay() {
+                    let rule = format!("to {g} ipproto udp lookup main priority {}", POD_RULE_PRIORITY - 1);
+                    let f = if g.is_ipv4() { "-4" } else { "-6" };
+                    self.apply(format!("ip {f} rule add {rule}"), Some(format!("ip {f} rule del {rule}")))?;
+                }
                 for c in cidrs.iter().filter(|c| c.v4 == ip.is_ipv4()) {
                     self.apply(
                         format!("ip {fam} route replace {} dev {dev} src {ip} table {POD_TABLE}", c.text),

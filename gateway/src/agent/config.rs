@@ -190,6 +190,17 @@ impl AgentConfig {
             .collect()
     }
 
+    /// The gateways given as IP addresses that lie inside `overlay_cidrs`.
+    pub fn gateway_ips_in_overlay(&self) -> Vec<IpAddr> {
+        let cidrs = self.cidrs();
+        self.gateways
+            .iter()
+            .filter_map(|g| g.parse::<SocketAddr>().ok())
+            .map(|a| a.ip())
+            .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
+            .collect()
+    }
+
     fn validate(&self, path: &str) -> Result<(), AgentConfigError> {
         let bad = |field: &str, reason: String| AgentConfigError::Invalid {
             path: path.to_owned(),
@@ -225,6 +236,17 @@ impl AgentConfig {
                     format!("{g:?}: expected host:port, e.g. \"192.0.2.10:{DEFAULT_EDGE_PORT}\""),
                 ));
             }
+        }
+        if self.mode == Mode::Device
+            && let Some(g) = self.gateway_ips_in_overlay().first()
+        {
+            return Err(bad(
+                "gateways",
+                format!(
+                    "{g} is inside `overlay_cidrs`: a device reaches its gateways through the underlay, give \
+                     their edge addresses outside the overlay"
+                ),
+            ));
         }
         let name_ok = !self.tun.name.is_empty()
             && self.tun.name.len() < 16
@@ -278,6 +300,7 @@ mod tests {
             ("zone: zone-a", "zone: zone-a\nadmin: 0.0.0.0:15021", "field `admin`"),
             ("zone: zone-a", "zone: zone-a\nkeepalive_ms: 5000", "field `keepalive_ms`"),
             ("zone: zone-a", "zone: zone-a\ncolour: blue", "unknown field `colour`"),
+            ("192.0.2.10:15444", "10.128.0.5:15444", "field `gateways`: 10.128.0.5 is inside `overlay_cidrs`"),
         ];
         for (from, to, want) in cases {
             let text = MINIMAL.replace(from, to);

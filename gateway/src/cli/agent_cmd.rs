@@ -91,8 +91,10 @@ async fn run_agent(config: AgentConfig, json: String) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let code = serve(&config, json, tun).await;
+    let code = serve(&config, json, tun.clone()).await;
+    // The device goes last: the routes on it are removed first, by name.
     cap.remove();
+    drop(tun);
     code
 }
 
