@@ -33,8 +33,7 @@ enum Command {
     /// allowed or denied.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
-    /// Join the overlay from a device outside the clusters (a laptop, a VM): a TUN device, its
-    /// traffic to overlay addresses through the zone's edge gateways.
+    // The help is AgentArgs' own (with its example configuration).
     Agent(agent_cmd::AgentArgs),
 }
 

@@ -69,6 +69,10 @@ impl Capture {
     fn install_inner(&mut self, config: &AgentConfig) -> Result<(), AgentError> {
         let dev = &config.tun.name;
         let cidrs = config.cidrs();
+        if config.overlay_ip.is_ipv4() && cidrs.iter().all(|c| c.v4) {
+            // No IPv6 on the device: no link-local address, no router solicitations into it.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+        }
         self.apply(format!("ip link set dev {dev} mtu {} up", config.tun.mtu), None)?;
         let ip = config.overlay_ip;
         let (fam, host) = if ip.is_ipv4() { ("-4", 32) } else { ("-6", 128) };

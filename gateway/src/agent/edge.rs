@@ -16,7 +16,7 @@ use super::AgentError;
 use super::config::{AgentConfig, TlsFiles};
 
 /// The ALPN of the edge protocol (agent ↔ gateway).
-pub const EDGE_ALPN: &[u8] = b"keyway-edge/1";
+pub use keyway_policy::wire::EDGE_ALPN;
 
 /// The first wait before reconnecting, doubled up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -52,7 +52,18 @@ pub fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, AgentE
     }
     let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(pem_err(key, "private key"))?;
     let provider = crate::tls::provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let roots = Arc::new(roots);
+    // What would otherwise only fail at the first handshake, on the gateway's side: the device
+    // certificate does not chain to the CA, or has expired.
+    if let Some((leaf, intermediates)) = chain.split_first() {
+        let check = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| AgentError::Tls(format!("{}: {e}", ca.display())))?;
+        check.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()).map_err(|e| {
+            AgentError::Tls(format!("{}: does not verify against the CA in {}: {e}", cert.display(), ca.display()))
+        })?;
+    }
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| AgentError::Tls(format!("{}: {e}", ca.display())))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
