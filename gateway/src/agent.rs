@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<AgentMetrics>,
     pub(crate) to_host: mpsc::Sender<Vec<u8>>,
     pub(crate) next_flow: std::sync::atomic::AtomicU64,
+    /// Each UDP flow's gateway connection.
+    pub(crate) sticky: udp::Sticky,
 }
 
 /// A running agent core.
@@ -147,6 +149,7 @@ pub async fn start(
         metrics: metrics.clone(),
         to_host: packets.to_host,
         next_flow: std::sync::atomic::AtomicU64::new(1),
+        sticky: udp::Sticky::default(),
     });
     let stop = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
@@ -193,7 +196,7 @@ async fn serve_gateway(
     };
     let datagrams = async {
         while let Ok(bytes) = conn.read_datagram().await {
-            udp::inbound(&shared, &bytes);
+            udp::inbound(&shared, &conn, &bytes);
         }
     };
     tokio::join!(streams, datagrams);

@@ -407,3 +407,43 @@ async fn a_gateway_with_a_certificate_of_another_ca_is_never_used() {
     assert_eq!(a.handle.metrics.gateway_connects.load(Relaxed), 0);
     a.handle.shutdown().await;
 }
+
+/// A UDP flow keeps to one gateway, the one its last datagram came from: replicas of a zone each
+/// track the flows they carry, and a reply sent to another replica would be a new flow there.
+#[tokio::test]
+async fn a_udp_flow_keeps_to_the_gateway_it_came_from() {
+    let p = pki("sticky");
+    let (s1, s2) = (edge(&p, "127.0.0.1:0".parse().unwrap()), edge(&p, "127.0.0.1:0".parse().unwrap()));
+    let mut a = start_agent(&config(&p.dir, &[s1.local_addr().unwrap(), s2.local_addr().unwrap()])).await;
+    let (c1, c2) = (accept(&s1).await, accept(&s2).await);
+    a.wait_connected(2).await;
+    let asked = |port: u16| Datagram {
+        src: "10.128.2.20".parse().unwrap(),
+        dst: overlay_ip(),
+        src_port: 40000 + port,
+        dst_port: 5353,
+        payload: b"query".to_vec(),
+    };
+    let answer = |d: &Datagram| Datagram {
+        src: d.dst,
+        dst: d.src,
+        src_port: d.dst_port,
+        dst_port: d.src_port,
+        payload: b"answer".to_vec(),
+    };
+    // Flows asked through gateway 2, then through gateway 1: every answer goes back the same way,
+    // several times each (round robin alone would alternate).
+    for (conn, other, port) in [(&c2, &c1, 1u16), (&c1, &c2, 2), (&c2, &c1, 3)] {
+        let q = asked(port);
+        conn.send_datagram(q.encode().into()).unwrap();
+        within(a.to_host.recv()).await.unwrap();
+        for _ in 0..4 {
+            a.from_host.send(packet::build(&answer(&q)).unwrap()).await.unwrap();
+            let got = within(conn.read_datagram()).await.unwrap();
+            assert_eq!(Datagram::decode(&got).unwrap(), answer(&q));
+        }
+        let stray = tokio::time::timeout(Duration::from_millis(200), other.read_datagram()).await;
+        assert!(stray.is_err(), "an answer of flow {port} went to the other gateway");
+    }
+    a.handle.shutdown().await;
+}

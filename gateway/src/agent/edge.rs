@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
 use super::AgentError;
-use super::config::{AgentConfig, TlsFiles};
+use super::config::{AgentConfig, Mode, TlsFiles};
 
 /// The ALPN of the edge protocol (agent ↔ gateway).
 pub use keyway_policy::wire::EDGE_ALPN;
@@ -54,8 +54,9 @@ pub fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, AgentE
     let provider = crate::tls::provider();
     let roots = Arc::new(roots);
     // What would otherwise only fail at the first handshake, on the gateway's side: the device
-    // certificate does not chain to the CA, or has expired.
-    if let Some((leaf, intermediates)) = chain.split_first() {
+    // certificate does not chain to the CA, or has expired. (A pod's agent presents the pod's
+    // mesh certificate, of the mesh CA, and checks its gateways with the overlay CA.)
+    if let (Mode::Device, Some((leaf, intermediates))) = (config.mode, chain.split_first()) {
         let check = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| AgentError::Tls(format!("{}: {e}", ca.display())))?;

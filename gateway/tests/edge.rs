@@ -1,0 +1,174 @@
+//! The edge listener, in-process on loopback: `keyway agent`s' UDP and TCP through the overlay,
+//! enforced as `keyway policy` decides, and the attacks on it mounted with only what each
+//! attacker has (its own certificate and key, or a certificate of a CA of its own).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use keyway_e2e::gateway::ZoneLayout;
+use keyway_e2e::loopback::*;
+use keyway_gateway::agent::config::AgentConfig;
+use keyway_policy::flow::Datagram;
+
+fn app(k: u8) -> Vec<W> {
+    let sc = |z: u8, n: u8| format!("127.{k}.{z}.{n}");
+    vec![
+        w("shop", "web", "web", "zone-a", "10.202.1.1", &sc(1, 1)),
+        w("shop", "cache", "cache", "zone-a", "10.202.1.2", &sc(1, 2)),
+        w("shop", "dns", "dns", "zone-b", "10.202.2.1", &sc(2, 1)),
+        w("shop", "dns-a", "dns", "zone-a", "10.202.1.3", &sc(1, 3)),
+    ]
+}
+
+const ZONES: &[ZoneLayout<'static>] = &[
+    ZoneLayout { name: "zone-a", gateways: &["a1"], failover: &[] },
+    ZoneLayout { name: "zone-b", gateways: &["b1"], failover: &[] },
+];
+
+/// dns (both zones) takes UDP 5353 from web only; web's egress is open; cache may send nothing.
+const POLICIES: &str = r#"
+kind: NetworkPolicy
+metadata: {name: dns-ingress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: dns}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5353, protocol: UDP}]}]
+---
+kind: NetworkPolicy
+metadata: {name: cache-egress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: cache}}
+  policyTypes: [Egress]
+"#;
+
+/// A QUIC connection to the edge of `zone`'s gateway at `edge` with `cert`/`key` (an agent's
+/// own credentials), trusting the overlay CA `ca`.
+async fn edge_connect(
+    edge: SocketAddr,
+    zone: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<quinn::Connection> {
+    let yaml = format!(
+        "zone: {zone}\noverlay_ip: 10.0.0.1\noverlay_cidrs: [10.0.0.0/8]\ngateways: [\"{edge}\"]\nmode: pod\n\
+         tls: {{ca: {}, cert: {}, key: {}}}\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let config = AgentConfig::parse(&yaml, "test agent").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = keyway_gateway::agent::edge::client_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(client);
+    let conn = endpoint.connect(edge, &keyway_gateway::tls::zone_server_name(zone))?.await?;
+    Ok(conn)
+}
+
+/// The edge connection of workload `name`'s agent, with its own mesh certificate.
+async fn agent_of(o: &Overlay, name: &str, gateway: &str) -> quinn::Connection {
+    let w = o.workload(name);
+    let m = o.files.workload_mesh(w.ns, w.name);
+    let edge = o.gw(w.zone, gateway).edge_addr;
+    edge_connect(edge, w.zone, &o.files.ca.join("ca.pem"), &m.cert, &m.key)
+        .await
+        .unwrap_or_else(|e| panic!("agent of {name}: {e:#}"))
+}
+
+fn datagram(src: (IpAddr, u16), dst: (IpAddr, u16), payload: &str) -> bytes::Bytes {
+    Datagram { src: src.0, dst: dst.0, src_port: src.1, dst_port: dst.1, payload: payload.as_bytes().to_vec() }
+        .encode()
+        .into()
+}
+
+/// The next datagram on `conn` within `wait`, decoded; `None` when none came.
+async fn next(conn: &quinn::Connection, wait: Duration) -> Option<Datagram> {
+    let b = tokio::time::timeout(wait, conn.read_datagram()).await.ok()?.ok()?;
+    Some(Datagram::decode(&b).unwrap())
+}
+
+/// Waits until the gateway with admin `admin` counted `n` datagrams with `outcome`.
+async fn counted(admin: SocketAddr, outcome: &str, n: f64) {
+    let label = format!("outcome=\"{outcome}\"");
+    wait_until_async(Duration::from_secs(10), &format!("{n} udp datagrams {outcome}"), || async {
+        metric(admin, "keyway_gateway_udp_datagrams_total", &label).await >= n
+    })
+    .await
+    .unwrap();
+}
+
+/// Sends `d` on `conn` until the agents at both ends are registered (the first datagrams of a
+/// new connection may precede its registration): each try is a new flow of its own source port.
+async fn send_until_delivered(
+    from: &quinn::Connection,
+    to: &quinn::Connection,
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+) -> Datagram {
+    for i in 0..50u16 {
+        from.send_datagram(datagram((src.0, src.1 + i), dst, "ping")).unwrap();
+        if let Some(d) = next(to, Duration::from_millis(200)).await {
+            return d;
+        }
+    }
+    panic!("no datagram from {src:?} reached {dst:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn udp_between_agents_of_two_zones_is_carried_as_the_policy_says_with_replies() {
+    let o = Overlay::start("edge-udp", ZONES, app(51), POLICIES).await;
+    let (web, cache, dns) = (o.workload("web").clone(), o.workload("cache").clone(), o.workload("dns").clone());
+    let a = agent_of(&o, "web", "a1").await;
+    let c = agent_of(&o, "cache", "a1").await;
+    let b = agent_of(&o, "dns", "b1").await;
+    // Allowed: web → dns:5353 across zones, and dns's reply comes back.
+    let got = send_until_delivered(&a, &b, (web.overlay, 40000), (dns.overlay, 5353)).await;
+    assert_eq!((got.dst, got.dst_port, got.src), (dns.overlay, 5353, web.overlay));
+    b.send_datagram(datagram((dns.overlay, 5353), (got.src, got.src_port), "pong")).unwrap();
+    let reply = next(&a, Duration::from_secs(5)).await.expect("dns's reply reaches web");
+    assert_eq!((reply.src, reply.src_port, reply.payload.as_slice()), (dns.overlay, 5353, b"pong".as_slice()));
+    // Denied: another port of dns, anything from cache (its egress is closed), and dns starting a
+    // flow to dns-a in zone-a (which takes UDP from web only), though dns answers web's flow.
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    let b1 = o.gw("zone-b", "b1").admin_addr;
+    a.send_datagram(datagram((web.overlay, 41000), (dns.overlay, 5354), "x")).unwrap();
+    c.send_datagram(datagram((cache.overlay, 41000), (dns.overlay, 5353), "x")).unwrap();
+    counted(a1, "policy-denied", 2.0).await;
+    let dns_a = o.workload("dns-a").overlay;
+    b.send_datagram(datagram((dns.overlay, 5353), (dns_a, 5353), "unasked")).unwrap();
+    counted(b1, "policy-denied", 1.0).await;
+    // The allowed flow still flows, and nothing denied arrived anywhere.
+    a.send_datagram(datagram((web.overlay, got.src_port), (dns.overlay, 5353), "again")).unwrap();
+    let again = next(&b, Duration::from_secs(5)).await.expect("the allowed flow still flows");
+    assert_eq!(again.payload, b"again");
+    assert!(next(&b, Duration::from_millis(300)).await.is_none(), "dns got a denied datagram");
+    assert!(next(&a, Duration::from_millis(300)).await.is_none(), "web got a datagram it did not ask for");
+}
+
+/// Attacker: the cache pod (zone-a), whose egress policy allows nothing, with its own genuine mesh
+/// certificate on its own agent connection, writes datagrams whose inner source is its neighbour
+/// web's address (which dns takes UDP from). Expected: dropped at its own gateway
+/// (`edge-source-address`); dns gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_cannot_send_with_another_workloads_source_address() {
+    let o = Overlay::start("edge-spoof", ZONES, app(52), POLICIES).await;
+    let (web, cache, dns) = (o.workload("web").clone(), o.workload("cache").clone(), o.workload("dns").clone());
+    let attacker = agent_of(&o, "cache", "a1").await;
+    let b = agent_of(&o, "dns", "b1").await;
+    let a = agent_of(&o, "web", "a1").await;
+    // The bed works: web's own datagrams reach dns.
+    send_until_delivered(&a, &b, (web.overlay, 40000), (dns.overlay, 5353)).await;
+    // cache, denied any egress, claims to be web (which dns takes UDP from).
+    for port in 0..20u16 {
+        attacker.send_datagram(datagram((web.overlay, 50000 + port), (dns.overlay, 5353), "spoofed")).unwrap();
+    }
+    let reached = next(&b, Duration::from_millis(500)).await;
+    assert!(reached.is_none(), "a spoofed datagram reached dns: {reached:?}");
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    counted(a1, "edge-source-address", 20.0).await;
+    // Its own address is still its own: denied by its policy, not carried either.
+    attacker.send_datagram(datagram((cache.overlay, 50000), (dns.overlay, 5353), "own")).unwrap();
+    counted(a1, "policy-denied", 1.0).await;
+    assert!(next(&b, Duration::from_millis(300)).await.is_none());
+}
