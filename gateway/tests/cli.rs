@@ -330,3 +330,36 @@ fn ca_issue_device_then_revoke_it() {
     assert!(text(&out.stderr).contains("not issued by this CA"), "{}", text(&out.stderr));
     assert_eq!(keyway(&["ca", "revoke", "--ca", &d("ca")]).status.code(), Some(2));
 }
+
+#[test]
+fn connlist_shows_devices_both_ways() {
+    let dir = root().join("samples/devices");
+    let out = keyway(&["policy", "connlist", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let device: Vec<String> =
+        text(&out.stdout).lines().filter(|l| l.contains("WorkloadEntry")).map(str::to_owned).collect();
+    assert_eq!(
+        device,
+        [
+            "field/laptop-7[WorkloadEntry] => tools/wiki[Deployment] : TCP 8080",
+            "tools/backup[Deployment] => field/laptop-7[WorkloadEntry] : TCP 22",
+        ]
+    );
+    let explain = keyway(&[
+        "policy",
+        "explain",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--src",
+        "tools/wiki",
+        "--dst",
+        "field/laptop-7",
+        "--port",
+        "22/TCP",
+    ]);
+    assert!(
+        text(&explain.stdout).starts_with("DENY: tools/wiki[Deployment] => field/laptop-7[WorkloadEntry] : TCP 22"),
+        "{}",
+        text(&explain.stdout)
+    );
+}

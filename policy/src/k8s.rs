@@ -5,6 +5,7 @@
 //! ([`crate::manifest`]); the inventory and policy types know nothing of manifests.
 
 pub(crate) mod admin;
+pub(crate) mod device;
 pub(crate) mod netpol;
 pub(crate) mod selector;
 pub(crate) mod workload;

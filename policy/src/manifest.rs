@@ -222,6 +222,19 @@ pub fn load_objects(input: Vec<Object>) -> Result<Manifests, LoadError> {
                     merge(&mut workloads, w, &pod_name);
                 }
             }
+            k8s::device::KIND => {
+                let w = k8s::device::workload_entry(obj.value, &origin, &ns_name)?;
+                let key = (w.namespace.clone(), w.name.clone(), w.kind.clone());
+                if let Some(other) = workloads.get(&key) {
+                    return Err(LoadError::Duplicate {
+                        file: obj.source,
+                        object: origin.object,
+                        other_file: other.file.clone(),
+                        scope: "in a namespace",
+                    });
+                }
+                workloads.insert(key, w);
+            }
             k if k8s::workload::WORKLOAD_KINDS.contains(&k) => {
                 let (w, template_name) = k8s::workload::workload(k, obj.value, &origin, &ns_name)?;
                 merge(&mut workloads, w, &template_name);

@@ -152,15 +152,7 @@ pub(crate) fn service(value: Value, origin: &Origin, namespace: &str) -> Result<
     let Some(list) = raw.metadata.annotations.as_ref().and_then(|a| a.get(OVERLAY_IPS_ANNOTATION)) else {
         return Ok(None);
     };
-    let mut overlay_ips = Vec::new();
-    for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        overlay_ips.push(part.parse::<IpAddr>().map_err(|_| {
-            origin.invalid(
-                format!("metadata.annotations.{OVERLAY_IPS_ANNOTATION}"),
-                format!("{part:?} is not an IP address"),
-            )
-        })?);
-    }
+    let overlay_ips = ip_list(origin, OVERLAY_IPS_ANNOTATION, list)?;
     Ok(Some(Service {
         namespace: namespace.to_owned(),
         name: raw.metadata.name,
@@ -209,25 +201,9 @@ fn workload_from(
             .or_else(|| object_meta.annotations.as_ref().and_then(|a| a.get(key)))
             .cloned()
     };
-    let ip_list = |key: &str| -> Result<Vec<IpAddr>, LoadError> {
-        let mut out = Vec::new();
-        if let Some(list) = annotation(key) {
-            for part in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let ip: IpAddr = part.parse().map_err(|_| {
-                    origin.invalid(
-                        format!("metadata.annotations.{key}"),
-                        format!(
-                            "{part:?} is not an IP address; expected a comma-separated list such as 10.10.1.5,fd00::5"
-                        ),
-                    )
-                })?;
-                out.push(ip);
-            }
-        }
-        Ok(out)
-    };
-    let overlay_ips = ip_list(OVERLAY_IPS_ANNOTATION)?;
-    let sidecar_ips = ip_list(SIDECAR_IPS_ANNOTATION)?;
+    let annotated_ips = |key: &str| annotation(key).map_or(Ok(Vec::new()), |list| ip_list(origin, key, &list));
+    let overlay_ips = annotated_ips(OVERLAY_IPS_ANNOTATION)?;
+    let sidecar_ips = annotated_ips(SIDECAR_IPS_ANNOTATION)?;
     let service_account = spec
         .service_account_name
         .clone()
@@ -247,4 +223,20 @@ fn workload_from(
         file: origin.file.clone(),
         label_variants: Vec::new(),
     })
+}
+
+/// The addresses of annotation `key` of an object: a comma-separated list (`10.10.1.5,fd00::5`).
+pub(crate) fn ip_list(origin: &Origin, key: &str, list: &str) -> Result<Vec<IpAddr>, LoadError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|part| {
+            part.parse::<IpAddr>().map_err(|_| {
+                origin.invalid(
+                    format!("metadata.annotations.{key}"),
+                    format!("{part:?} is not an IP address; expected a comma-separated list such as 10.10.1.5,fd00::5"),
+                )
+            })
+        })
+        .collect()
 }
