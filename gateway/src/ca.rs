@@ -12,7 +12,7 @@
 //!
 //! A workload certificate names `spiffe://<td>/ns/<namespace>/sa/<service account>`: a mesh
 //! workload's ([`Ca::issue_workload`], server and client use, as istiod issues) or a device's
-//! ([`Ca::issue_device`], client use only: a `keyway agent` outside the clusters, whose identity is
+//! ([`Ca::issue_identity`] with [`WorkloadUse::Device`], client use only: a `keyway agent` outside the clusters, whose identity is
 //! that of its `WorkloadEntry` in the inventory). Revocation lists: [`crl`].
 //!
 //! Validity: the CA 10 years, gateway certificates 1 year, devices 90 days, all configurable;
@@ -529,22 +529,11 @@ impl Ca {
         self.issue_identity(namespace, service_account, WorkloadUse::Mesh, days, now)
     }
 
-    /// Issues a device certificate (a `keyway agent` outside the clusters) from the overlay CA:
-    /// the one SAN `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, the identity of
-    /// the device's `WorkloadEntry`, client use only, valid `days` from `now`, a new P-256 key;
-    /// returns the certificate and key, PEM.
-    pub fn issue_device(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        days: u32,
-        now: SystemTime,
-    ) -> Result<(String, String), CaError> {
-        self.issue_identity(namespace, service_account, WorkloadUse::Device, days, now)
-    }
-
-    /// A certificate of `spiffe://<td>/ns/<namespace>/sa/<service account>` for `usage`.
-    fn issue_identity(
+    /// Issues a certificate of `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` for
+    /// `usage`: a mesh workload's ([`Ca::issue_workload`]) or, from the overlay CA, a device's (a
+    /// `keyway agent` outside the clusters, the identity of its `WorkloadEntry`, client use only);
+    /// valid `days` from `now`, a new P-256 key; returns the certificate and key, PEM.
+    pub fn issue_identity(
         &self,
         namespace: &str,
         service_account: &str,
@@ -633,22 +622,12 @@ pub fn issue_workload_with(
     days: u32,
     out: &Path,
 ) -> Result<IssuedPaths, CaError> {
-    save_identity(ca, namespace, service_account, WorkloadUse::Mesh, days, out)
+    issue_identity_with(ca, namespace, service_account, WorkloadUse::Mesh, days, out)
 }
 
-/// Issues a device certificate ([`Ca::issue_device`]) with a loaded overlay CA into `out`, as
-/// [`issue_workload_with`] does.
-pub fn issue_device_with(
-    ca: &Ca,
-    namespace: &str,
-    service_account: &str,
-    days: u32,
-    out: &Path,
-) -> Result<IssuedPaths, CaError> {
-    save_identity(ca, namespace, service_account, WorkloadUse::Device, days, out)
-}
-
-fn save_identity(
+/// Issues a certificate of `usage` ([`Ca::issue_identity`]) with a loaded CA into `out`, as
+/// [`issue_workload_with`] does; `keyway ca issue-device` with [`WorkloadUse::Device`].
+pub fn issue_identity_with(
     ca: &Ca,
     namespace: &str,
     service_account: &str,

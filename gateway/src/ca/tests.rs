@@ -11,6 +11,14 @@ fn tmpdir(name: &str) -> PathBuf {
     dir
 }
 
+/// A new CA of trust domain `td` in a fresh directory `name`.
+pub(super) fn new_ca(name: &str, td: &str) -> (PathBuf, Ca) {
+    let dir = tmpdir(name);
+    init_ca(&dir, td).unwrap();
+    let ca = Ca::load(&dir).unwrap();
+    (dir, ca)
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -123,11 +131,9 @@ fn issued_certificate_has_the_expected_shape() {
 
 #[test]
 fn device_certificate_is_a_client_only_workload_identity() {
-    let dir = tmpdir("device");
-    init_ca(&dir, "example.org").unwrap();
-    let ca = Ca::load(&dir).unwrap();
+    let (dir, ca) = new_ca("device", "example.org");
     let out = dir.join("devices");
-    let paths = issue_device_with(&ca, "field", "laptop-7", DEVICE_VALIDITY_DAYS, &out).unwrap();
+    let paths = issue_identity_with(&ca, "field", "laptop-7", WorkloadUse::Device, DEVICE_VALIDITY_DAYS, &out).unwrap();
     assert_eq!(paths, IssuedPaths::in_dir(&out, "field", "laptop-7"));
     assert_eq!(paths.cert, out.join("field-laptop-7.pem"));
     assert_eq!(mode(&paths.key), 0o600);
@@ -151,6 +157,12 @@ fn device_certificate_is_a_client_only_workload_identity() {
     let (_, x) = X509Certificate::from_der(&der).unwrap();
     let eku = x.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.client_auth && eku.server_auth);
-    assert!(matches!(ca.issue_device("Field", "x", 1, SystemTime::now()), Err(CaError::BadName(_))));
-    assert!(matches!(ca.issue_device("f", "x", 0, SystemTime::now()), Err(CaError::BadValidity { days: 0 })));
+    assert!(matches!(
+        ca.issue_identity("Field", "x", WorkloadUse::Device, 1, SystemTime::now()),
+        Err(CaError::BadName(_))
+    ));
+    assert!(matches!(
+        ca.issue_identity("f", "x", WorkloadUse::Device, 0, SystemTime::now()),
+        Err(CaError::BadValidity { days: 0 })
+    ));
 }

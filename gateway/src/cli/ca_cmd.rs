@@ -199,7 +199,8 @@ fn execute(cmd: CaCommand) -> Result<String, ca::CaError> {
         }
         CaCommand::IssueDevice { ca: ca_dir, namespace, service_account, out, days } => {
             let loaded = ca::Ca::load(&ca_dir)?;
-            let paths = ca::issue_device_with(&loaded, &namespace, &service_account, days, &out)?;
+            let paths =
+                ca::issue_identity_with(&loaded, &namespace, &service_account, ca::WorkloadUse::Device, days, &out)?;
             Ok(format!(
                 "issued device spiffe://{}/ns/{namespace}/sa/{service_account}, valid {days} days\n\
                  {}\tthe device certificate: give it to `keyway agent` with the overlay CA's ca.pem\n\

@@ -7,14 +7,8 @@ use rustls::{CertificateError, RootCertStore};
 use rustls_pki_types::UnixTime;
 
 use super::*;
-use crate::ca::{DEVICE_VALIDITY_DAYS, IssuedPaths, init_ca, issue_device_with, issue_gateway_with};
-
-fn tmpdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("keyway-crl-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use crate::ca::tests::new_ca;
+use crate::ca::{DEVICE_VALIDITY_DAYS, IssuedPaths, WorkloadUse, issue_gateway_with, issue_identity_with};
 
 fn cert_der(path: &Path) -> CertificateDer<'static> {
     CertificateDer::from_pem_file(path).unwrap()
@@ -45,12 +39,10 @@ fn listed(path: &Path) -> (Vec<String>, u64) {
 
 #[test]
 fn a_verifier_with_the_list_refuses_the_revoked_certificate_and_accepts_the_others() {
-    let dir = tmpdir("verify");
-    init_ca(&dir, "example.org").unwrap();
-    let ca = Ca::load(&dir).unwrap();
+    let (dir, ca) = new_ca("crl-verify", "example.org");
     let out = dir.join("devices");
-    let lost = issue_device_with(&ca, "field", "laptop-1", DEVICE_VALIDITY_DAYS, &out).unwrap();
-    let kept = issue_device_with(&ca, "field", "laptop-2", DEVICE_VALIDITY_DAYS, &out).unwrap();
+    let lost = issue_identity_with(&ca, "field", "laptop-1", WorkloadUse::Device, DEVICE_VALIDITY_DAYS, &out).unwrap();
+    let kept = issue_identity_with(&ca, "field", "laptop-2", WorkloadUse::Device, DEVICE_VALIDITY_DAYS, &out).unwrap();
 
     // Without the list both chains verify: the list is what refuses.
     let open = verifier(&dir, Vec::new());
@@ -70,11 +62,9 @@ fn a_verifier_with_the_list_refuses_the_revoked_certificate_and_accepts_the_othe
 
 #[test]
 fn each_revocation_keeps_the_earlier_ones_and_numbers_the_list_up() {
-    let dir = tmpdir("accumulate");
-    init_ca(&dir, "td").unwrap();
-    let ca = Ca::load(&dir).unwrap();
+    let (dir, ca) = new_ca("crl-accumulate", "td");
     let out = dir.join("out");
-    let a = issue_device_with(&ca, "ns", "a", 1, &out).unwrap();
+    let a = issue_identity_with(&ca, "ns", "a", WorkloadUse::Device, 1, &out).unwrap();
     let (b, _) = issue_gateway_with(&ca, "zone-a", "gw-1", 1, &out).unwrap();
     let now = SystemTime::now();
     let first = revoke(&dir, &a.cert, now).unwrap();
@@ -94,10 +84,8 @@ fn each_revocation_keeps_the_earlier_ones_and_numbers_the_list_up() {
 
 #[test]
 fn refresh_without_a_list_writes_an_empty_one_that_refuses_nothing() {
-    let dir = tmpdir("empty");
-    init_ca(&dir, "td").unwrap();
-    let ca = Ca::load(&dir).unwrap();
-    let a = issue_device_with(&ca, "ns", "a", 1, &dir.join("out")).unwrap();
+    let (dir, ca) = new_ca("crl-empty", "td");
+    let a = issue_identity_with(&ca, "ns", "a", WorkloadUse::Device, 1, &dir.join("out")).unwrap();
     let r = refresh_crl(&dir, SystemTime::now()).unwrap();
     assert_eq!((r.revoked, r.crl_number), (0, 1));
     let v = verifier(&dir, load_crls(&r.path).unwrap());
@@ -106,10 +94,8 @@ fn refresh_without_a_list_writes_an_empty_one_that_refuses_nothing() {
 
 #[test]
 fn a_certificate_or_list_of_another_ca_is_refused() {
-    let (dir, other) = (tmpdir("mine"), tmpdir("other"));
-    init_ca(&dir, "td").unwrap();
-    init_ca(&other, "td").unwrap();
-    let foreign = issue_device_with(&Ca::load(&other).unwrap(), "ns", "a", 1, &other.join("out")).unwrap();
+    let ((dir, ca), (other, other_ca)) = (new_ca("crl-mine", "td"), new_ca("crl-other", "td"));
+    let foreign = issue_identity_with(&other_ca, "ns", "a", WorkloadUse::Device, 1, &other.join("out")).unwrap();
     let err = revoke(&dir, &foreign.cert, SystemTime::now()).unwrap_err();
     assert!(matches!(err, CaError::NotIssuedByCa { .. }), "{err}");
     assert!(err.to_string().contains("not issued by this CA"), "{err}");
@@ -123,7 +109,7 @@ fn a_certificate_or_list_of_another_ca_is_refused() {
     // The other CA's list in this CA's directory is refused, not extended.
     refresh_crl(&other, SystemTime::now()).unwrap();
     std::fs::copy(other.join(CRL_FILE), dir.join(CRL_FILE)).unwrap();
-    let mine = issue_device_with(&Ca::load(&dir).unwrap(), "ns", "b", 1, &dir.join("out")).unwrap();
+    let mine = issue_identity_with(&ca, "ns", "b", WorkloadUse::Device, 1, &dir.join("out")).unwrap();
     let err = revoke(&dir, &mine.cert, SystemTime::now()).unwrap_err();
     assert!(
         matches!(err, CaError::BadCrl { .. }) && err.to_string().contains("not a revocation list of this CA"),
@@ -133,9 +119,8 @@ fn a_certificate_or_list_of_another_ca_is_refused() {
 
 #[test]
 fn load_crls_reads_every_list_of_a_file_and_refuses_a_file_without_one() {
-    let (a, b) = (tmpdir("load-a"), tmpdir("load-b"));
+    let ((a, _), (b, _)) = (new_ca("crl-load-a", "td"), new_ca("crl-load-b", "td"));
     for d in [&a, &b] {
-        init_ca(d, "td").unwrap();
         refresh_crl(d, SystemTime::now()).unwrap();
     }
     let both = a.join("both.pem");
