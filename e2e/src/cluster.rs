@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use keyway_gateway::config::{DEFAULT_ADMIN_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Listen, MeshFiles};
+use keyway_gateway::config::{
+    DEFAULT_ADMIN_PORT, DEFAULT_EDGE_PORT, DEFAULT_OVERLAY_PORT, DEFAULT_TUNNEL_PORT, Listen, MeshFiles,
+};
+use keyway_gateway::proxy::route::DEVICE_KIND;
 use keyway_policy::engine::Peer;
 use keyway_policy::{Engine, Protocol, Verdict};
 
@@ -34,6 +37,10 @@ const LAYOUT: [ZoneLayout<'static>; 3] = [
 pub const INTERNET: &str = "172.31.250.10";
 /// Ports the internet host serves.
 pub const INTERNET_PORTS: [u16; 2] = [443, 8443];
+/// The overlay's address range: what agents carry.
+pub const OVERLAY_CIDR: &str = "10.128.0.0/16";
+/// Where every agent of the bed serves its admin endpoint (in its own namespace).
+pub const AGENT_ADMIN_PORT: u16 = 15191;
 /// The DNS port: the internet host answers UDP there too, to stand in for a cluster resolver
 /// ([`Options::resolver`]).
 pub use crate::envoy::DNS_PORT;
@@ -168,6 +175,72 @@ pub struct WorkloadPod {
     pub app: Option<Proc>,
     /// The sidecar.
     pub envoy: Option<Proc>,
+    /// Its `keyway agent` (pod mode: the pod's UDP to the overlay).
+    pub agent: Option<Proc>,
+}
+
+/// A device of the inventory (a WorkloadEntry), running outside the zones.
+#[derive(Debug)]
+pub struct DevicePod {
+    /// Index in the engine's inventory.
+    pub index: usize,
+    /// `ns/name`.
+    pub name: String,
+    /// The zone whose gateways its agent connects to.
+    pub zone: String,
+    /// Its number among the devices (its link to the router).
+    pub dev: u8,
+    /// Its namespace and underlay address.
+    pub pod: Pod,
+    /// Its overlay address (on its agent's TUN device).
+    pub overlay: IpAddr,
+    /// App ports.
+    pub ports: Vec<u16>,
+    /// Its agent.
+    pub agent: Option<Proc>,
+    /// The app.
+    pub app: Option<Proc>,
+}
+
+/// One agent to start: where, for whom, how.
+struct AgentSpec<'a> {
+    /// Its namespace.
+    ns: &'a str,
+    /// Its name in file names.
+    slug: &'a str,
+    /// The zone whose gateways it connects to.
+    zone: &'a str,
+    /// The overlay address it carries.
+    overlay: IpAddr,
+    /// `pod` or `device`.
+    mode: &'a str,
+    /// The certificate it presents (a pod's mesh certificate, a device's of the overlay CA).
+    tls: &'a MeshFiles,
+}
+
+/// The overlay CA's certificate.
+fn files_ca_cert(files: &Files) -> PathBuf {
+    keyway_gateway::ca::CaFiles::in_dir(&files.ca).cert
+}
+
+/// The addresses of the gateway replicas of zone `z`.
+fn zone_gateways(z: u8) -> Vec<IpAddr> {
+    (0..REPLICAS.len()).map(|i| gateway_ip(z, i)).collect()
+}
+
+/// Copies the manifests (`*.yaml`) of `dirs` into `out`.
+fn copy_manifests(dirs: &[&Path], out: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::create_dir_all(out)?;
+    for dir in dirs {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
+                std::fs::copy(&path, out.join(path.file_name().unwrap_or_default()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A gateway replica.
@@ -190,6 +263,8 @@ pub struct GatewayPod {
 #[derive(Debug)]
 pub struct Cluster {
     // Processes first: fields drop in order, and the namespaces must outlive their processes.
+    /// Devices outside the zones.
+    pub devices: Vec<DevicePod>,
     /// Workloads.
     pub workloads: Vec<WorkloadPod>,
     /// Gateways.
@@ -316,8 +391,11 @@ impl Cluster {
         let wasm = dir.join("keyway_filter.wasm");
         std::fs::copy(&opts.wasm, &wasm)?;
 
-        // Expected verdicts come from the sample as written.
-        let (engine, _) = keyway_policy::fs::load_dir(&opts.samples).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The bed's manifests: the sample and what the bed adds (e2e/bed: a device, UDP policies).
+        // Expected verdicts come from them as written.
+        let source = dir.join("source");
+        copy_manifests(&[&opts.samples, &opts.repo.join("e2e/bed")], &source)?;
+        let (engine, _) = keyway_policy::fs::load_dir(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut topo = Topology::new(&opts.prefix, ZONES.len() as u8)?;
 
         // Pods: gateways at .2 and .3 of their zone, workloads from .10.
@@ -333,9 +411,14 @@ impl Cluster {
         let mut next_host: BTreeMap<u8, u8> = BTreeMap::new();
         let mut workload_pods = Vec::new();
         let mut sidecar_ips = BTreeMap::new();
+        let mut devices = Vec::new();
         for (index, w) in engine.inventory().workloads.iter().enumerate() {
             let zone = w.zone.clone().with_context(|| format!("{} has no keyway.io/zone", w.display_name()))?;
             let z = zone_index(&zone)?;
+            if w.kind == DEVICE_KIND {
+                devices.push(index);
+                continue;
+            }
             let host = next_host.entry(z).or_insert(10);
             let pod = topo.pod(&format!("w{host}"), z, *host)?;
             *host += 1;
@@ -355,6 +438,7 @@ impl Cluster {
                 ports,
                 app: None,
                 envoy: None,
+                agent: None,
             });
         }
 
@@ -369,7 +453,7 @@ impl Cluster {
         for zone in ZONES {
             sh(&[&keyway, "keys", "init", "--out", &path(&files.secrets(zone))])?;
         }
-        write_inventory(&opts.samples, &files.inventory, &sidecar_ips)?;
+        write_inventory(&source, &files.inventory, &sidecar_ips)?;
 
         // The relay in the router namespace carries the overlay between zones.
         let control = dir.join("impairment");
@@ -399,6 +483,7 @@ impl Cluster {
         )?;
 
         let mut cluster = Cluster {
+            devices: Vec::new(),
             workloads: Vec::new(),
             gateways: Vec::new(),
             relay: Some(relay),
@@ -534,10 +619,150 @@ impl Cluster {
                 &dir.join(format!("logs/envoy-{slug}.log")),
                 &[],
             )?);
+            // The pod's UDP to the overlay: its own agent, with the pod's mesh certificate. The
+            // pod's overlay address is its own (the bed's pods live on an underlay of their own;
+            // in a cluster it is the pod's address).
+            ns_sh(&w.pod.ns, &["ip", "addr", "add", &format!("{}/32", w.overlay), "dev", "lo"])?;
+            Sidecar::let_agent_udp_through(&w.pod.ns, &zone_gateways(z))?;
+            let spec = AgentSpec {
+                ns: &w.pod.ns,
+                slug: &slug,
+                zone: &w.zone,
+                overlay: w.overlay,
+                mode: "pod",
+                tls: &sidecar.mesh,
+            };
+            w.agent = Some(cluster.start_agent(&spec)?);
             cluster.workloads.push(w);
         }
         cluster.wait_sidecars_ready(Duration::from_secs(60))?;
+        for (n, index) in devices.into_iter().enumerate() {
+            cluster.start_device(index, u8::try_from(n + 1)?)?;
+        }
+        cluster.wait_agents_ready(Duration::from_secs(30))?;
         Ok(cluster)
+    }
+
+    /// Starts device `index` of the inventory (a WorkloadEntry) in a namespace of its own outside
+    /// the zones (the `n`-th): its certificate from the overlay CA (`keyway ca issue-device`),
+    /// `keyway agent` in device mode, and the app on its ports.
+    fn start_device(&mut self, index: usize, n: u8) -> anyhow::Result<()> {
+        let w = self.engine.inventory().workloads.get(index).context("device")?.clone();
+        let zone = w.zone.clone().context("device zone")?;
+        let overlay = *w.overlay_ips.first().context("device overlay address")?;
+        let pod = self.topo.device(&format!("dev{n}"), n)?;
+        let keyway = self.opts.keyway.display().to_string();
+        let certs = self.dir.join("devices");
+        sh(&[
+            &keyway,
+            "ca",
+            "issue-device",
+            "--ca",
+            &self.files.ca.display().to_string(),
+            "--namespace",
+            &w.namespace,
+            "--service-account",
+            &w.service_account,
+            "--out",
+            &certs.display().to_string(),
+        ])?;
+        let issued = keyway_gateway::ca::IssuedPaths::in_dir(&certs, &w.namespace, &w.service_account);
+        let mesh = MeshFiles { ca: files_ca_cert(&self.files), cert: issued.cert, key: issued.key };
+        let slug = w.short_name().replace('/', "-");
+        let spec = AgentSpec { ns: &pod.ns, slug: &slug, zone: &zone, overlay, mode: "device", tls: &mesh };
+        let agent = self.start_agent(&spec)?;
+        let mut ports: Vec<u16> = w.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let app_ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let app = Proc::start(
+            &format!("{} app", w.short_name()),
+            &pod.ns,
+            None,
+            &[
+                self.opts.e2e.display().to_string(),
+                "app".into(),
+                "--workload".into(),
+                w.short_name(),
+                "--ports".into(),
+                app_ports.join(","),
+            ],
+            &self.dir.join(format!("logs/app-{slug}.log")),
+            &[],
+        )?;
+        self.devices.push(DevicePod {
+            index,
+            name: w.short_name(),
+            zone,
+            dev: n,
+            pod,
+            overlay,
+            ports,
+            agent: Some(agent),
+            app: Some(app),
+        });
+        Ok(())
+    }
+
+    /// Starts `keyway agent` as `spec` says, connected to every gateway replica of its zone
+    /// (checked with the overlay CA), its admin on 127.0.0.1:[`AGENT_ADMIN_PORT`].
+    fn start_agent(&self, spec: &AgentSpec<'_>) -> anyhow::Result<Proc> {
+        let AgentSpec { ns, slug, zone, overlay, mode, tls } = *spec;
+        let gateways: Vec<String> =
+            zone_gateways(zone_index(zone)?).iter().map(|g| format!("\"{g}:{DEFAULT_EDGE_PORT}\"")).collect();
+        let config = format!(
+            "zone: {zone}\noverlay_ip: {overlay}\noverlay_cidrs: [{OVERLAY_CIDR}]\ngateways: [{}]\nmode: {mode}\n\
+             tls: {{ca: {}, cert: {}, key: {}}}\nadmin: \"127.0.0.1:{AGENT_ADMIN_PORT}\"\n",
+            gateways.join(", "),
+            files_ca_cert(&self.files).display(),
+            tls.cert.display(),
+            tls.key.display(),
+        );
+        let path = self.dir.join(format!("agent-{slug}.yaml"));
+        std::fs::write(&path, config)?;
+        Proc::start(
+            &format!("{slug} agent"),
+            ns,
+            None,
+            &[self.opts.keyway.display().to_string(), "agent".into(), "--config".into(), path.display().to_string()],
+            &self.dir.join(format!("logs/agent-{slug}.log")),
+            &[],
+        )
+    }
+
+    /// Waits until every agent (pods' and devices') has a gateway connection.
+    pub fn wait_agents_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{AGENT_ADMIN_PORT}/healthz");
+        let all: Vec<(String, String)> = self
+            .workloads
+            .iter()
+            .map(|w| (w.name.clone(), w.pod.ns.clone()))
+            .chain(self.devices.iter().map(|d| (d.name.clone(), d.pod.ns.clone())))
+            .collect();
+        for (name, ns) in all {
+            wait_until(deadline, &format!("the agent of {name} connected"), || {
+                matches!(ns_get(&ns, &self.opts.e2e, &url), Ok((200, _)))
+            })
+            .with_context(|| {
+                let log = self.dir.join(format!("logs/agent-{}.log", name.replace('/', "-")));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                format!("agent log {}:\n{}", log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The device called `ns/name`.
+    pub fn device(&self, name: &str) -> anyhow::Result<&DevicePod> {
+        self.devices.iter().find(|d| d.name == name).with_context(|| format!("no device {name}"))
+    }
+
+    /// Moves device `name` to another underlay address (the old one removed), as a laptop that
+    /// changes networks; its agent's QUIC connections follow (connection migration).
+    pub fn roam_device(&mut self, name: &str, host: u8) -> anyhow::Result<()> {
+        let d = self.devices.iter_mut().find(|d| d.name == name).with_context(|| format!("no device {name}"))?;
+        self.topo.move_device(&mut d.pod, d.dev, host)
     }
 
     fn start_gateway_at(&mut self, i: usize) -> anyhow::Result<()> {
@@ -647,9 +872,16 @@ impl Cluster {
         self.workloads.iter().find(|w| w.name == name).with_context(|| format!("no workload {name}"))
     }
 
-    /// What `keyway policy` says about `src` → `dst`:`port` (dst: a workload or an address).
+    /// What `keyway policy` says about `src` → `dst`:`port` over TCP (dst: a workload or an
+    /// address).
     pub fn expected(&self, src: &WorkloadPod, dst: Peer, port: u16) -> (Verdict, String) {
-        let d = self.engine.decide(Peer::Workload(src.index), dst, Protocol::Tcp, port);
+        self.expected_for(src.index, dst, Protocol::Tcp, port)
+    }
+
+    /// What `keyway policy` says about the workload or device `src` (its inventory index) →
+    /// `dst`:`port`/`protocol`.
+    pub fn expected_for(&self, src: usize, dst: Peer, protocol: Protocol, port: u16) -> (Verdict, String) {
+        let d = self.engine.decide(Peer::Workload(src), dst, protocol, port);
         (d.verdict, self.engine.describe_decision(&d))
     }
 
@@ -657,6 +889,36 @@ impl Cluster {
     pub fn probe(
         &self,
         src: &WorkloadPod,
+        targets: &[SocketAddr],
+        bytes: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ProbeResult>> {
+        self.probe_in(&src.pod.ns, targets, bytes, timeout)
+    }
+
+    /// Sends one UDP datagram from namespace `ns` to each target, all at once, and waits for
+    /// each answer up to `timeout`.
+    pub fn udp_in(
+        &self,
+        ns: &str,
+        targets: &[SocketAddr],
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<crate::datagram::DatagramResult>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec![self.opts.e2e.display().to_string(), "udp".into(), "--timeout-ms".into()];
+        args.push(timeout.as_millis().to_string());
+        args.extend(targets.iter().map(ToString::to_string));
+        let out = ns_sh(ns, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("udp probe output {l:?}"))).collect()
+    }
+
+    /// Tries connections from namespace `ns` (a pod's, through its sidecar; a device's, through
+    /// its agent) to each target.
+    pub fn probe_in(
+        &self,
+        ns: &str,
         targets: &[SocketAddr],
         bytes: u64,
         timeout: Duration,
@@ -671,7 +933,7 @@ impl Cluster {
         ];
         args.extend(targets.iter().map(ToString::to_string));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = ns_sh(&src.pod.ns, &argv)?;
+        let out = ns_sh(ns, &argv)?;
         out.lines().map(|l| serde_json::from_str(l).with_context(|| format!("probe output {l:?}"))).collect()
     }
 

@@ -28,6 +28,9 @@ impl DatagramResult {
     }
 }
 
+/// What a UDP probe sends (the app echoes it after its banner).
+pub const PROBE: &str = "keyway-udp-probe";
+
 /// Sends one UDP datagram to `target` and waits up to `timeout` for the echo.
 pub async fn udp(target: SocketAddr, timeout: Duration) -> DatagramResult {
     let mut res = DatagramResult::new(format!("udp {target}"));
@@ -40,7 +43,7 @@ pub async fn udp(target: SocketAddr, timeout: Duration) -> DatagramResult {
     };
     // Not connected: a host with several addresses (the router's "internet") may answer from
     // another one; the echoed probe in the answer is what identifies it.
-    if let Err(e) = sock.send_to(b"keyway-udp-probe", target).await {
+    if let Err(e) = sock.send_to(PROBE.as_bytes(), target).await {
         res.error = format!("send: {e}");
         return res;
     }

@@ -218,6 +218,24 @@ static_resources:
         Ok(())
     }
 
+    /// With a `keyway agent` in the pod (pod mode): lets through, ahead of
+    /// [`Sidecar::non_tcp_rules`], the app's UDP into the agent's TUN device (`kw0`; the agent
+    /// carries it to a gateway, which decides it) and UDP to the edge port of the zone's
+    /// `gateways` (the agent's QUIC; the edge takes only certificates, so the app gains nothing
+    /// there). Everything else stays refused.
+    pub fn let_agent_udp_through(ns: &str, gateways: &[IpAddr]) -> anyhow::Result<()> {
+        ns_sh(ns, &["iptables", "-I", "KEYWAY_NON_TCP", "1", "-o", "kw0", "-p", "udp", "-j", "RETURN"])?;
+        let port = keyway_gateway::config::DEFAULT_EDGE_PORT.to_string();
+        for g in gateways {
+            let g = g.to_string();
+            ns_sh(
+                ns,
+                &["iptables", "-I", "KEYWAY_NON_TCP", "1", "-p", "udp", "-d", &g, "--dport", &port, "-j", "RETURN"],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Applies [`Sidecar::iptables`] in the pod `ns`, then `extra` rules (whitespace-separated).
     pub fn capture(ns: &str, extra: &[&str]) -> anyhow::Result<()> {
         for rule in Sidecar::iptables() {

@@ -199,8 +199,10 @@ fn main() -> ExitCode {
             }
             Command::Udp { timeout_ms, targets } => {
                 let t = Duration::from_millis(timeout_ms);
-                for target in targets {
-                    println!("{}", serde_json::to_string(&keyway_e2e::datagram::udp(target, t).await)?);
+                let all: Vec<_> =
+                    targets.into_iter().map(|target| tokio::spawn(keyway_e2e::datagram::udp(target, t))).collect();
+                for one in all {
+                    println!("{}", serde_json::to_string(&one.await?)?);
                 }
                 Ok(ExitCode::SUCCESS)
             }

@@ -1,24 +1,27 @@
-//! The traffic matrix: every (source, destination, port) of the sample tried with a real
-//! connection, compared with what `keyway policy` decides.
+//! The traffic matrix: every (source, destination, port) of the bed tried with a real connection
+//! (TCP) and a real datagram and its answer (UDP), pods and devices both ways, compared with what
+//! `keyway policy` decides.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use keyway_policy::Verdict;
 use keyway_policy::engine::Peer;
+use keyway_policy::{Protocol, Verdict};
 
 use crate::cluster::{Cluster, INTERNET, INTERNET_PORTS};
 
 /// One tried flow.
 #[derive(Debug, Clone)]
 pub struct Row {
-    /// Source workload (`ns/name`).
+    /// Source workload or device (`ns/name`).
     pub src: String,
-    /// Destination workload or address.
+    /// Destination workload, device or address.
     pub dst: String,
     /// Port.
     pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
     /// What the policy engine says.
     pub expected: Verdict,
     /// What happened: the destination app answered.
@@ -36,34 +39,102 @@ impl Row {
     }
 }
 
-/// Runs the matrix: from every workload to every other workload's TCP ports and to the host
-/// outside the overlay.
+/// A source or destination of the matrix: a workload's pod or a device.
+#[derive(Debug, Clone)]
+pub struct End {
+    /// `ns/name`.
+    pub name: String,
+    /// Index in the engine's inventory.
+    pub index: usize,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its overlay address.
+    pub overlay: IpAddr,
+    /// Its app's ports (TCP and UDP alike).
+    pub ports: Vec<u16>,
+    /// Whether it is a device (its traffic outside the overlay is not keyway's).
+    pub device: bool,
+}
+
+/// Every pod and device of the bed.
+pub fn ends(c: &Cluster) -> Vec<End> {
+    let pods = c.workloads.iter().map(|w| End {
+        name: w.name.clone(),
+        index: w.index,
+        ns: w.pod.ns.clone(),
+        overlay: w.overlay,
+        ports: w.ports.clone(),
+        device: false,
+    });
+    let devices = c.devices.iter().map(|d| End {
+        name: d.name.clone(),
+        index: d.index,
+        ns: d.pod.ns.clone(),
+        overlay: d.overlay,
+        ports: d.ports.clone(),
+        device: true,
+    });
+    pods.chain(devices).collect()
+}
+
+/// Runs the matrix: from every pod and device to every other one's ports, over TCP and over UDP,
+/// and from every pod to the host outside the overlay (TCP).
 pub fn run(c: &Cluster, timeout: Duration) -> anyhow::Result<Vec<Row>> {
+    let all = ends(c);
     let mut rows = Vec::new();
-    for src in &c.workloads {
+    for src in &all {
         let mut targets: Vec<(SocketAddr, String, Peer)> = Vec::new();
-        for dst in c.workloads.iter().filter(|d| d.name != src.name) {
+        for dst in all.iter().filter(|d| d.name != src.name) {
             for &port in &dst.ports {
                 targets.push((SocketAddr::new(dst.overlay, port), dst.name.clone(), Peer::Workload(dst.index)));
             }
         }
-        let internet: IpAddr = INTERNET.parse()?;
-        for port in INTERNET_PORTS {
-            targets.push((SocketAddr::new(internet, port), "internet".to_owned(), Peer::Ip(internet)));
+        let workloads = targets.len();
+        if !src.device {
+            let internet: IpAddr = INTERNET.parse()?;
+            for port in INTERNET_PORTS {
+                targets.push((SocketAddr::new(internet, port), "internet".to_owned(), Peer::Ip(internet)));
+            }
         }
         let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.0).collect();
-        let results = c.probe(src, &addrs, 0, timeout)?;
-        for ((addr, name, peer), r) in targets.into_iter().zip(results) {
-            let (expected, rule) = c.expected(src, peer, addr.port());
+        let tcp = c.probe_in(&src.ns, &addrs, 0, timeout)?;
+        for ((addr, name, peer), r) in targets.iter().cloned().zip(tcp) {
+            let (expected, rule) = c.expected_for(src.index, peer, Protocol::Tcp, addr.port());
             let answered = r.connected && r.banner == format!("keyway-app {name} port {}", addr.port());
             rows.push(Row {
                 src: src.name.clone(),
                 dst: if name == "internet" { format!("internet {}", addr.ip()) } else { name },
                 port: addr.port(),
+                protocol: Protocol::Tcp,
                 expected,
                 observed: if answered { Verdict::Allow } else { Verdict::Deny },
                 rule,
                 error: if answered { String::new() } else { r.error },
+            });
+        }
+        // UDP to the pods and devices: a datagram, and the app's answer back.
+        let udp_targets = targets.get(..workloads).unwrap_or_default();
+        let udp_addrs: Vec<SocketAddr> = udp_targets.iter().map(|t| t.0).collect();
+        let udp = c.udp_in(&src.ns, &udp_addrs, timeout)?;
+        for ((addr, name, peer), r) in udp_targets.iter().cloned().zip(udp) {
+            let (expected, rule) = c.expected_for(src.index, peer, Protocol::Udp, addr.port());
+            let want = format!("{}{}", crate::app::udp_banner(&name, addr.port()), crate::datagram::PROBE);
+            let answered = r.reply == want;
+            rows.push(Row {
+                src: src.name.clone(),
+                dst: name,
+                port: addr.port(),
+                protocol: Protocol::Udp,
+                expected,
+                observed: if answered { Verdict::Allow } else { Verdict::Deny },
+                rule,
+                error: if answered {
+                    String::new()
+                } else if r.error.is_empty() {
+                    r.reply
+                } else {
+                    r.error
+                },
             });
         }
     }
@@ -86,17 +157,17 @@ pub fn table(rows: &[Row]) -> String {
     let header = |s: &mut String| {
         let _ = writeln!(
             s,
-            "  {:<w_src$}  {:<w_dst$}  {:>5}  {:<8}  {:<8}  deciding rule",
+            "  {:<w_src$}  {:<w_dst$}  {:>9}  {:<8}  {:<8}  deciding rule",
             "source", "destination", "port", "expected", "observed"
         );
     };
     let line = |s: &mut String, r: &Row| {
         let _ = writeln!(
             s,
-            "  {:<w_src$}  {:<w_dst$}  {:>5}  {:<8}  {:<8}  {}",
+            "  {:<w_src$}  {:<w_dst$}  {:>9}  {:<8}  {:<8}  {}",
             r.src,
             r.dst,
-            r.port,
+            format!("{}/{}", r.port, r.protocol),
             v(r.expected),
             v(r.observed),
             r.rule
@@ -123,7 +194,7 @@ pub fn table(rows: &[Row]) -> String {
         writeln!(s, "\nDENIED: refused before reaching the app, as keyway policy says (by source and deciding rule)");
     let mut groups: Vec<(String, String, Vec<String>)> = Vec::new();
     for r in rows.iter().filter(|r| r.ok() && r.observed == Verdict::Deny) {
-        let dst = format!("{}:{}", r.dst.trim_start_matches("internet "), r.port);
+        let dst = format!("{}:{}/{}", r.dst.trim_start_matches("internet "), r.port, r.protocol);
         match groups.iter_mut().find(|g| g.0 == r.src && g.1 == r.rule) {
             Some(g) => g.2.push(dst),
             None => groups.push((r.src.clone(), r.rule.clone(), vec![dst])),
@@ -143,10 +214,12 @@ pub fn table(rows: &[Row]) -> String {
         let _ = writeln!(s, "{cur}");
     }
     let allowed = rows.iter().filter(|r| r.observed == Verdict::Allow).count();
+    let udp = rows.iter().filter(|r| r.protocol == Protocol::Udp).count();
     let _ = writeln!(
         s,
-        "\n{} flows tried: {allowed} allowed, {} denied, {} mismatches",
+        "\n{} flows tried ({} TCP, {udp} UDP): {allowed} allowed, {} denied, {} mismatches",
         rows.len(),
+        rows.len() - udp,
         rows.len() - allowed,
         bad.len()
     );

@@ -158,6 +158,33 @@ impl Topology {
         Ok(Pod { ns, zone, ip })
     }
 
+    /// Adds a device namespace outside every zone: linked to the router over 10.63.`n`.0/24
+    /// (router .1, device .2), as a laptop on the internet reaches a cluster's edge.
+    pub fn device(&mut self, name: &str, n: u8) -> anyhow::Result<Pod> {
+        let ns = format!("{}-{name}", self.prefix);
+        self.add_ns(&ns)?;
+        let router = self.router.clone();
+        self.veth(&ns, "eth0", &router, &format!("d{n}"))?;
+        let ip = format!("10.63.{n}.2");
+        ns_sh(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns_sh(&router, &["ip", "addr", "add", &format!("10.63.{n}.1/24"), "dev", &format!("d{n}")])?;
+        ns_sh(&ns, &["ip", "route", "add", "default", "via", &format!("10.63.{n}.1")])?;
+        Ok(Pod { ns, zone: 0, ip })
+    }
+
+    /// Moves device `n` (see [`Topology::device`]) to another address of its link, as a laptop
+    /// that roams to another network: the old address is gone, `host` is the new one.
+    pub fn move_device(&self, pod: &mut Pod, n: u8, host: u8) -> anyhow::Result<()> {
+        let ip = format!("10.63.{n}.{host}");
+        // The new address stays when the old (primary) one goes.
+        ns_sh(&pod.ns, &["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
+        ns_sh(&pod.ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns_sh(&pod.ns, &["ip", "addr", "del", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+        ns_sh(&pod.ns, &["ip", "route", "replace", "default", "via", &format!("10.63.{n}.1")])?;
+        pod.ip = ip;
+        Ok(())
+    }
+
     /// Adds an address to the router's loopback (relay endpoints, the "internet" host).
     pub fn router_address(&self, ip: &str) -> anyhow::Result<()> {
         // Zones reach it by their default route (the router).

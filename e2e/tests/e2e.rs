@@ -9,9 +9,9 @@ use keyway_e2e::cluster::{Cluster, INTERNET, INTERNET_PORTS};
 use keyway_e2e::envoy::{HEALTH_PORT, INBOUND_PLAIN_PORT, KEYWAY_INBOUND_PORT, OUTBOUND_PORT};
 use keyway_e2e::gateway::DEFAULT_TUNNEL_PORT;
 use keyway_e2e::wait::wait_until;
-use keyway_policy::Verdict;
 use keyway_policy::engine::Peer;
 use keyway_policy::wire::{TICKET_HEADER, TOKEN_HEADER};
+use keyway_policy::{Protocol, Verdict};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -32,6 +32,22 @@ fn matrix_every_pair_gets_the_verdict_of_keyway_policy() {
         })
         .count();
     assert!(cross_zone_allowed > 0, "some allowed flows cross zones");
+    // UDP and the device, both ways, are in it, allowed and denied.
+    let device = |n: &str| c.devices.iter().any(|d| d.name == n);
+    let some = |what: &str, f: &dyn Fn(&keyway_e2e::matrix::Row) -> bool| {
+        for verdict in [Verdict::Allow, Verdict::Deny] {
+            assert!(rows.iter().any(|r| f(r) && r.observed == verdict), "no {what} row observed {verdict:?}:\n{table}");
+        }
+    };
+    some("UDP", &|r| r.protocol == Protocol::Udp);
+    some("UDP across zones", &|r| {
+        let zone = |n: &str| c.workloads.iter().find(|w| w.name == n).map(|w| w.zone.clone());
+        r.protocol == Protocol::Udp && zone(&r.src).is_some() && zone(&r.src) != zone(&r.dst)
+    });
+    some("device → pod TCP", &|r| device(&r.src) && r.protocol == Protocol::Tcp);
+    some("device → pod UDP", &|r| device(&r.src) && r.protocol == Protocol::Udp);
+    some("pod → device TCP", &|r| device(&r.dst) && r.protocol == Protocol::Tcp);
+    some("pod → device UDP", &|r| device(&r.dst) && r.protocol == Protocol::Udp);
     let bad: Vec<_> = rows.iter().filter(|r| !r.ok()).collect();
     assert!(bad.is_empty(), "{} flows differ from keyway policy:\n{table}", bad.len());
 }
@@ -392,4 +408,49 @@ fn key_rotation_keeps_open_connections_and_retires_the_old_epoch() {
         .unwrap();
     assert!(out.starts_with("status 403 reason token-epoch"), "{out}");
     let _ = Peer::Ip(INTERNET.parse().unwrap());
+}
+
+/// The value of the agent metric line starting with `series` in namespace `ns`.
+fn agent_metric(c: &Cluster, ns: &str, series: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", keyway_e2e::cluster::AGENT_ADMIN_PORT);
+    let (_, body) = keyway_e2e::topology::ns_get(ns, &c.opts.e2e, &url).unwrap();
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A laptop that changes networks (its underlay address replaced mid-flow) keeps its open flow
+/// and its gateway connections: QUIC connection migration, no reconnect.
+#[test]
+fn a_device_that_changes_networks_keeps_its_flows_and_connections() {
+    let (_turn, mut c) = Cluster::for_test("roam");
+    let laptop = c.device("devices/laptop").unwrap();
+    let ns = laptop.pod.ns.clone();
+    let frontend = c.workload("shop/frontend").unwrap();
+    let target = SocketAddr::new(frontend.overlay, 8080);
+    let connects = agent_metric(&c, &ns, "keyway_agent_gateway_connects_total");
+    assert_eq!(connects, 2.0, "the laptop's agent holds one connection per gateway of its zone");
+    // A flow held open for 8 s, a line echoed every 200 ms.
+    let e2e = c.opts.e2e.display().to_string();
+    let (ns2, t) = (ns.clone(), target.to_string());
+    let held = std::thread::spawn(move || {
+        keyway_e2e::topology::ns_sh(&ns2, &[&e2e, "probe", "--hold-ms", "8000", "--timeout-ms", "3000", &t])
+    });
+    wait_until(Duration::from_secs(10), "the held flow open", || {
+        agent_metric(&c, &ns, "keyway_agent_tcp_flows_total{direction=\"outbound\",result=\"opened\"}") >= 1.0
+    })
+    .unwrap();
+    c.roam_device("devices/laptop", 7).unwrap();
+    let out = held.join().unwrap().unwrap();
+    let r: keyway_e2e::app::ProbeResult = serde_json::from_str(out.trim()).unwrap();
+    assert!(r.connected && r.intact && r.error.is_empty(), "the held flow survived the move: {r:?}");
+    // New flows from the new address, TCP and UDP, and still the same two connections.
+    let tcp = c.probe_in(&ns, &[target], 0, T).unwrap();
+    assert!(tcp[0].connected, "TCP after the move: {:?}", tcp[0]);
+    let udp = c.udp_in(&ns, &[target], T).unwrap();
+    assert!(udp[0].reply.contains("keyway-app shop/frontend udp port 8080"), "UDP after the move: {:?}", udp[0]);
+    assert_eq!(agent_metric(&c, &ns, "keyway_agent_gateway_connects_total"), 2.0, "no reconnect: migrated");
+    assert_eq!(c.device("devices/laptop").unwrap().pod.ip, "10.63.1.7");
 }
