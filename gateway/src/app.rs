@@ -165,7 +165,10 @@ fn edge_config(
     state: &State,
 ) -> anyhow::Result<(quinn::ServerConfig, Arc<dyn rustls::server::danger::ClientCertVerifier>)> {
     let roots = crate::tls::merged_roots(tls, state.mesh().roots())?;
-    let crls = crate::tls::load_crls(&config.edge.crls)?;
+    let mut crls = Vec::new();
+    for path in &config.edge.crls {
+        crls.extend(crate::ca::load_crls(path)?);
+    }
     let (mut server, verifier) = crate::tls::quic_edge_server_config(tls, roots, crls)?;
     server.transport_config(transport(config));
     Ok((server, verifier))

@@ -125,14 +125,6 @@ pub enum TlsError {
     /// A QUIC connection has no peer certificate (it was not made with our configurations).
     #[error("peer presented no certificate")]
     NoPeerCertificate,
-    /// A certificate revocation list file does not parse.
-    #[error("{path}: not a certificate revocation list: {reason}")]
-    Crl {
-        /// The file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
 }
 
 /// The identity of one gateway: `spiffe://<trust_domain>/zone/<zone>/gateway/<name>`.
@@ -448,26 +440,6 @@ pub fn merged_roots(m: &TlsMaterial, more: &RootCertStore) -> Result<Arc<RootCer
     let mut store = root_store(&m.ca, "ca certificate")?;
     store.roots.extend(more.roots.iter().cloned());
     Ok(Arc::new(store))
-}
-
-/// Every certificate revocation list in the PEM files `paths`; errors name the file.
-pub fn load_crls(
-    paths: &[std::path::PathBuf],
-) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
-    use rustls_pki_types::CertificateRevocationListDer;
-    let mut out = Vec::new();
-    for path in paths {
-        let name = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: name.clone(), source })?;
-        let before = out.len();
-        for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
-            out.push(crl.map_err(|e| TlsError::Crl { path: name.clone(), reason: e.to_string() })?);
-        }
-        if out.len() == before {
-            return Err(TlsError::Crl { path: name, reason: "no X509 CRL block found".into() });
-        }
-    }
-    Ok(out)
 }
 
 /// The QUIC client configuration of the overlay: presents the gateway's certificate, verifies

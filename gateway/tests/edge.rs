@@ -10,6 +10,7 @@ use std::time::Duration;
 use keyway_e2e::gateway::ZoneLayout;
 use keyway_e2e::loopback::*;
 use keyway_gateway::agent::config::AgentConfig;
+use keyway_gateway::ca::WorkloadUse;
 use keyway_policy::flow::Datagram;
 
 fn app(k: u8) -> Vec<W> {
@@ -171,4 +172,86 @@ async fn an_agent_cannot_send_with_another_workloads_source_address() {
     attacker.send_datagram(datagram((cache.overlay, 50000), (dns.overlay, 5353), "own")).unwrap();
     counted(a1, "policy-denied", 1.0).await;
     assert!(next(&b, Duration::from_millis(300)).await.is_none());
+}
+
+/// Whether a connection attempt was refused: the handshake failed, or (TLS 1.3: the client is
+/// done before the server has checked its certificate) the gateway closed it at once. A
+/// datagram to `dns` is tried on it meanwhile.
+async fn refused(attempt: anyhow::Result<quinn::Connection>, from: (IpAddr, u16), dns: IpAddr) -> bool {
+    match attempt {
+        Err(_) => true,
+        Ok(conn) => {
+            let _ = conn.send_datagram(datagram(from, (dns, 5353), "refused?"));
+            tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.is_ok()
+        }
+    }
+}
+
+/// The laptop: a device of zone-a labelled like web (so dns takes its UDP 5353).
+const LAPTOP: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: laptop
+  namespace: shop
+  annotations: {keyway.io/zone: zone-a, keyway.io/overlay-ips: "10.202.1.9"}
+spec:
+  serviceAccount: laptop
+  labels: {app: web}
+"#;
+
+/// Attackers: a laptop whose device certificate was revoked (it still holds the certificate and
+/// its key, and an open connection), and a machine with a certificate for the laptop's identity
+/// from a CA of its own. Expected: the open connection is closed when the revocation list
+/// changes, a new handshake with the revoked certificate fails, and so does the foreign one; dns
+/// receives nothing from either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_or_foreign_device_certificate_gets_no_connection() {
+    let policies = format!("{POLICIES}{LAPTOP}");
+    let o = Overlay::start_with("edge-revoke", ZONES, app(53), &policies, |c| {
+        let dir = c.tls.ca.parent().unwrap().to_owned();
+        keyway_gateway::ca::refresh_crl(&dir, std::time::SystemTime::now()).unwrap();
+        c.edge.crls = vec![dir.join("revoked.pem")];
+    })
+    .await;
+    let dns = o.workload("dns").clone();
+    let laptop: IpAddr = "10.202.1.9".parse().unwrap();
+    let b = agent_of(&o, "dns", "b1").await;
+    let ca_dir = o.files.ca.clone();
+    let ca = keyway_gateway::ca::Ca::load(&ca_dir).unwrap();
+    let devices = o.scratch.0.join("devices");
+    let issued =
+        keyway_gateway::ca::issue_identity_with(&ca, "shop", "laptop", WorkloadUse::Device, 30, &devices).unwrap();
+    let edge = o.gw("zone-a", "a1").edge_addr;
+    let overlay_ca = ca_dir.join("ca.pem");
+    // Before: the laptop's genuine certificate works.
+    let conn = edge_connect(edge, "zone-a", &overlay_ca, &issued.cert, &issued.key).await.unwrap();
+    send_until_delivered(&conn, &b, (laptop, 40000), (dns.overlay, 5353)).await;
+    // Revoked: the open connection is closed, a new one refused, nothing reaches dns.
+    keyway_gateway::ca::revoke(&ca_dir, &issued.cert, std::time::SystemTime::now()).unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    assert!(closed.is_ok(), "the revoked laptop's open connection stayed open");
+    let _ = conn.send_datagram(datagram((laptop, 41000), (dns.overlay, 5353), "revoked"));
+    let again = edge_connect(edge, "zone-a", &overlay_ca, &issued.cert, &issued.key).await;
+    assert!(
+        refused(again, (laptop, 42000), dns.overlay).await,
+        "a new connection with the revoked certificate stayed open"
+    );
+    // Foreign: the laptop's identity from another CA.
+    let other = o.scratch.0.join("other-ca");
+    keyway_gateway::ca::init_ca(&other, TD).unwrap();
+    let forged = keyway_gateway::ca::issue_identity_with(
+        &keyway_gateway::ca::Ca::load(&other).unwrap(),
+        "shop",
+        "laptop",
+        WorkloadUse::Device,
+        30,
+        &o.scratch.0.join("forged"),
+    )
+    .unwrap();
+    let foreign = edge_connect(edge, "zone-a", &overlay_ca, &forged.cert, &forged.key).await;
+    assert!(refused(foreign, (laptop, 43000), dns.overlay).await, "a certificate of another CA kept a connection");
+    let reached = next(&b, Duration::from_millis(500)).await;
+    assert!(reached.is_none(), "dns got a datagram after the revocation: {reached:?}");
 }
