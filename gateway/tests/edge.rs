@@ -255,3 +255,45 @@ async fn a_revoked_or_foreign_device_certificate_gets_no_connection() {
     let reached = next(&b, Duration::from_millis(500)).await;
     assert!(reached.is_none(), "dns got a datagram after the revocation: {reached:?}");
 }
+
+/// Attacker: the web pod, with its own genuine certificate, opening a flood of UDP flows that its
+/// policy allows (each datagram from a new source port). Expected: it holds at most its share of
+/// the gateway's UDP flows (`limits.max_udp_flows_per_source`), the rest dropped and counted, and
+/// another workload's new flow still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_cannot_take_every_udp_flow_of_a_gateway() {
+    let mut workloads = app(54);
+    workloads.push(w("shop", "web2", "web", "zone-a", "10.202.1.4", "127.54.1.4"));
+    let o = Overlay::start_with("edge-flood", ZONES, workloads, POLICIES, |c| {
+        c.limits.max_udp_flows = 64;
+        c.limits.max_udp_flows_per_source = None;
+    })
+    .await;
+    let (web, web2, dns) = (o.workload("web").clone(), o.workload("web2").clone(), o.workload("dns").clone());
+    let a = agent_of(&o, "web", "a1").await;
+    let a2 = agent_of(&o, "web2", "a1").await;
+    let b = agent_of(&o, "dns", "b1").await;
+    send_until_delivered(&a, &b, (web.overlay, 30000), (dns.overlay, 5353)).await;
+    for port in 0..100u16 {
+        a.send_datagram(datagram((web.overlay, 20000 + port), (dns.overlay, 5353), "flood")).unwrap();
+    }
+    // The flood is over once a limit dropped what did not fit (the share, or the whole table).
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    let dropped = |limit: &'static str| async move {
+        metric(a1, "keyway_gateway_udp_datagrams_total", &format!("outcome=\"{limit}\"")).await
+    };
+    wait_until_async(Duration::from_secs(10), "the flood handled", || async {
+        dropped("max_udp_flows_per_source").await + dropped("max_udp_flows").await >= 36.0
+    })
+    .await
+    .unwrap();
+    while next(&b, Duration::from_millis(300)).await.is_some() {}
+    // web2's new flow is carried.
+    a2.send_datagram(datagram((web2.overlay, 30000), (dns.overlay, 5353), "mine")).unwrap();
+    let got = next(&b, Duration::from_secs(5)).await;
+    assert!(
+        got.as_ref().is_some_and(|d| d.src == web2.overlay && d.payload == b"mine"),
+        "another source's flow after the flood: {got:?}"
+    );
+    assert!(dropped("max_udp_flows_per_source").await >= 80.0, "web held no more than its share");
+}
