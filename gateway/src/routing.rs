@@ -217,7 +217,7 @@ impl Routing {
     }
 
     /// Whether `chain` chains to the CA of `zone`, when the zone has its own.
-    fn issued_for_zone(&self, zone: &str, chain: &[CertificateDer<'_>]) -> bool {
+    pub fn issued_for_zone(&self, zone: &str, chain: &[CertificateDer<'_>]) -> bool {
         self.zone_roots.get(zone).is_none_or(|roots| crate::tls::chains_to(chain, roots))
     }
 

@@ -297,3 +297,64 @@ async fn one_source_cannot_take_every_udp_flow_of_a_gateway() {
     );
     assert!(dropped("max_udp_flows_per_source").await >= 80.0, "web held no more than its share");
 }
+
+/// Attacker: zone-b's own issuer (a compromised cluster: its CA signs zone-b's certificates),
+/// minting a device certificate for zone-a's laptop. Every gateway trusts both zones' CAs and
+/// pins each zone to its own (`zones[].ca`). Expected: zone-a's edge refuses it; the laptop's
+/// genuine certificate, of zone-a's CA, is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_zones_issuer_cannot_mint_a_device_of_this_zone() {
+    use keyway_gateway::ca::Ca;
+    let dir = Scratch::new("edge-issuer-files").unwrap();
+    let zone_b_ca = Ca::generate(TD, 2, std::time::SystemTime::now()).unwrap();
+    let zb_dir = dir.0.join("zone-b-ca");
+    zone_b_ca.save(&zb_dir, false).unwrap();
+    let zb_ca_pem = zb_dir.join("ca.pem");
+    let bundle = dir.0.join("bundle.pem");
+    let policies = format!("{POLICIES}{LAPTOP}");
+    let o = Overlay::start_with("edge-issuer", ZONES, app(55), &policies, |c| {
+        let bed_ca = c.tls.ca.clone();
+        let both = std::fs::read_to_string(&bed_ca).unwrap() + &std::fs::read_to_string(&zb_ca_pem).unwrap();
+        std::fs::write(&bundle, both).unwrap();
+        c.tls.ca = bundle.clone();
+        for z in &mut c.zones {
+            z.ca = Some(if z.name == "zone-b" { zb_ca_pem.clone() } else { bed_ca.clone() });
+        }
+        if c.zone == "zone-b" {
+            let out = dir.0.join("zone-b-certs");
+            let (paths, _) =
+                keyway_gateway::ca::issue_gateway_with(&Ca::load(&zb_dir).unwrap(), "zone-b", &c.name, 1, &out)
+                    .unwrap();
+            (c.tls.cert, c.tls.key) = (paths.cert, paths.key);
+        }
+    })
+    .await;
+    let (dns, laptop) = (o.workload("dns").clone(), "10.202.1.9".parse::<IpAddr>().unwrap());
+    let m = o.files.workload_mesh(dns.ns, dns.name);
+    let b = edge_connect(o.gw("zone-b", "b1").edge_addr, "zone-b", &bundle, &m.cert, &m.key).await.unwrap();
+    let edge = o.gw("zone-a", "a1").edge_addr;
+    let forged = keyway_gateway::ca::issue_identity_with(
+        &zone_b_ca,
+        "shop",
+        "laptop",
+        WorkloadUse::Device,
+        1,
+        &dir.0.join("forged"),
+    )
+    .unwrap();
+    let attempt = edge_connect(edge, "zone-a", &bundle, &forged.cert, &forged.key).await;
+    assert!(refused(attempt, (laptop, 40000), dns.overlay).await, "zone-b's issuer minted a zone-a device");
+    let reached = next(&b, Duration::from_millis(500)).await;
+    assert!(reached.is_none(), "dns got a datagram from the forged laptop: {reached:?}");
+    let genuine = keyway_gateway::ca::issue_identity_with(
+        &Ca::load(&o.files.ca).unwrap(),
+        "shop",
+        "laptop",
+        WorkloadUse::Device,
+        30,
+        &dir.0.join("genuine"),
+    )
+    .unwrap();
+    let conn = edge_connect(edge, "zone-a", &bundle, &genuine.cert, &genuine.key).await.unwrap();
+    send_until_delivered(&conn, &b, (laptop, 41000), (dns.overlay, 5353)).await;
+}

@@ -94,8 +94,17 @@ pub fn identity_at(proxy: &Proxy, engine: &Engine, ip: IpAddr) -> Option<String>
 /// Accepts agent connections until the endpoint closes.
 pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
     super::overlay::accept_loop(proxy, endpoint, |p, conn| async move {
-        let leaf = crate::tls::peer_chain(&conn).into_iter().next();
-        let identity = leaf.as_ref().and_then(crate::mesh::spiffe_id).unwrap_or_default();
+        let chain = crate::tls::peer_chain(&conn);
+        // A device's certificate (of the overlay CA) must be of this zone's own CA when the zone
+        // has one: another zone's issuer speaks for its own zone's devices only.
+        let mesh = crate::tls::chains_to(&chain, p.state.mesh().roots());
+        if !mesh && !p.routing.issued_for_zone(&p.config.zone, &chain) {
+            tracing::error!(remote = %conn.remote_address(), "agent certificate not of this zone's CA; closed");
+            p.metrics.udp_datagrams.with_label_values(&["agent-not-of-zone-ca"]).inc();
+            conn.close(quinn::VarInt::from_u32(CLOSE_REFUSED), b"not of this zone's CA");
+            return;
+        }
+        let identity = chain.first().and_then(crate::mesh::spiffe_id).unwrap_or_default();
         let engine = p.state.engine();
         let ips: Vec<IpAddr> = engine
             .inventory()
