@@ -358,3 +358,25 @@ async fn another_zones_issuer_cannot_mint_a_device_of_this_zone() {
     let conn = edge_connect(edge, "zone-a", &bundle, &genuine.cert, &genuine.key).await.unwrap();
     send_until_delivered(&conn, &b, (laptop, 41000), (dns.overlay, 5353)).await;
 }
+
+/// Attacker: a pod's agent (its genuine certificate) opening edge connection after connection.
+/// Expected: past its share (`limits.max_tunnel_connections_per_source`) each is closed at once
+/// and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_source_cannot_open_edge_connections_without_end() {
+    let o = Overlay::start_with("edge-conns", ZONES, app(56), POLICIES, |c| {
+        c.limits.max_tunnel_connections_per_source = 4;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(agent_of(&o, "web", "a1").await);
+    }
+    let fifth = agent_of(&o, "web", "a1").await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), fifth.closed()).await;
+    assert!(closed.is_ok(), "the fifth edge connection of one source stayed open");
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    let label = "limit=\"max_tunnel_connections_per_source\"";
+    assert!(metric(a1, "keyway_gateway_limit_refusals_total", label).await >= 1.0);
+    assert!(held.iter().all(|c| c.close_reason().is_none()), "the four within the share stay open");
+}

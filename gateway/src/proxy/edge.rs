@@ -94,6 +94,16 @@ pub fn identity_at(proxy: &Proxy, engine: &Engine, ip: IpAddr) -> Option<String>
 /// Accepts agent connections until the endpoint closes.
 pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
     super::overlay::accept_loop(proxy, endpoint, |p, conn| async move {
+        // Agents count against the tunnel's connection limits (an agent is one connection per
+        // gateway; a source opening more is flooding).
+        let _permit = match p.admit_tunnel_connection(conn.remote_address().ip()) {
+            Ok(permit) => permit,
+            Err(limit) => {
+                p.metrics.limit_refusals.with_label_values(&[limit]).inc();
+                conn.close(quinn::VarInt::from_u32(CLOSE_REFUSED), b"too many connections");
+                return;
+            }
+        };
         let chain = crate::tls::peer_chain(&conn);
         // A device's certificate (of the overlay CA) must be of this zone's own CA when the zone
         // has one: another zone's issuer speaks for its own zone's devices only.
