@@ -1,5 +1,6 @@
-//! `make demo`: the overlay of `samples/shop` over three zones, the traffic matrix with the
-//! verdict of every flow, a few lines of gateway metrics and access logs, then teardown.
+//! `make demo`: the overlay of `samples/shop` (and the bed's device and UDP policies,
+//! `e2e/bed/`) over three zones, the traffic matrix with the verdict of every TCP and UDP flow,
+//! pods and a device both ways, a few lines of gateway metrics and access logs, then teardown.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -23,14 +24,15 @@ fn demo() -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let opts = Options::discover("kwdemo")?;
     say(
-        "starting: 3 zones as network namespaces, 2 gateways per zone, every workload of samples/shop with the app and an Envoy sidecar running the keyway filter",
+        "starting: 3 zones as network namespaces, 2 gateways per zone, every workload of samples/shop with the app, an Envoy sidecar running the keyway filter and a keyway agent for its UDP, and a laptop outside the zones running keyway agent (e2e/bed/edge.yaml)",
     );
     let cluster = Cluster::start(opts)?;
     println!(
-        "   up in {:.1} s: {} gateways, {} workloads, run directory {}",
+        "   up in {:.1} s: {} gateways, {} workloads, {} device(s), run directory {}",
         t0.elapsed().as_secs_f64(),
         cluster.gateways.len(),
         cluster.workloads.len(),
+        cluster.devices.len(),
         cluster.dir.display()
     );
     for w in &cluster.workloads {
@@ -43,9 +45,20 @@ fn demo() -> anyhow::Result<ExitCode> {
             w.ports
         );
     }
+    for d in &cluster.devices {
+        println!(
+            "   {:<22} {:<7} overlay {:<12} device {:<8} ports {:?} (keyway agent, via {}'s gateways)",
+            d.name,
+            d.zone,
+            d.overlay.to_string(),
+            d.pod.ip,
+            d.ports,
+            d.zone
+        );
+    }
 
     say(
-        "traffic matrix: a real connection for every (source, destination, port), through sidecar → gateway → (QUIC) → gateway → sidecar",
+        "traffic matrix: for every (source, destination, port) a real TCP connection (sidecar or agent → gateway → QUIC → gateway → sidecar or agent) and a real UDP datagram with its answer (agent → gateway → QUIC datagrams → gateway → agent)",
     );
     let t1 = Instant::now();
     let rows = crate::matrix::run(&cluster, Duration::from_secs(3))?;
@@ -57,7 +70,9 @@ fn demo() -> anyhow::Result<ExitCode> {
     for line in metrics.lines().filter(|l| {
         (l.starts_with("keyway_gateway_flows_total")
             || l.starts_with("keyway_gateway_peers_up")
-            || l.starts_with("keyway_gateway_token_failures_total"))
+            || l.starts_with("keyway_gateway_token_failures_total")
+            || l.starts_with("keyway_gateway_udp_datagrams_total")
+            || l.starts_with("keyway_gateway_agents"))
             && !l.starts_with('#')
     }) {
         println!("   {line}");
