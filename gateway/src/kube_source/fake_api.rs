@@ -24,6 +24,7 @@ pub(super) const PODS: &str = "/api/v1/pods";
 pub(super) const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 pub(super) const ADMIN: &str = "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies";
 pub(super) const BASELINE: &str = "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies";
+pub(super) const WORKLOAD_ENTRIES: &str = "/apis/networking.istio.io/v1/workloadentries";
 const CONFIGMAPS: &str = "/api/v1/namespaces/keyway-system/configmaps";
 
 #[derive(Debug, Default)]
@@ -75,7 +76,8 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 impl FakeApi {
-    /// Starts serving; `crds`: whether AdminNetworkPolicy and BaselineAdminNetworkPolicy exist.
+    /// Starts serving; `crds`: whether AdminNetworkPolicy, BaselineAdminNetworkPolicy and
+    /// WorkloadEntry exist.
     pub(super) async fn start(crds: bool) -> FakeApi {
         let mut inner = Inner { rv: 1, ..Inner::default() };
         for (path, served, list_kind, api_version) in [
@@ -84,6 +86,7 @@ impl FakeApi {
             (NETWORK_POLICIES, true, "NetworkPolicyList", "networking.k8s.io/v1"),
             (ADMIN, crds, "AdminNetworkPolicyList", "policy.networking.k8s.io/v1alpha1"),
             (BASELINE, crds, "BaselineAdminNetworkPolicyList", "policy.networking.k8s.io/v1alpha1"),
+            (WORKLOAD_ENTRIES, crds, "WorkloadEntryList", "networking.istio.io/v1"),
         ] {
             inner.resources.insert(path, Resource { served, list_kind, api_version, ..Resource::default() });
         }

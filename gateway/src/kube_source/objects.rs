@@ -11,7 +11,8 @@
 //! The static directory is split into its objects the same way (YAML documents, JSON files, the
 //! items of `*List`s), each named by its file. Merge rule: the cluster wins. A static object with
 //! the identity (kind, namespace, name) of a cluster object is dropped, and so is a static workload
-//! of this gateway's own zone: this cluster is the authority on its zone's workloads.
+//! of this gateway's own zone: this cluster is the authority on its zone's workloads. Devices
+//! (WorkloadEntry) are the exception: they run outside every cluster, so a static one stays.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -235,7 +236,10 @@ pub fn static_objects(files: &[SourceFile], zone: &str) -> Result<Vec<StaticObje
     let mut out = Vec::new();
     for object in manifest::objects(documents)? {
         let m = check(&object)?;
-        let own_zone_workload = m.inventory.workloads.iter().any(|w| w.zone.as_deref() == Some(zone));
+        // Devices (WorkloadEntry) are not pods: the cluster is not their authority, so a static one
+        // of this zone stays unless the cluster has the same object.
+        let own_zone_workload =
+            m.inventory.workloads.iter().any(|w| w.zone.as_deref() == Some(zone) && w.kind != "WorkloadEntry");
         out.push(StaticObject {
             ident: ident_of(&object.value),
             object,

@@ -12,7 +12,7 @@ use keyway_policy::engine::Peer;
 use keyway_policy::{Engine, Protocol, Verdict};
 use serde_json::{Value, json};
 
-use super::fake_api::{ADMIN, BASELINE, FakeApi, NAMESPACES, NETWORK_POLICIES, PODS};
+use super::fake_api::{ADMIN, BASELINE, FakeApi, NAMESPACES, NETWORK_POLICIES, PODS, WORKLOAD_ENTRIES};
 use super::*;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -472,4 +472,45 @@ async fn only_enforced_pods_get_an_overlay_address() {
     assert_eq!(overlay(&built.engine, "shop", "db-0").len(), 1);
     let recorded = api.configmap_data("keyway-overlay-addresses").unwrap();
     assert!(!recorded.contains_key("shop.plain-0"), "{recorded:?}");
+}
+
+/// A device of zone-b in namespace shop, as an Istio WorkloadEntry.
+fn device(name: &str, app: &str, overlay_ip: &str) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": name, "namespace": "shop",
+            "annotations": {"keyway.io/zone": "zone-b", "keyway.io/overlay-ips": overlay_ip}},
+        "spec": {"labels": {"app": app}, "serviceAccount": name, "ports": {"ssh": 22}}})
+}
+
+#[tokio::test]
+async fn devices_come_from_the_clusters_workload_entries_and_the_static_directory() {
+    let s = scratch("10.128.1.0/24");
+    // A device of this gateway's own zone in the static directory stays: the cluster is the
+    // authority on its zone's pods, not on devices.
+    std::fs::write(
+        s.dir.join("inventory/devices.yaml"),
+        "apiVersion: networking.istio.io/v1beta1\nkind: WorkloadEntry\nmetadata:\n  name: kiosk\n  namespace: shop\n  \
+         annotations: {keyway.io/zone: zone-a, keyway.io/overlay-ips: 10.128.9.1}\nspec: {labels: {app: web}}\n",
+    )
+    .unwrap();
+    let api = cluster(true).await;
+    api.apply(WORKLOAD_ENTRIES, device("laptop-7", "web", "10.128.2.77"));
+    let source = synced_source(&api, &s).await;
+    assert!(api.requests().iter().any(|r| r.starts_with(&format!("GET {WORKLOAD_ENTRIES}"))));
+    let (state, _) = running(source, &s).await;
+    let e = state.engine();
+    let laptop = &e.inventory().workloads[e.inventory().find("shop", "laptop-7").unwrap()];
+    assert_eq!(laptop.display_name(), "shop/laptop-7[WorkloadEntry]");
+    assert_eq!(laptop.identity("cluster.local"), "spiffe://cluster.local/ns/shop/sa/laptop-7");
+    assert_eq!(laptop.overlay_ips, ["10.128.2.77".parse::<IpAddr>().unwrap()], "no address is allocated to a device");
+    // db-ingress selects devices by their labels as it selects pods.
+    assert_eq!(verdict(&e, "shop/laptop-7", "shop/db-0", 5432), ALLOW);
+    assert_eq!(verdict(&e, "shop/kiosk", "shop/db-0", 5432), ALLOW, "the static device of this zone is kept");
+    assert_eq!(verdict(&e, "shop/db-0", "shop/laptop-7", 22), ALLOW, "nothing selects the laptop's ingress");
+
+    // Watched: a relabelled device loses its access, a deleted one leaves.
+    api.apply(WORKLOAD_ENTRIES, device("laptop-7", "guest", "10.128.2.77"));
+    until(&state, "laptop-7 relabelled", |e| verdict(e, "shop/laptop-7", "shop/db-0", 5432) == DENY).await;
+    api.delete(WORKLOAD_ENTRIES, "shop/laptop-7");
+    until(&state, "laptop-7 deleted", |e| e.inventory().find("shop", "laptop-7").is_none()).await;
 }

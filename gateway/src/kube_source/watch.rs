@@ -1,7 +1,8 @@
 //! Watching the cluster: one kube-rs watcher per kind, each feeding a store of the objects as the
 //! API server last described them. A relist (at start, after a `410 Gone`, after any watch
 //! failure) replaces a kind's store whole when it completes, so objects deleted while the watch
-//! was down disappear. AdminNetworkPolicy and BaselineAdminNetworkPolicy are optional: a `404` on
+//! was down disappear. AdminNetworkPolicy, BaselineAdminNetworkPolicy and Istio's WorkloadEntry
+//! (devices, `networking.istio.io/v1`) are optional: a `404` on
 //! their list means the CRD is not installed (logged once) and counts as an empty, synced kind;
 //! the watcher keeps trying with its backoff, so installing the CRD later is picked up.
 
@@ -27,12 +28,21 @@ pub enum Kind {
     AdminNetworkPolicy,
     /// `policy.networking.k8s.io/v1alpha1` BaselineAdminNetworkPolicy (a CRD, optional).
     BaselineAdminNetworkPolicy,
+    /// `networking.istio.io/v1` WorkloadEntry: a device outside the clusters (Istio's CRD,
+    /// optional: absent where Istio is not installed).
+    WorkloadEntry,
 }
 
 impl Kind {
     /// Every kind, in the order objects are handed to the loader.
-    pub const ALL: [Kind; 5] =
-        [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::AdminNetworkPolicy, Kind::BaselineAdminNetworkPolicy];
+    pub const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::WorkloadEntry,
+        Kind::NetworkPolicy,
+        Kind::AdminNetworkPolicy,
+        Kind::BaselineAdminNetworkPolicy,
+    ];
 
     /// `(group, version, kind, plural)`.
     fn gvkp(self) -> (&'static str, &'static str, &'static str, &'static str) {
@@ -46,6 +56,7 @@ impl Kind {
             Kind::BaselineAdminNetworkPolicy => {
                 ("policy.networking.k8s.io", "v1alpha1", "BaselineAdminNetworkPolicy", "baselineadminnetworkpolicies")
             }
+            Kind::WorkloadEntry => ("networking.istio.io", "v1", "WorkloadEntry", "workloadentries"),
         }
     }
 
@@ -74,12 +85,12 @@ impl Kind {
 
     /// Whether the kind is a CRD that may be missing from the cluster.
     pub fn optional(self) -> bool {
-        matches!(self, Kind::AdminNetworkPolicy | Kind::BaselineAdminNetworkPolicy)
+        matches!(self, Kind::AdminNetworkPolicy | Kind::BaselineAdminNetworkPolicy | Kind::WorkloadEntry)
     }
 
     /// Whether objects of the kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        matches!(self, Kind::Pod | Kind::NetworkPolicy)
+        matches!(self, Kind::Pod | Kind::NetworkPolicy | Kind::WorkloadEntry)
     }
 }
 
