@@ -191,19 +191,13 @@ async fn reload_edge_tls(
     proxy: Arc<Proxy>,
     endpoint: quinn::Endpoint,
     interval: Duration,
-    mut requests: watch::Receiver<u64>,
+    requests: watch::Receiver<u64>,
 ) {
     let config = proxy.config.clone();
     let mut paths =
         vec![config.tls.ca.clone(), config.tls.cert.clone(), config.tls.key.clone(), config.mesh.ca.clone()];
     paths.extend(config.edge.crls.iter().cloned());
-    let watch = crate::state::FileWatch::new(crate::state::fingerprint(&paths));
-    requests.borrow_and_update();
-    loop {
-        let Some(force) = next_check(interval, &mut requests).await else { return };
-        if !watch.due(crate::state::fingerprint(&paths), force) {
-            continue;
-        }
+    on_change(paths, interval, requests, |_| {
         let loaded = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
             .map_err(anyhow::Error::from)
             .and_then(|tls| edge_config(&config, &tls, &proxy.state));
@@ -219,7 +213,8 @@ async fn reload_edge_tls(
                 tracing::error!(error = %format!("{e:#}"), "edge TLS change rejected; the running configuration stays");
             }
         }
-    }
+    })
+    .await;
 }
 
 /// Checks a configuration without starting anything: loads the inventory and policies, the
@@ -401,17 +396,11 @@ async fn reload_overlay_tls(
     proxy: Arc<Proxy>,
     endpoint: quinn::Endpoint,
     interval: Duration,
-    mut requests: watch::Receiver<u64>,
+    requests: watch::Receiver<u64>,
 ) {
     let config = proxy.config.clone();
     let paths = vec![config.tls.ca.clone(), config.tls.cert.clone(), config.tls.key.clone()];
-    let watch = crate::state::FileWatch::new(crate::state::fingerprint(&paths));
-    requests.borrow_and_update();
-    loop {
-        let Some(force) = next_check(interval, &mut requests).await else { return };
-        if !watch.due(crate::state::fingerprint(&paths), force) {
-            continue;
-        }
+    on_change(paths, interval, requests, |force| {
         let loaded = TlsMaterial::load(&config.tls.ca, &config.tls.cert, &config.tls.key)
             .map_err(anyhow::Error::from)
             .and_then(|tls| {
@@ -436,6 +425,26 @@ async fn reload_overlay_tls(
                 proxy.metrics.reloads.with_label_values(&["overlay-tls", "rejected"]).inc();
                 tracing::error!(error = %format!("{e:#}"), "new overlay certificate rejected; the running one stays in force");
             }
+        }
+    })
+    .await;
+}
+
+/// Runs `changed(force)` whenever the files at `paths` changed and settled (checked every
+/// `interval`; `force` on a reload request, SIGHUP, which runs it whether they changed or not),
+/// until the gateway stops.
+async fn on_change(
+    paths: Vec<std::path::PathBuf>,
+    interval: Duration,
+    mut requests: watch::Receiver<u64>,
+    mut changed: impl FnMut(bool),
+) {
+    let watch = crate::state::FileWatch::new(crate::state::fingerprint(&paths));
+    requests.borrow_and_update();
+    loop {
+        let Some(force) = next_check(interval, &mut requests).await else { return };
+        if watch.due(crate::state::fingerprint(&paths), force) {
+            changed(force);
         }
     }
 }

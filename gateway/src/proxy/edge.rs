@@ -15,9 +15,9 @@ use keyway_policy::flow::{FlowHeader, StatusCode as FlowStatus};
 use keyway_policy::{Engine, Protocol};
 
 use super::accesslog::FlowLog;
-use super::overlay::{answer, exchange, read_header};
+use super::overlay::{conclude, exchange, read_header};
 use super::refusal::{DeliverError, Unroutable};
-use super::relay::{BoxIo, relay};
+use super::relay::BoxIo;
 use super::{Entry, Flow, Proxy, Refusal};
 
 /// QUIC close code for an agent this gateway does not take.
@@ -149,29 +149,11 @@ pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
 }
 
 /// One TCP flow of an agent: checked, decided and sent on like a sidecar's.
-async fn agent_stream(proxy: Arc<Proxy>, identity: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn agent_stream(proxy: Arc<Proxy>, identity: String, send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let mut log = FlowLog::new(proxy.metrics.clone(), proxy.flow_id(), Entry::Edge, String::new(), String::new());
     log.identity.clone_from(&identity);
-    match Box::pin(accept(&proxy, &identity, &mut recv, &mut log)).await {
-        Ok((upstream, permit)) => {
-            answer(&mut send, FlowStatus::Connected, "").await;
-            log.finish(Ok(()));
-            log.set_active();
-            let (up, down) = (log.bytes_up.clone(), log.bytes_down.clone());
-            log.relayed(relay(tokio::io::join(recv, send), upstream, &up, &down, proxy.flow_idle_timeout()).await);
-            drop(permit);
-        }
-        Err(r) => {
-            if !matches!(r, Refusal::Header("header-timeout")) {
-                let (code, reason) = r.flow_status();
-                let reason = if let Refusal::RemotePolicy { rule } = &r { rule.as_str() } else { reason };
-                let code = if r.rule().is_some() { FlowStatus::Denied } else { code };
-                answer(&mut send, code, reason).await;
-                let _ = send.finish();
-            }
-            log.finish(Err(r));
-        }
-    }
+    let accepted = Box::pin(accept(&proxy, &identity, &mut recv, &mut log)).await;
+    conclude(&proxy, log, (send, recv), accepted).await;
 }
 
 async fn accept(

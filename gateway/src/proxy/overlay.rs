@@ -195,17 +195,24 @@ pub(super) async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHead
     }
 }
 
-async fn handle_stream(
-    proxy: Arc<Proxy>,
-    peer: GatewayIdentity,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
+async fn handle_stream(proxy: Arc<Proxy>, peer: GatewayIdentity, send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let mut log = FlowLog::new(proxy.metrics.clone(), 0, Entry::Overlay, String::new(), String::new());
     log.next_hop = "local".into();
     // Boxed: the decision and delivery are done with once the flow is connected, and a task is as
     // large as its largest state for as long as it runs (8.7 KiB per open flow unboxed).
-    match Box::pin(accept(&proxy, &peer, &mut recv, &mut log)).await {
+    let accepted = Box::pin(accept(&proxy, &peer, &mut recv, &mut log)).await;
+    conclude(&proxy, log, (send, recv), accepted).await;
+}
+
+/// Ends a flow that arrived on a stream (from a peer gateway or an agent): answers `accepted`'s
+/// status and relays the flow, or answers its refusal; the access log records either.
+pub(super) async fn conclude(
+    proxy: &Proxy,
+    mut log: FlowLog,
+    (mut send, recv): (quinn::SendStream, quinn::RecvStream),
+    accepted: Result<(BoxIo, super::FlowPermit), Refusal>,
+) {
+    match accepted {
         Ok((upstream, permit)) => {
             answer(&mut send, FlowStatus::Connected, "").await;
             log.finish(Ok(()));

@@ -267,7 +267,7 @@ impl Refusal {
     /// The status a peer gateway's flow header is answered with, and its reason text.
     pub fn flow_status(&self) -> (FlowStatus, &str) {
         match self {
-            Refusal::Policy { rule } => (FlowStatus::Denied, rule),
+            Refusal::Policy { rule } | Refusal::RemotePolicy { rule } => (FlowStatus::Denied, rule),
             Refusal::Draining | Refusal::Limit(_) => (FlowStatus::Overloaded, self.label()),
             Refusal::Header(_) => (FlowStatus::Refused, self.label()),
             _ => (FlowStatus::Unreachable, self.label()),
