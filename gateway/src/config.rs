@@ -98,15 +98,16 @@ impl Default for Listen {
     }
 }
 
-/// TLS material of the overlay (PEM files).
+/// TLS material of the overlay (PEM files); a gateway's `tls` section and a `keyway agent`'s.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
-    /// The overlay CA certificate.
+    /// The overlay CA certificate(s).
     pub ca: PathBuf,
-    /// This gateway's certificate (from `keyway ca issue`).
+    /// The certificate chain, leaf first: a gateway's (from `keyway ca issue`); an agent's (a
+    /// device's from `keyway ca issue-device`, or a pod's mesh certificate).
     pub cert: PathBuf,
-    /// This gateway's private key.
+    /// Its private key.
     pub key: PathBuf,
 }
 

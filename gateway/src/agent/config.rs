@@ -2,7 +2,7 @@
 //! constants. A bad file is rejected whole with the path and the field at fault.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,18 +33,10 @@ pub enum Mode {
     Pod,
 }
 
-/// The overlay CA and the agent's own certificate.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// The overlay CA certificate(s), PEM: the only roots gateways are verified against.
-    pub ca: PathBuf,
-    /// The agent's certificate chain, PEM, leaf first (a device certificate of the overlay CA,
-    /// or in pod mode the pod's mesh certificate).
-    pub cert: PathBuf,
-    /// Its private key, PEM.
-    pub key: PathBuf,
-}
+/// The overlay CA (the only roots gateways are verified against) and the agent's own certificate
+/// chain and key (a device certificate of the overlay CA, or in pod mode the pod's mesh
+/// certificate): the gateway's own `tls` section, with the agent's certificate in it.
+pub use crate::config::TlsFiles;
 
 /// The TUN device.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
