@@ -9,8 +9,15 @@
 //! | `keyway_same_zone` | `ckw` + Envoy + filter | `skwa` (zone 1) + Envoy + filter | the zone's gateway |
 //! | `keyway_cross_zone` | `ckw` + Envoy + filter | `skwb` (zone 2) + Envoy + filter | gateway, QUIC, gateway |
 //! | `boringtun` | `cwg` + boringtun | `swg` (zone 2) + boringtun | WireGuard (userspace) |
+//! | `agent` | `cwg` + `keyway agent` | `swg` (zone 2) + `keyway agent` | agent, gateway, QUIC, gateway, agent |
 //!
-//! Each server pod runs the 1 KiB HTTP server on 8080 and `iperf3 -s` on 5201. Every Envoy runs
+//! `agent` and `boringtun` share their two namespaces: two devices (Istio WorkloadEntries of the
+//! bench's inventory, a NetworkPolicy allowing the client's TCP and UDP to the server) whose agents
+//! join their zone's gateway on its edge listener; WireGuard's interface and the agents' TUN
+//! devices sit side by side, so both paths cross the same links.
+//!
+//! Each server pod runs the 1 KiB HTTP server on 8080 and `iperf3 -s` on 5201; `swg` also runs the
+//! UDP echo server on 7007. Every Envoy runs
 //! with one worker (`--concurrency 1`), as the end-to-end sidecars do.
 
 use std::net::{IpAddr, SocketAddr};
@@ -32,7 +39,17 @@ use crate::envoycfg;
 pub const HTTP_PORT: u16 = 8080;
 /// iperf3's port in every server pod.
 pub const IPERF_PORT: u16 = 5201;
+/// The UDP echo server's port (in `swg`).
+pub const UDP_ECHO_PORT: u16 = 7007;
 const WG_PORT: u16 = 51820;
+/// The overlay addresses of the two devices (`cwg`'s agent, `swg`'s agent).
+pub const AGENT_CLIENT_OVERLAY: &str = "10.128.1.50";
+/// The server device's overlay address.
+pub const AGENT_SERVER_OVERLAY: &str = "10.128.2.50";
+/// Where each agent serves its admin endpoint (in its own namespace).
+const AGENT_ADMIN_PORT: u16 = 15191;
+/// The gateways' edge port.
+const EDGE_PORT: u16 = 15444;
 
 /// The programs the bed runs.
 #[derive(Debug, Clone)]
@@ -68,6 +85,11 @@ impl PathDef {
     /// The HTTP server through this path.
     pub fn http(&self) -> anyhow::Result<SocketAddr> {
         Ok(format!("{}:{HTTP_PORT}", self.server_ip).parse()?)
+    }
+
+    /// The UDP echo server through this path (`agent` and `boringtun` only).
+    pub fn udp_echo(&self) -> anyhow::Result<SocketAddr> {
+        Ok(format!("{}:{UDP_ECHO_PORT}", self.server_ip).parse()?)
     }
 }
 
@@ -173,6 +195,7 @@ impl Bed {
             PathDef { name: "keyway_same_zone", client_ns: ns(1, "ckw"), server_ip: "10.128.1.20".into() },
             PathDef { name: "keyway_cross_zone", client_ns: ns(1, "ckw"), server_ip: "10.128.2.13".into() },
             PathDef { name: "boringtun", client_ns: ns(1, "cwg"), server_ip: "10.99.0.2".into() },
+            PathDef { name: "agent", client_ns: ns(1, "cwg"), server_ip: AGENT_SERVER_OVERLAY.into() },
         ];
         let mut bed = Bed { procs: Vec::new(), topo, paths, dir: dir.clone(), tools: tools.clone(), mtu };
         let me = tools.me.display().to_string();
@@ -196,6 +219,14 @@ impl Bed {
                 &[],
             )?;
         }
+
+        bed.start(
+            "udp-swg",
+            &ns(2, "swg"),
+            None,
+            &[me.clone(), "udp-serve".into(), "--port".into(), UDP_ECHO_PORT.to_string()],
+            &[],
+        )?;
 
         // Plain Envoy pair.
         let envoy = |cfg: &Path| keyway_e2e::envoy::command(&tools.envoy, cfg);
@@ -222,6 +253,9 @@ impl Bed {
 
         // keyway: one gateway per zone, three sidecars with the filter.
         bed.start_keyway(prefix)?;
+
+        // keyway agents: two devices.
+        bed.start_agents(prefix)?;
 
         // boringtun.
         if tools.boringtun.is_some() {
@@ -325,6 +359,59 @@ impl Bed {
         Ok(())
     }
 
+    /// Two devices, `cwg` (zone-a) and `swg` (zone-b), each running `keyway agent` in device mode
+    /// with a certificate from `keyway ca issue-device`, joined to its zone's gateway.
+    fn start_agents(&mut self, prefix: &str) -> anyhow::Result<()> {
+        let keyway = self.tools.keyway.display().to_string();
+        let files = Files::in_dir(&self.dir);
+        let certs = self.dir.join("devices");
+        let ca_cert = files.ca.join("ca.pem");
+        let sides = [
+            (1u8, "cwg", "agent-client", "zone-a", AGENT_CLIENT_OVERLAY),
+            (2, "swg", "agent-server", "zone-b", AGENT_SERVER_OVERLAY),
+        ];
+        for (z, name, sa, zone, overlay) in sides {
+            sh(&[
+                &keyway,
+                "ca",
+                "issue-device",
+                "--ca",
+                files.ca.to_str().unwrap_or_default(),
+                "--namespace",
+                "bench",
+                "--service-account",
+                sa,
+                "--out",
+                certs.to_str().unwrap_or_default(),
+            ])?;
+            let config = format!(
+                "zone: {zone}\noverlay_ip: {overlay}\noverlay_cidrs: [10.128.0.0/16]\ngateways: [\"{}:{EDGE_PORT}\"]\n\
+                 mode: device\ntls: {{ca: {}, cert: {}, key: {}}}\nadmin: \"127.0.0.1:{AGENT_ADMIN_PORT}\"\n",
+                gateway_ip(z),
+                ca_cert.display(),
+                certs.join(format!("bench-{sa}.pem")).display(),
+                certs.join(format!("bench-{sa}-key.pem")).display(),
+            );
+            let path = self.dir.join(format!("agent-{name}.yaml"));
+            std::fs::write(&path, config)?;
+            self.start(
+                &format!("agent-{name}"),
+                &pod_ns(prefix, z, name),
+                None,
+                &[keyway.clone(), "agent".into(), "--config".into(), path.display().to_string()],
+                &[("LOG_FORMAT", "json".into())],
+            )?;
+        }
+        for (z, name, _, _, _) in sides {
+            let n = pod_ns(prefix, z, name);
+            let url = format!("127.0.0.1:{AGENT_ADMIN_PORT}/healthz");
+            self.wait(&format!("the agent in {n}"), &format!("agent-{name}"), Duration::from_secs(30), || {
+                matches!(self.get(&n, &url), Ok((200, _)))
+            })?;
+        }
+        Ok(())
+    }
+
     fn start_boringtun(&mut self, prefix: &str) -> anyhow::Result<()> {
         let bt = self.tools.boringtun.clone().context("boringtun")?.display().to_string();
         let keys: Vec<(String, String)> = (0..2)
@@ -418,7 +505,48 @@ fn write_hbone_certs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The bench's inventory: a client and two servers, no NetworkPolicy (not isolated: allowed).
+/// The two devices of the `agent` path (Istio WorkloadEntries) and the NetworkPolicy that lets the
+/// client device reach the server device's HTTP, iperf3 and UDP echo ports (nothing else).
+fn device_manifests() -> String {
+    let entry = |name: &str, zone: &str, overlay: &str| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: {name}
+  namespace: bench
+  annotations: {{ keyway.io/zone: {zone}, keyway.io/overlay-ips: "{overlay}" }}
+spec:
+  serviceAccount: {name}
+  labels: {{ app: {name} }}
+"#
+        )
+    };
+    let policy = format!(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{ name: agent-server-from-agent-client, namespace: bench }}
+spec:
+  podSelector: {{ matchLabels: {{ app: agent-server }} }}
+  ingress:
+  - from:
+    - podSelector: {{ matchLabels: {{ app: agent-client }} }}
+    ports:
+    - {{ port: {HTTP_PORT}, protocol: TCP }}
+    - {{ port: {IPERF_PORT}, protocol: TCP }}
+    - {{ port: {UDP_ECHO_PORT}, protocol: UDP }}
+"#
+    );
+    [
+        entry("agent-client", "zone-a", AGENT_CLIENT_OVERLAY),
+        entry("agent-server", "zone-b", AGENT_SERVER_OVERLAY),
+        policy,
+    ]
+    .join("---\n")
+}
+
+/// The bench's inventory: a client and two servers, no NetworkPolicy (not isolated: allowed); the
+/// two devices of the `agent` path and their policy.
 fn manifests() -> String {
     let deploy = |name: &str, zone: &str, overlay: &str, sidecar: &str| {
         format!(
@@ -447,6 +575,7 @@ spec:
         deploy("client", "zone-a", "10.128.1.13", "10.61.1.13"),
         deploy("server-a", "zone-a", "10.128.1.20", "10.61.1.20"),
         deploy("server-b", "zone-b", "10.128.2.13", "10.61.2.13"),
+        device_manifests(),
     ]
     .join("---\n")
 }

@@ -5,7 +5,7 @@
 //! measurements, reads the policy-engine and filter bench results, and writes
 //! `bench/results/latest.json`, a dated copy, `latest.md` and the SVG plots.
 
-use keyway_bench::{bed, load, measure, plot, report};
+use keyway_bench::{bed, carriage, load, measure, plot, report, udp};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -61,6 +61,35 @@ enum Cmd {
         #[arg(long)]
         new_connection: bool,
     },
+    /// The UDP echo server.
+    UdpServe {
+        /// Port.
+        #[arg(long, default_value_t = bed::UDP_ECHO_PORT)]
+        port: u16,
+    },
+    /// Open-loop fixed-rate UDP echo round trips; prints one JSON object (`errors`: datagrams
+    /// with no echo).
+    UdpPing {
+        /// `ip:port`.
+        #[arg(long)]
+        target: SocketAddr,
+        /// Datagrams per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Bytes per datagram.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Warm-up seconds (not recorded).
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+    },
+    /// UDP carried over QUIC between two quinn endpoints on loopback, one QUIC datagram per
+    /// packet against one stream per flow (length-prefixed), with and without loss (root: a
+    /// network namespace with netem on its loopback); prints and writes JSON.
+    UdpCarriage(carriage::Args),
     /// Hold keep-alive connections open (gateway memory per flow).
     Hold {
         /// `ip:port`.
@@ -104,6 +133,9 @@ struct RunArgs {
     /// Skip the latency rounds.
     #[arg(long)]
     no_latency: bool,
+    /// UDP echo datagrams per second (the `agent` and `boringtun` paths).
+    #[arg(long, default_value_t = 1000)]
+    udp_rate: u32,
     /// Skip the throughput rounds.
     #[arg(long)]
     no_throughput: bool,
@@ -141,6 +173,20 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }),
+        Cmd::UdpServe { port } => rt(1).and_then(|rt| rt.block_on(udp::serve(port))),
+        Cmd::UdpPing { target, rate, size, seconds, warmup } => rt(1).and_then(|rt| {
+            let spec = udp::PingSpec {
+                target,
+                rate,
+                size,
+                duration: Duration::from_secs_f64(seconds),
+                warmup: Duration::from_secs_f64(warmup),
+            };
+            let r = rt.block_on(udp::ping(spec))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }),
+        Cmd::UdpCarriage(args) => carriage::main(&args),
         Cmd::Hold { target, connections, seconds } => {
             rt(1).and_then(|rt| rt.block_on(load::hold(target, connections, Duration::from_secs(seconds))))
         }
@@ -257,15 +303,38 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         connections: a.connections,
         seconds: a.latency_seconds,
         warmup: a.warmup,
-        paths: selected(&["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone"]),
+        paths: selected(&[
+            "direct",
+            "envoy_baseline",
+            "envoy_hbone",
+            "keyway_same_zone",
+            "keyway_cross_zone",
+            "boringtun",
+            "agent",
+        ]),
         variants: vec!["keepalive".into(), "new_connection".into()],
     };
-    let lat = if a.no_latency {
+    let udp_spec = measure::UdpSpec {
+        rounds: a.rounds,
+        rate: a.udp_rate,
+        size: 64,
+        seconds: a.latency_seconds,
+        warmup: a.warmup,
+        paths: selected(&["boringtun", "agent"]),
+    };
+    let mut lat = if a.no_latency {
         Vec::new()
     } else {
         eprintln!("== latency: {} req/s, {} connections, rounds of every path", a.rate, a.connections);
         measure::latency(&bed, &lat_spec)?
     };
+    if !a.no_latency && !udp_spec.paths.is_empty() {
+        eprintln!(
+            "== UDP echo: {} datagrams/s of {} bytes, rounds of the agent and boringtun",
+            a.udp_rate, udp_spec.size
+        );
+        lat.extend(measure::udp_latency(&bed, &udp_spec)?);
+    }
     let mem = if a.no_memory {
         None
     } else {
@@ -282,7 +351,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         Vec::new()
     } else {
         eprintln!("== throughput: iperf3, 1 and 8 flows, rounds of every path");
-        let paths = selected(&["direct", "envoy_hbone", "keyway_cross_zone", "boringtun"]);
+        let paths = selected(&["direct", "envoy_hbone", "keyway_cross_zone", "boringtun", "agent"]);
         measure::throughput(&bed, a.rounds, a.throughput_seconds, &[1, 8], &paths)?
     };
     let la_after = loadavg();
@@ -318,6 +387,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
         machine: format!("{}; links of MTU {}", machine(), a.mtu),
         load,
         lat_spec: &lat_spec,
+        udp_spec: &udp_spec,
         lat: &lat,
         tput: &tput,
         tput_seconds: a.throughput_seconds,

@@ -105,6 +105,9 @@ pub fn latency(bed: &Bed, spec: &LatencySpec) -> anyhow::Result<Vec<LatencyRun>>
     for round in 1..=spec.rounds {
         for variant in &spec.variants {
             for name in &spec.paths {
+                if name == "boringtun" && bed.tools.boringtun.is_none() {
+                    continue;
+                }
                 let path = bed.path(name)?;
                 let mut args = vec![
                     "ip".to_owned(),
@@ -163,6 +166,92 @@ pub fn latency(bed: &Bed, spec: &LatencySpec) -> anyhow::Result<Vec<LatencyRun>>
     Ok(runs)
 }
 
+/// UDP echo settings.
+#[derive(Debug, Clone)]
+pub struct UdpSpec {
+    /// Rounds.
+    pub rounds: u32,
+    /// Datagrams per second.
+    pub rate: u32,
+    /// Bytes per datagram.
+    pub size: usize,
+    /// Measured seconds per run.
+    pub seconds: f64,
+    /// Warm-up seconds per run.
+    pub warmup: f64,
+    /// Paths (each must have the UDP echo server behind it: `agent`, `boringtun`).
+    pub paths: Vec<String>,
+}
+
+/// The variant name of UDP echo runs among the latency runs.
+pub const UDP_ECHO: &str = "udp_echo";
+
+/// Runs the UDP echo rounds (`keyway-bench udp-ping`): for each round, each path; the runs are
+/// latency runs of variant [`UDP_ECHO`] (`errors`: datagrams with no echo).
+pub fn udp_latency(bed: &Bed, spec: &UdpSpec) -> anyhow::Result<Vec<LatencyRun>> {
+    let mut runs = Vec::new();
+    let gws: Vec<u32> = ["gw-1", "gw-2"].iter().filter_map(|g| bed.pid(g)).collect();
+    for round in 1..=spec.rounds {
+        for name in &spec.paths {
+            if name == "boringtun" && bed.tools.boringtun.is_none() {
+                continue;
+            }
+            let path = bed.path(name)?;
+            let me = bed.tools.me.display().to_string();
+            let target = path.udp_echo()?.to_string();
+            let (rate, size, seconds, warmup) =
+                (spec.rate.to_string(), spec.size.to_string(), spec.seconds.to_string(), spec.warmup.to_string());
+            let cpu0: Vec<f64> = gws.iter().map(|p| cpu_seconds(*p)).collect();
+            let m0 = machine_jiffies();
+            let t0 = Instant::now();
+            let out = sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &path.client_ns,
+                &me,
+                "udp-ping",
+                "--target",
+                &target,
+                "--rate",
+                &rate,
+                "--size",
+                &size,
+                "--seconds",
+                &seconds,
+                "--warmup",
+                &warmup,
+            ])
+            .with_context(|| format!("udp echo over {name}"))?;
+            let wall = t0.elapsed().as_secs_f64();
+            let m1 = machine_jiffies();
+            let cpu: Vec<f64> = gws.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).collect();
+            let result: LoadResult = serde_json::from_str(out.trim()).context("udp-ping output")?;
+            let busy = (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64;
+            eprintln!(
+                "  udp echo round {round} {name:<18} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} ms  {} echoes {} lost  busy {:.0}%",
+                result.p50_ms,
+                result.p90_ms,
+                result.p99_ms,
+                result.p999_ms,
+                result.requests,
+                result.errors,
+                busy * 100.0
+            );
+            runs.push(LatencyRun {
+                round,
+                path: name.clone(),
+                variant: UDP_ECHO.into(),
+                result,
+                gateway_cpu_s: cpu,
+                wall_s: wall,
+                machine_busy: busy,
+            });
+        }
+    }
+    Ok(runs)
+}
+
 /// One throughput run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ThroughputRun {
@@ -192,6 +281,7 @@ pub fn path_roles(path: &str) -> &'static [&'static str] {
         "keyway_same_zone" => &["envoy-ckw", "envoy-skwa", "gw-1"],
         "keyway_cross_zone" => &["envoy-ckw", "envoy-skwb", "gw-1", "gw-2"],
         "boringtun" => &["boringtun-cwg", "boringtun-swg"],
+        "agent" => &["agent-cwg", "agent-swg", "gw-1", "gw-2"],
         _ => &[],
     }
 }

@@ -73,6 +73,7 @@ pub fn throughput(v: &Value, out: &Path) -> anyhow::Result<()> {
         ("envoy_hbone", "envoy_hbone"),
         ("keyway", "keyway_cross_zone"),
         ("boringtun", "boringtun"),
+        ("agent", "agent"),
     ];
     let val = |k: &str, eight: bool| {
         let key = format!("{k}_gbps");

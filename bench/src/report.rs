@@ -2,7 +2,11 @@
 
 use serde_json::{Value, json};
 
-use crate::measure::{GatewayMemory, LatencyRun, LatencySpec, ThroughputRun, median};
+use crate::measure::{GatewayMemory, LatencyRun, LatencySpec, ThroughputRun, UDP_ECHO, UdpSpec, median};
+
+/// Every latency path, in the tables' order.
+const LATENCY_PATHS: [&str; 7] =
+    ["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone", "boringtun", "agent"];
 
 /// Median percentiles of a path and variant over the rounds.
 fn latency_summary(runs: &[LatencyRun], path: &str, variant: &str) -> Value {
@@ -62,7 +66,9 @@ pub struct Inputs<'a> {
     pub load: Value,
     /// Latency settings.
     pub lat_spec: &'a LatencySpec,
-    /// Latency runs.
+    /// UDP echo settings.
+    pub udp_spec: &'a UdpSpec,
+    /// Latency runs (UDP echo runs among them, variant [`UDP_ECHO`]).
     pub lat: &'a [LatencyRun],
     /// Throughput runs.
     pub tput: &'a [ThroughputRun],
@@ -81,11 +87,10 @@ pub struct Inputs<'a> {
 /// Builds `latest.json`.
 pub fn build(inp: &Inputs<'_>) -> Value {
     let variants = ["keepalive", "new_connection"];
-    let paths = ["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone"];
     let mut by_variant = serde_json::Map::new();
     for v in variants {
         let mut p = serde_json::Map::new();
-        for path in paths {
+        for path in LATENCY_PATHS {
             p.insert(path.into(), latency_summary(inp.lat, path, v));
         }
         by_variant.insert(v.into(), Value::Object(p));
@@ -113,6 +118,8 @@ pub fn build(inp: &Inputs<'_>) -> Value {
     let (h8, hc8) = tput(inp.tput, "envoy_hbone", 8);
     let (k8, kc8) = tput(inp.tput, "keyway_cross_zone", 8);
     let (b8, bc8) = tput(inp.tput, "boringtun", 8);
+    let (a1, ac1) = tput(inp.tput, "agent", 1);
+    let (a8, ac8) = tput(inp.tput, "agent", 8);
 
     let filter = inp.filter.as_ref().map(|f| {
         let rate = |name: &str| {
@@ -186,10 +193,13 @@ pub fn build(inp: &Inputs<'_>) -> Value {
         })
     });
 
+    let agent = agent_beside_boringtun(inp);
+
     json!({
         "date": inp.date,
         "machine": inp.machine,
         "load": inp.load,
+        "agent": agent,
         "latency": {
             "rate_rps": inp.lat_spec.rate,
             "connections": inp.lat_spec.connections,
@@ -214,14 +224,16 @@ pub fn build(inp: &Inputs<'_>) -> Value {
         },
         "throughput": {
             "direct_gbps": num(d1), "envoy_hbone_gbps": num(h1), "keyway_gbps": num(k1), "boringtun_gbps": num(b1),
+            "agent_gbps": num(a1),
             "keyway_vs_boringtun": num(k1 / b1), "keyway_vs_envoy_hbone": num(k1 / h1),
             "flows_8": {
                 "direct_gbps": num(d8), "envoy_hbone_gbps": num(h8), "keyway_gbps": num(k8), "boringtun_gbps": num(b8),
+                "agent_gbps": num(a8),
                 "keyway_vs_boringtun": num(k8 / b8), "keyway_vs_envoy_hbone": num(k8 / h8),
             },
             "cpu_s_per_gb": {
-                "flows_1": {"direct": num(dc1), "envoy_hbone": num(hc1), "keyway": num(kc1), "boringtun": num(bc1)},
-                "flows_8": {"direct": num(dc8), "envoy_hbone": num(hc8), "keyway": num(kc8), "boringtun": num(bc8)},
+                "flows_1": {"direct": num(dc1), "envoy_hbone": num(hc1), "keyway": num(kc1), "boringtun": num(bc1), "agent": num(ac1)},
+                "flows_8": {"direct": num(dc8), "envoy_hbone": num(hc8), "keyway": num(kc8), "boringtun": num(bc8), "agent": num(ac8)},
                 "keyway_vs_envoy_hbone": num(kc1 / hc1),
                 "note": "CPU seconds (user+system) of every process on the path: iperf3 at both ends, the sidecars, the gateways, boringtun; per GB received",
             },
@@ -239,6 +251,83 @@ pub fn build(inp: &Inputs<'_>) -> Value {
             v
         }),
     })
+}
+
+/// The `agent` path beside `boringtun` on the same namespaces: each figure of both, and the ratio
+/// agent ÷ boringtun.
+fn agent_beside_boringtun(inp: &Inputs<'_>) -> Value {
+    let pair = |a: f64, b: f64| json!({"agent": num(a), "boringtun": num(b), "agent_vs_boringtun": num(a / b)});
+    let tput_pair = |flows: u32| {
+        let (a, ac) = tput(inp.tput, "agent", flows);
+        let (b, bc) = tput(inp.tput, "boringtun", flows);
+        (pair(a, b), pair(ac, bc))
+    };
+    let (t1, c1) = tput_pair(1);
+    let (t8, c8) = tput_pair(8);
+    let lat = |variant: &str| {
+        let a = latency_summary(inp.lat, "agent", variant);
+        let b = latency_summary(inp.lat, "boringtun", variant);
+        let ratio = |q: &str| num(get(&a, &[q]) / get(&b, &[q]));
+        json!({"agent": a, "boringtun": b, "p50_agent_vs_boringtun": ratio("p50_ms"), "p99_agent_vs_boringtun": ratio("p99_ms")})
+    };
+    let mut udp = lat(UDP_ECHO);
+    udp["rate_per_second"] = json!(inp.udp_spec.rate);
+    udp["datagram_bytes"] = json!(inp.udp_spec.size);
+    udp["tool"] = json!(
+        "keyway-bench udp-ping (open loop, fixed rate; round trip from each datagram's send; errors_total = datagrams with no echo within 1 s)"
+    );
+    json!({
+        "path": "device cwg (zone-a) → keyway agent → gateway zone-a → QUIC → gateway zone-b → keyway agent → device swg (zone-b), TCP one QUIC stream per flow, UDP one QUIC datagram per packet",
+        "baseline": "boringtun: WireGuard in userspace between the same two namespaces",
+        "throughput_gbps": {"flows_1": t1, "flows_8": t8},
+        "cpu_s_per_gb": {"flows_1": c1, "flows_8": c8, "note": "agent: both agents, both gateways, iperf3 at both ends; boringtun: both boringtun-cli, iperf3 at both ends"},
+        "tcp_keepalive": lat("keepalive"),
+        "tcp_new_connection": lat("new_connection"),
+        "udp_echo": udp,
+    })
+}
+
+/// The agent beside boringtun (Markdown).
+pub fn agent_table(v: &Value) -> String {
+    let a = &v["agent"];
+    let mut s = String::from("| figure | keyway agent | boringtun | agent ÷ boringtun |\n|---|---:|---:|---:|\n");
+    let mut row = |figure: &str, base: &[&str], digits: usize| {
+        let at = |k: &str| {
+            let mut p: Vec<&str> = base.to_vec();
+            p.push(k);
+            get(a, &p)
+        };
+        s.push_str(&format!(
+            "| {figure} | {} | {} | {} |\n",
+            shown(at("agent"), digits),
+            shown(at("boringtun"), digits),
+            shown(at("agent_vs_boringtun"), 2)
+        ));
+    };
+    row("TCP throughput, 1 flow (Gbit/s)", &["throughput_gbps", "flows_1"], 2);
+    row("TCP throughput, 8 flows (Gbit/s)", &["throughput_gbps", "flows_8"], 2);
+    row("CPU s per GB, 1 flow", &["cpu_s_per_gb", "flows_1"], 2);
+    row("CPU s per GB, 8 flows", &["cpu_s_per_gb", "flows_8"], 2);
+    for (figure, key) in [
+        ("TCP request/response, keep-alive", "tcp_keepalive"),
+        ("TCP request/response, new connection", "tcp_new_connection"),
+        ("UDP echo round trip", "udp_echo"),
+    ] {
+        for q in ["p50", "p99"] {
+            let field = format!("{q}_ms");
+            s.push_str(&format!(
+                "| {figure}, {q} (ms) | {} | {} | {} |\n",
+                f(a, &[key, "agent", &field], 3),
+                f(a, &[key, "boringtun", &field], 3),
+                f(a, &[key, &format!("{q}_agent_vs_boringtun")], 2)
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "| UDP echo datagrams with no echo (all rounds) | {} | {} | |\n",
+        a["udp_echo"]["agent"]["errors_total"], a["udp_echo"]["boringtun"]["errors_total"]
+    ));
+    s
 }
 
 fn f(v: &Value, path: &[&str], digits: usize) -> String {
@@ -386,7 +475,7 @@ pub fn markdown(v: &Value) -> String {
         lat["rate_rps"], lat["connections"], lat["rounds"], lat["seconds_per_run"]
     ));
     s.push_str("| path | keep-alive p50 | p90 | p99 | p99.9 | new conn. p50 | p90 | p99 | p99.9 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for p in ["direct", "envoy_baseline", "envoy_hbone", "keyway_same_zone", "keyway_cross_zone"] {
+    for p in LATENCY_PATHS {
         s.push_str(&format!("| `{p}` "));
         for base in [&lat["paths"], &lat["new_connection"]] {
             for q in ["p50_ms", "p90_ms", "p99_ms", "p999_ms"] {
@@ -414,6 +503,7 @@ pub fn markdown(v: &Value) -> String {
         ("envoy_hbone", "envoy_hbone"),
         ("keyway_cross_zone", "keyway"),
         ("boringtun", "boringtun"),
+        ("agent", "agent"),
     ] {
         s.push_str(&format!(
             "| `{p}` | {} | {} | {} | {} |\n",
@@ -431,6 +521,15 @@ pub fn markdown(v: &Value) -> String {
         f(t, &["flows_8", "keyway_vs_envoy_hbone"], 2),
         f(t, &["cpu_s_per_gb", "keyway_vs_envoy_hbone"], 2),
     ));
+    let ag = &v["agent"];
+    s.push_str(&format!(
+        "**The agent beside boringtun** (`agent`: {}; `boringtun` on the same two namespaces; TCP latency at the rate above, UDP echo at {} datagrams/s of {} bytes; medians of rounds)\n\n",
+        ag["path"].as_str().unwrap_or_default(),
+        ag["udp_echo"]["rate_per_second"],
+        ag["udp_echo"]["datagram_bytes"],
+    ));
+    s.push_str(&agent_table(v));
+    s.push('\n');
     let fl = &v["filter"];
     s.push_str(&format!(
         "**Filter** (from the filter bench): no filter {} conn/s, RBAC {}, empty wasm filter {}, keyway {} (keyway ÷ none {}; keyway ÷ empty wasm **{}**, goal ≥ 0.97; added p99 over empty wasm, one client, **{}** µs, goal ≤ 50).\n\n",
