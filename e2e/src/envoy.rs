@@ -218,20 +218,27 @@ static_resources:
         Ok(())
     }
 
-    /// With a `keyway agent` in the pod (pod mode): lets through, ahead of
-    /// [`Sidecar::non_tcp_rules`], the app's UDP into the agent's TUN device (`kw0`; the agent
-    /// carries it to a gateway, which decides it) and UDP to the edge port of the zone's
-    /// `gateways` (the agent's QUIC; the edge takes only certificates, so the app gains nothing
-    /// there). Everything else stays refused.
-    pub fn let_agent_udp_through(ns: &str, gateways: &[IpAddr]) -> anyhow::Result<()> {
-        ns_sh(ns, &["iptables", "-I", "KEYWAY_NON_TCP", "1", "-o", "kw0", "-p", "udp", "-j", "RETURN"])?;
-        let port = keyway_gateway::config::DEFAULT_EDGE_PORT.to_string();
+    /// With a `keyway agent` in the pod (pod mode): the rules inserted ahead of
+    /// [`Sidecar::non_tcp_rules`] that let through the app's UDP into the agent's TUN device
+    /// (`kw0`; the agent carries it to a gateway, which decides it) and UDP to the edge port of the
+    /// zone's `gateways` (the agent's QUIC; the edge takes only certificates, so the app gains
+    /// nothing there). Everything else stays refused. Each is inserted at the top, so the last
+    /// one issued comes first.
+    pub fn agent_udp_rules(gateways: &[IpAddr]) -> Vec<Vec<String>> {
+        let r = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        let port = keyway_gateway::config::DEFAULT_EDGE_PORT;
+        let mut rules = vec![r("iptables -I KEYWAY_NON_TCP 1 -o kw0 -p udp -j RETURN")];
         for g in gateways {
-            let g = g.to_string();
-            ns_sh(
-                ns,
-                &["iptables", "-I", "KEYWAY_NON_TCP", "1", "-p", "udp", "-d", &g, "--dport", &port, "-j", "RETURN"],
-            )?;
+            rules.push(r(&format!("iptables -I KEYWAY_NON_TCP 1 -p udp -d {g} --dport {port} -j RETURN")));
+        }
+        rules
+    }
+
+    /// Applies [`Sidecar::agent_udp_rules`] in the pod `ns`.
+    pub fn let_agent_udp_through(ns: &str, gateways: &[IpAddr]) -> anyhow::Result<()> {
+        for rule in Sidecar::agent_udp_rules(gateways) {
+            let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+            ns_sh(ns, &args)?;
         }
         Ok(())
     }
