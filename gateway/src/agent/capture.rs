@@ -115,8 +115,7 @@ impl Capture {
             }
             Mode::Pod => {
                 if ip.is_ipv4() {
-                    std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), "0")
-                        .map_err(|e| AgentError::Capture(format!("rp_filter of {dev}: {e}")))?;
+                    pod_rp_filter(dev)?;
                 }
                 // The agent's own QUIC to a gateway whose address is inside the overlay (a
                 // gateway pod's address) keeps the pod's normal route.
@@ -149,10 +148,65 @@ impl Capture {
     }
 }
 
+/// Turns the reverse-path filter of `dev` off, so that replies coming in on the TUN device (from
+/// overlay sources the main table routes elsewhere) are not dropped. A container that is not
+/// privileged has `/proc/sys` read-only: then the check the pod already has must let them through
+/// (loose or off, the pod's sysctls `net.ipv4.conf.{all,default}.rp_filter`), or nothing comes
+/// back and the agent refuses to start.
+fn pod_rp_filter(dev: &str) -> Result<(), AgentError> {
+    let own = format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter");
+    let Err(e) = std::fs::write(&own, "0") else {
+        return Ok(());
+    };
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u8>().ok());
+    let (all, dev_value) = (read("/proc/sys/net/ipv4/conf/all/rp_filter"), read(&own));
+    if rp_filter_lets_replies_in(all, dev_value) {
+        tracing::info!(all = ?all, dev = ?dev_value, error = %e, "capture: rp_filter not writable, and already not strict");
+        Ok(())
+    } else {
+        Err(AgentError::Capture(format!(
+            "rp_filter of {dev}: {e}, and the effective value (all {all:?}, {dev} {dev_value:?}) is not 0 or 2: \
+             replies from the TUN device would be dropped; set the pod's sysctls \
+             net.ipv4.conf.all.rp_filter and net.ipv4.conf.default.rp_filter to 0 or 2"
+        )))
+    }
+}
+
+/// Whether the reverse-path filter lets replies in on a device: the kernel uses the larger of
+/// `conf/all` and `conf/<dev>` (0 off, 1 strict, 2 loose); strict drops them, and an unknown value
+/// counts as strict.
+fn rp_filter_lets_replies_in(all: Option<u8>, dev: Option<u8>) -> bool {
+    matches!((all, dev), (Some(a), Some(d)) if a.max(d) != 1 && a.max(d) <= 2)
+}
+
 /// Creates the TUN device (not persistent: the kernel removes it, and its addresses and routes,
 /// when the agent exits).
 pub fn open_tun(config: &AgentConfig) -> Result<tun_rs::AsyncDevice, AgentError> {
     tun_rs::DeviceBuilder::new().name(config.tun.name.clone()).mtu(config.tun.mtu).build_async().map_err(|e| {
         AgentError::Capture(format!("cannot create the TUN device {:?} (root needed): {e}", config.tun.name))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rp_filter_lets_replies_in;
+
+    #[test]
+    fn replies_from_the_tun_device_pass_unless_the_effective_rp_filter_is_strict() {
+        for (all, dev, ok) in [
+            (Some(0), Some(0), true),
+            (Some(2), Some(0), true),
+            (Some(0), Some(2), true),
+            (Some(1), Some(2), true),
+            (Some(2), Some(1), true),
+            (Some(1), Some(0), false),
+            (Some(0), Some(1), false),
+            (Some(1), Some(1), false),
+            (Some(3), Some(0), false),
+            (None, Some(0), false),
+            (Some(0), None, false),
+        ] {
+            assert_eq!(rp_filter_lets_replies_in(all, dev), ok, "all {all:?}, dev {dev:?}");
+        }
+    }
 }
