@@ -196,6 +196,9 @@ func TestTheGatewayPodGetsItsMeshCertificateFromIstiosInjector(t *testing.T) {
 // leaves the keyway inbound port to keyway's listener (istio-init's excluded inbound ports include
 // 15181, from the pod's excludeInboundPorts annotation), and keyway's init container that refuses
 // UDP, SCTP and ICMP is still there beside istio-init, with what it needs (NET_ADMIN, NET_RAW).
+// The pod's keyway agent survives injection untouched (its name is none the injector merges), and
+// istio-proxy's agent writes the pod's mesh certificate (`OUTPUT_CERTS`) into the volume the
+// keyway agent reads it from, mounted in both; every mount names a volume of the pod.
 func TestEnforcedSamplePodsKeepKeywaysPortsAndRulesThroughIstiosInjector(t *testing.T) {
 	templates, values := injector(t)
 	deployments := readDocuments(t, filepath.Join(repoRoot(t), "samples", "shop", "workloads.yaml"))
@@ -241,9 +244,93 @@ func TestEnforcedSamplePodsKeepKeywaysPortsAndRulesThroughIstiosInjector(t *test
 		if len(caps) != 2 || caps[0] != "NET_ADMIN" || caps[1] != "NET_RAW" {
 			t.Errorf("%s: keyway-refuse-non-tcp has capabilities %v after injection", name, caps)
 		}
+		checkPodAgent(t, name, d, spec)
 	}
 	if n < 8 {
 		t.Errorf("only %d enforced Deployments in samples/shop", n)
 	}
 	t.Logf("%d enforced Deployments of samples/shop injected: 15181 left to keyway, keyway's init container kept", n)
+}
+
+// checkPodAgent: after injection the pod still has keyway-agent-config and keyway-agent exactly as
+// written, istio-proxy writes OUTPUT_CERTS into the volume keyway-agent reads the mesh certificate
+// from (one in-memory emptyDir), and every mount of every container names a volume of the pod.
+func checkPodAgent(t *testing.T, name string, before object, spec any) {
+	t.Helper()
+	const meshDir = "/etc/istio-output-certs"
+	find := func(s any, field, container string) any {
+		for _, c := range list(s, field) {
+			if str(c, "name") == container {
+				return c
+			}
+		}
+		return nil
+	}
+	// A container as JSON, without the empty `resources: {}` the injector's round trip through
+	// the Kubernetes types adds.
+	normal := func(c any) string {
+		m, _ := c.(map[string]any)
+		out := map[string]any{}
+		for k, v := range m {
+			if r, ok := v.(map[string]any); k == "resources" && ok && len(r) == 0 {
+				continue
+			}
+			out[k] = v
+		}
+		text, _ := json.Marshal(out)
+		return string(text)
+	}
+	was := get(before, "spec", "template", "spec")
+	for _, c := range []struct{ field, name string }{{"initContainers", "keyway-agent-config"}, {"containers", "keyway-agent"}} {
+		want, got := normal(find(was, c.field, c.name)), normal(find(spec, c.field, c.name))
+		if find(was, c.field, c.name) == nil || want != got {
+			t.Errorf("%s: %s %s changed by injection:\n%s\nwas\n%s", name, c.field, c.name, got, want)
+		}
+	}
+	proxy := find(spec, "containers", "istio-proxy")
+	if proxy == nil {
+		proxy = find(spec, "initContainers", "istio-proxy") // native sidecar
+	}
+	agent := find(spec, "containers", "keyway-agent")
+	if proxy == nil || agent == nil {
+		t.Errorf("%s: after injection istio-proxy %v, keyway-agent %v", name, proxy != nil, agent != nil)
+		return
+	}
+	outputCerts := ""
+	for _, e := range list(proxy, "env") {
+		if str(e, "name") == "OUTPUT_CERTS" {
+			outputCerts = str(e, "value")
+		}
+	}
+	if outputCerts != meshDir {
+		t.Errorf("%s: istio-proxy's OUTPUT_CERTS is %q, the keyway agent reads the mesh certificate from %s", name, outputCerts, meshDir)
+	}
+	mountedAt := func(c any) string {
+		for _, m := range list(c, "volumeMounts") {
+			if str(m, "mountPath") == meshDir {
+				return str(m, "name")
+			}
+		}
+		return ""
+	}
+	if pv, av := mountedAt(proxy), mountedAt(agent); pv == "" || pv != av {
+		t.Errorf("%s: %s: istio-proxy mounts volume %q there, keyway-agent %q", name, meshDir, pv, av)
+	}
+	known := map[string]int{}
+	for _, v := range list(spec, "volumes") {
+		known[str(v, "name")]++
+		if str(v, "name") == mountedAt(agent) && str(v, "emptyDir", "medium") != "Memory" {
+			t.Errorf("%s: volume %s is not an in-memory emptyDir: the key would be written to the node's disk", name, mountedAt(agent))
+		}
+	}
+	if known[mountedAt(agent)] != 1 {
+		t.Errorf("%s: %d volumes named %q after injection, want 1", name, known[mountedAt(agent)], mountedAt(agent))
+	}
+	for _, c := range append(list(spec, "initContainers"), list(spec, "containers")...) {
+		for _, m := range list(c, "volumeMounts") {
+			if known[str(m, "name")] == 0 {
+				t.Errorf("%s: container %s mounts %q, which is no volume of the pod", name, str(c, "name"), str(m, "name"))
+			}
+		}
+	}
 }
