@@ -159,6 +159,7 @@ pub async fn start(
         gateways: gateways.clone(),
         server_name: crate::tls::zone_server_name(&config.zone),
         stop: stop.clone(),
+        config: Arc::new(config.clone()),
     };
     for (i, addr) in config.gateways.iter().enumerate() {
         let (s, t, stop) = (shared.clone(), tasks.clone(), stop.clone());

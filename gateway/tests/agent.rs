@@ -447,3 +447,32 @@ async fn a_udp_flow_keeps_to_the_gateway_it_came_from() {
     }
     a.handle.shutdown().await;
 }
+
+/// A reconnection presents the certificate on disk now, not the one read at start: a pod's mesh
+/// certificate is rotated in place by istio-agent (`OUTPUT_CERTS`).
+#[tokio::test]
+async fn a_reconnection_presents_the_certificate_on_disk_now() {
+    let p = pki("rotate");
+    let server = edge(&p, "127.0.0.1:0".parse().unwrap());
+    let a = start_agent(&config(&p.dir, &[server.local_addr().unwrap()])).await;
+    let presented = |conn: &quinn::Connection| -> Vec<u8> {
+        let any = conn.peer_identity().expect("a client certificate");
+        let chain = any.downcast::<Vec<CertificateDer<'static>>>().expect("rustls certificates");
+        chain[0].to_vec()
+    };
+    let der = |pem: &[u8]| CertificateDer::from_pem_slice(pem).unwrap().to_vec();
+    let conn = accept(&server).await;
+    a.wait_connected(1).await;
+    assert_eq!(presented(&conn), der(&std::fs::read(p.dir.join("laptop.pem")).unwrap()));
+
+    // The certificate is renewed on disk; then the connection ends (the gateway restarts, say).
+    let (cert, key) = p.ca.issue_workload("devices", "laptop", 1, SystemTime::now()).unwrap();
+    std::fs::write(p.dir.join("laptop.pem"), &cert).unwrap();
+    std::fs::write(p.dir.join("laptop-key.pem"), key).unwrap();
+    assert_ne!(presented(&conn), der(cert.as_bytes()));
+    conn.close(0u32.into(), b"restart");
+    let again = accept(&server).await;
+    assert_eq!(presented(&again), der(cert.as_bytes()), "the reconnection presents the renewed certificate");
+    a.wait_connected(1).await;
+    a.handle.shutdown().await;
+}

@@ -143,6 +143,10 @@ pub(crate) struct Dialer {
     pub(crate) gateways: Arc<Gateways>,
     pub(crate) server_name: String,
     pub(crate) stop: CancellationToken,
+    /// The configuration the TLS files are read from again at every connection attempt, so a
+    /// reconnection presents the certificate on disk now (a pod's mesh certificate, rotated by
+    /// istio-agent in place).
+    pub(crate) config: Arc<AgentConfig>,
 }
 
 /// Keeps gateway `index` (at `addr`) connected until `stop`: connect, hand the connection to
@@ -152,13 +156,14 @@ where
     F: Fn(quinn::Connection) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let Dialer { endpoint, gateways, server_name, stop } = d;
+    let Dialer { endpoint, gateways, server_name, stop, config } = d;
     let v6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut backoff = MIN_BACKOFF;
     while !stop.is_cancelled() {
         let attempt = async {
             let target = resolve(&addr, v6).await.ok_or_else(|| format!("{addr}: cannot resolve"))?;
-            let connecting = endpoint.connect(target, &server_name).map_err(|e| e.to_string())?;
+            let client = client_config(&config).map_err(|e| e.to_string())?;
+            let connecting = endpoint.connect_with(client, target, &server_name).map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
         };
         let result = tokio::select! {
