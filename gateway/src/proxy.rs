@@ -4,12 +4,17 @@
 //!
 //! * [`tunnel`]: HTTP/2 CONNECT from this zone's sidecars, with tokens;
 //! * [`overlay`]: QUIC streams to and from the gateways of other zones, with flow headers;
+//! * [`edge`]: QUIC from `keyway agent`s (devices, pods' UDP), one flow per stream;
+//!   [`agents`]: who is connected there, their source check, flows to a device's agent;
+//! * [`udp`]: UDP in QUIC datagrams, from agents, between gateways, to agents; tracked flows;
+//! * [`stream`]: what the QUIC faces share (accepting, flow header and status, a flow's end);
 //! * [`deliver`]: the last hop to a destination sidecar (with a ticket) or outside the overlay;
 //! * [`route`]: the decision and the route, plain functions over the engine and the peers;
 //! * [`refusal`]: the one refusal type; [`accesslog`]: one event per flow; [`relay`]: copying
 //!   bytes; [`pool`]: sidecar connections.
 
 pub mod accesslog;
+pub mod agents;
 pub mod deliver;
 pub mod edge;
 pub mod overlay;
@@ -17,6 +22,7 @@ pub mod pool;
 pub mod refusal;
 pub mod relay;
 pub mod route;
+pub mod stream;
 pub mod tunnel;
 pub mod udp;
 
@@ -132,7 +138,7 @@ pub struct Proxy {
     /// HTTP/2 connections to this zone's sidecars.
     pub sidecars: pool::SidecarPool,
     /// The agents connected to the edge listener.
-    pub agents: edge::Agents,
+    pub agents: agents::Agents,
     /// The UDP flows tracked.
     pub udp: udp::Tracker,
     flows: Arc<Semaphore>,
@@ -169,7 +175,7 @@ impl Proxy {
             clock,
             tasks: Tasks::new(),
             sidecars: pool::SidecarPool::default(),
-            agents: edge::Agents::default(),
+            agents: agents::Agents::default(),
             udp: udp::Tracker::default(),
             next_flow: AtomicU64::new(1),
             draining: CancellationToken::new(),

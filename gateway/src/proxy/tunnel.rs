@@ -261,7 +261,7 @@ pub(super) async fn onwards(
             }
             Route::Agent(_) => {
                 log.next_hop = "agent".into();
-                return super::edge::open_to_agent(proxy, &flow, log).await;
+                return super::agents::open_to_agent(proxy, &flow, log).await;
             }
             Route::External(addr) => {
                 log.next_hop = "external".into();

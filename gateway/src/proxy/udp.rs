@@ -21,7 +21,7 @@ use keyway_policy::flow::Datagram;
 use keyway_policy::{Engine, Protocol};
 
 use super::Proxy;
-use super::edge::{AgentConn, identity_at, source_of};
+use super::agents::{AgentConn, identity_at, source_of};
 
 /// Who sent a datagram to this gateway.
 #[derive(Debug, Clone, Copy)]
