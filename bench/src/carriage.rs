@@ -475,3 +475,36 @@ async fn goodput(
     server.abort();
     Ok(bytes as f64 * 8.0 / duration.as_secs_f64() / 1e6)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> Args {
+        Args { seconds: 1.0, rate: 1000, throughput_seconds: 0.5, loss: Vec::new(), rounds: 1, out: None }
+    }
+
+    fn run(carriage: Carriage, loss: f64) -> Measured {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(measure(carriage, &args(), loss, 7)).unwrap()
+    }
+
+    #[test]
+    fn both_carriages_echo_every_packet_and_carry_bulk_without_loss() {
+        for carriage in [Carriage::Datagram, Carriage::Stream] {
+            let m = run(carriage, 0.0);
+            assert_eq!(m.echo_sent, 1000, "{carriage:?}");
+            assert_eq!(m.echo_lost, 0, "{carriage:?}");
+            assert!(m.goodput_mbps > 0.0, "{carriage:?}: {m:?}");
+        }
+    }
+
+    #[test]
+    fn with_loss_datagrams_lose_packets_and_the_stream_delivers_them_all() {
+        let d = run(Carriage::Datagram, 2.0);
+        assert!(d.echo_lost > 0, "{d:?}");
+        let s = run(Carriage::Stream, 2.0);
+        assert_eq!(s.echo_lost, 0, "{s:?}");
+        assert_eq!(s.echo_sent, 1000);
+    }
+}

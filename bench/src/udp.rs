@@ -20,7 +20,10 @@ const MIN_SIZE: usize = 8;
 
 /// Echoes every datagram on `port` back to its sender, until killed.
 pub async fn serve(port: u16) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    echo_on(UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?).await
+}
+
+async fn echo_on(socket: UdpSocket) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, from) = socket.recv_from(&mut buf).await?;
@@ -116,4 +119,49 @@ pub async fn ping(spec: PingSpec) -> anyhow::Result<LoadResult> {
         errors: recorded.saturating_sub(hist.len()),
         achieved_rps: hist.len() as f64 / spec.duration.as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_datagram_is_echoed_and_timed() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = socket.local_addr().unwrap();
+        let server = tokio::spawn(echo_on(socket));
+        let spec = PingSpec {
+            target,
+            rate: 500.0,
+            size: 64,
+            duration: Duration::from_millis(500),
+            warmup: Duration::from_millis(100),
+        };
+        let r = ping(spec).await.unwrap();
+        server.abort();
+        assert_eq!(r.requests, 250, "{r:?}");
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert!(r.p50_ms > 0.0 && r.p50_ms <= r.p99_ms, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn datagrams_without_an_echo_count_as_lost() {
+        // A server that answers the first datagrams (the path check) and then none.
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = socket.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+            socket.send_to(&buf[..n], from).await.unwrap();
+            loop {
+                let _ = socket.recv_from(&mut buf).await;
+            }
+        });
+        let spec =
+            PingSpec { target, rate: 200.0, size: 16, duration: Duration::from_millis(200), warmup: Duration::ZERO };
+        let r = ping(spec).await.unwrap();
+        server.abort();
+        assert_eq!(r.requests, 0, "{r:?}");
+        assert_eq!(r.errors, 40, "{r:?}");
+    }
 }
