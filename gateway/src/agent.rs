@@ -132,6 +132,18 @@ pub async fn start(
     tcp: Option<(TcpListener, OriginalDst)>,
     packets: PacketIo,
 ) -> Result<AgentHandle, AgentError> {
+    let all_v4 = config.gateways.iter().all(|g| g.parse::<SocketAddr>().is_ok_and(|a| a.is_ipv4()));
+    start_with(config, tcp, packets, edge::dns(!all_v4)).await
+}
+
+/// As [`start`], with the gateway entries resolved by `resolve` (tests; the system resolver
+/// otherwise).
+pub async fn start_with(
+    config: &AgentConfig,
+    tcp: Option<(TcpListener, OriginalDst)>,
+    packets: PacketIo,
+    resolve: edge::Resolver,
+) -> Result<AgentHandle, AgentError> {
     let client = edge::client_config(config)?;
     let all_v4 = config.gateways.iter().all(|g| g.parse::<SocketAddr>().is_ok_and(|a| a.is_ipv4()));
     let bind: SocketAddr = if all_v4 { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(SocketAddr::from(([0; 4], 0)));
@@ -141,7 +153,7 @@ pub async fn start(
     let quic_addr = endpoint.local_addr().map_err(|source| AgentError::Io { what: "quic".into(), source })?;
 
     let metrics = Arc::new(AgentMetrics::default());
-    let gateways = Arc::new(Gateways::new(config.gateways.len()));
+    let gateways = Arc::new(Gateways::new());
     let shared = Arc::new(Shared {
         overlay_ip: config.overlay_ip,
         mode: config.mode,
@@ -160,10 +172,11 @@ pub async fn start(
         server_name: crate::tls::zone_server_name(&config.zone),
         stop: stop.clone(),
         config: Arc::new(config.clone()),
+        tasks: tasks.clone(),
     };
-    for (i, addr) in config.gateways.iter().enumerate() {
+    for addr in &config.gateways {
         let (s, t, stop) = (shared.clone(), tasks.clone(), stop.clone());
-        tasks.spawn(edge::keep_connected(dialer.clone(), i, addr.clone(), move |conn| {
+        tasks.spawn(edge::follow(dialer.clone(), addr.clone(), resolve.clone(), move |conn| {
             serve_gateway(s.clone(), conn, t.clone(), stop.clone())
         }));
     }

@@ -476,3 +476,41 @@ async fn a_reconnection_presents_the_certificate_on_disk_now() {
     a.wait_connected(1).await;
     a.handle.shutdown().await;
 }
+
+/// One gateway entry that names every replica of a zone (a headless Service) is followed: the
+/// agent connects to each address it resolves to, and leaves one that is no longer in the answer
+/// at the next resolution; a name that stops resolving keeps the connections there are.
+#[tokio::test]
+async fn a_name_for_every_replica_is_followed_as_the_replicas_change() {
+    let p = pki("follow");
+    let (s1, s2) = (edge(&p, "127.0.0.1:0".parse().unwrap()), edge(&p, "127.0.0.1:0".parse().unwrap()));
+    let (a1, a2) = (s1.local_addr().unwrap(), s2.local_addr().unwrap());
+    let mut cfg = config(&p.dir, &[a1]);
+    cfg.gateways = vec!["keyway-gateway-edge.keyway-system.svc:15444".into()];
+    let answer: Arc<Mutex<Vec<SocketAddr>>> = Arc::new(Mutex::new(vec![a1, a2]));
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (ans, log) = (answer.clone(), asked.clone());
+    let resolve: keyway_gateway::agent::edge::Resolver = Arc::new(move |name: String| {
+        log.lock().unwrap().push(name);
+        let now = ans.lock().unwrap().clone();
+        Box::pin(async move { now })
+    });
+    let (_from_tx, from_host) = mpsc::channel(8);
+    let (to_host, _to_rx) = mpsc::channel(8);
+    let handle = agent::start_with(&cfg, None, PacketIo { from_host, to_host }, resolve).await.unwrap();
+    let (c1, _c2) = (accept(&s1).await, accept(&s2).await);
+    let m = handle.metrics.clone();
+    let connected = |n: u64| m.gateways_connected.load(std::sync::atomic::Ordering::Relaxed) == n;
+    wait_for("both replicas connected", || connected(2)).await;
+    assert_eq!(asked.lock().unwrap()[0], "keyway-gateway-edge.keyway-system.svc:15444");
+    // The first replica leaves the answer (scaled down): its connection is left.
+    *answer.lock().unwrap() = vec![a2];
+    within(c1.closed()).await;
+    wait_for("one replica connected", || connected(1)).await;
+    // The name stops resolving: the connection there is stays.
+    answer.lock().unwrap().clear();
+    let n = asked.lock().unwrap().len();
+    wait_for("resolved again", || asked.lock().unwrap().len() > n).await;
+    assert!(connected(1), "a name that does not resolve keeps the connection there is");
+    handle.shutdown().await;
+}

@@ -1,7 +1,10 @@
 //! The agent's QUIC connections to the edge gateways of its zone: all of them, kept connected
 //! (reconnection with backoff), one picked round robin for each new outbound flow or datagram.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,52 +90,57 @@ pub fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, AgentE
     Ok(client)
 }
 
-/// The gateways and their live connections.
-#[derive(Debug)]
+/// How often each gateway entry is resolved again: a name for every replica of a zone (a headless
+/// Service) changes as the replicas do.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The connected gateways, by address.
+#[derive(Debug, Default)]
 pub struct Gateways {
-    slots: Vec<Mutex<Option<quinn::Connection>>>,
+    conns: Mutex<BTreeMap<SocketAddr, quinn::Connection>>,
     next: AtomicUsize,
 }
 
 impl Gateways {
-    /// `n` gateways, none connected.
-    pub fn new(n: usize) -> Self {
-        Gateways { slots: (0..n).map(|_| Mutex::new(None)).collect(), next: AtomicUsize::new(0) }
+    /// None connected.
+    pub fn new() -> Self {
+        Gateways::default()
     }
 
     /// The connections open now, starting with the next one in round-robin order.
     pub fn connected(&self) -> Vec<quinn::Connection> {
-        let n = self.slots.len().max(1);
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..self.slots.len())
-            .filter_map(|i| {
-                let slot = self.slots.get((start + i) % n)?;
-                let c = slot.lock().ok()?.clone()?;
-                c.close_reason().is_none().then_some(c)
-            })
-            .collect()
+        let all: Vec<quinn::Connection> = match self.conns.lock() {
+            Ok(g) => g.values().filter(|c| c.close_reason().is_none()).cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % all.len().max(1);
+        all.iter().cycle().skip(start).take(all.len()).cloned().collect()
     }
 
-    fn set(&self, i: usize, c: Option<quinn::Connection>) {
-        if let Some(s) = self.slots.get(i)
-            && let Ok(mut g) = s.lock()
-        {
-            *g = c;
+    fn set(&self, at: SocketAddr, c: Option<quinn::Connection>) {
+        if let Ok(mut g) = self.conns.lock() {
+            match c {
+                Some(c) => g.insert(at, c),
+                None => g.remove(&at),
+            };
         }
     }
 }
 
-/// Resolves `host:port` to its first address of a family the endpoint can reach.
-async fn resolve(addr: &str, v6_socket: bool) -> Option<SocketAddr> {
-    let all = tokio::net::lookup_host(addr).await.ok()?;
-    let mut first = None;
-    for a in all {
-        if a.is_ipv4() || v6_socket {
-            first = Some(a);
-            break;
-        }
-    }
-    first
+/// Turns a gateway entry (`host:port`) into the addresses to connect to.
+pub type Resolver = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Vec<SocketAddr>> + Send>> + Send + Sync>;
+
+/// The system resolver: every address of `host:port` of a family the endpoint (IPv6 when `v6`)
+/// can reach; none when it does not resolve.
+pub fn dns(v6: bool) -> Resolver {
+    Arc::new(move |addr: String| {
+        Box::pin(async move {
+            match tokio::net::lookup_host(&addr).await {
+                Ok(all) => all.filter(|a| a.is_ipv4() || v6).collect(),
+                Err(_) => Vec::new(),
+            }
+        })
+    })
 }
 
 /// What every gateway's connection task shares: the endpoint, the table of connections, the
@@ -147,21 +155,62 @@ pub(crate) struct Dialer {
     /// reconnection presents the certificate on disk now (a pod's mesh certificate, rotated by
     /// istio-agent in place).
     pub(crate) config: Arc<AgentConfig>,
+    /// Where the connection tasks run.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
 }
 
-/// Keeps gateway `index` (at `addr`) connected until `stop`: connect, hand the connection to
+/// Follows gateway entry `addr` until `stop`: keeps a connection to every address it resolves
+/// to (one for an address, each replica for a name of them all), resolving it again every
+/// [`RESOLVE_INTERVAL`]; an address gone from the answer is left (its connection closed), a new
+/// one connected. When the name does not resolve the connections it has stay.
+pub(crate) async fn follow<F, Fut>(d: Dialer, addr: String, resolve: Resolver, on_connect: F)
+where
+    F: Fn(quinn::Connection) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut running: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+    loop {
+        let now = resolve(addr.clone()).await;
+        if now.is_empty() {
+            tracing::warn!(gateway = %addr, "edge gateway address does not resolve; keeping the connections there are");
+        } else {
+            running.retain(|a, stop| {
+                let keep = now.contains(a);
+                if !keep {
+                    tracing::info!(gateway = %addr, address = %a, "edge gateway no longer in the answer; leaving it");
+                    stop.cancel();
+                }
+                keep
+            });
+            for a in now {
+                if running.contains_key(&a) {
+                    continue;
+                }
+                let stop = d.stop.child_token();
+                running.insert(a, stop.clone());
+                let one = Dialer { stop, ..d.clone() };
+                d.tasks.spawn(keep_connected(one, a, on_connect.clone()));
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+            () = d.stop.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps the gateway at `target` connected until `stop`: connect, hand the connection to
 /// `on_connect` (which serves it until it closes), wait for its end, back off, again.
-pub(crate) async fn keep_connected<F, Fut>(d: Dialer, index: usize, addr: String, on_connect: F)
+async fn keep_connected<F, Fut>(d: Dialer, target: SocketAddr, on_connect: F)
 where
     F: Fn(quinn::Connection) -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Fut: Future<Output = ()>,
 {
-    let Dialer { endpoint, gateways, server_name, stop, config } = d;
-    let v6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
+    let Dialer { endpoint, gateways, server_name, stop, config, .. } = d;
+    let addr = target;
     let mut backoff = MIN_BACKOFF;
     while !stop.is_cancelled() {
         let attempt = async {
-            let target = resolve(&addr, v6).await.ok_or_else(|| format!("{addr}: cannot resolve"))?;
             let client = client_config(&config).map_err(|e| e.to_string())?;
             let connecting = endpoint.connect_with(client, target, &server_name).map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
@@ -174,12 +223,12 @@ where
             Ok(conn) => {
                 backoff = MIN_BACKOFF;
                 tracing::info!(gateway = %addr, remote = %conn.remote_address(), "connected to the edge gateway");
-                gateways.set(index, Some(conn.clone()));
+                gateways.set(target, Some(conn.clone()));
                 tokio::select! {
                     () = on_connect(conn.clone()) => {}
                     () = stop.cancelled() => {}
                 }
-                gateways.set(index, None);
+                gateways.set(target, None);
                 let reason = conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "stopping".into());
                 conn.close(0u32.into(), b"agent stopping");
                 tracing::warn!(gateway = %addr, %reason, "edge gateway connection closed");
