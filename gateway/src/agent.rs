@@ -147,8 +147,8 @@ pub async fn start_with(
     let client = edge::client_config(config)?;
     let all_v4 = config.gateways.iter().all(|g| g.parse::<SocketAddr>().is_ok_and(|a| a.is_ipv4()));
     let bind: SocketAddr = if all_v4 { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(SocketAddr::from(([0; 4], 0)));
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| AgentError::Io { what: format!("quic {bind}"), source })?;
+    let mut endpoint = quic_endpoint(bind, config.socket_mark)
+        .map_err(|source| AgentError::Io { what: format!("quic {bind}"), source })?;
     endpoint.set_default_client_config(client);
     let quic_addr = endpoint.local_addr().map_err(|source| AgentError::Io { what: "quic".into(), source })?;
 
@@ -192,6 +192,21 @@ pub async fn start_with(
     };
     tasks.spawn(udp::outbound_loop(shared.clone(), packets.from_host, stop.clone()));
     Ok(AgentHandle { tcp_addr, quic_addr, metrics, stop, tasks, endpoint })
+}
+
+/// A client QUIC endpoint on `bind` whose packets carry the firewall mark `mark` (none when 0;
+/// setting one needs `CAP_NET_ADMIN`).
+fn quic_endpoint(bind: SocketAddr, mark: u32) -> io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::DGRAM, None)?;
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    if bind.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&bind.into())?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)
 }
 
 /// Serves one gateway connection until it closes: inbound streams and datagrams.

@@ -21,6 +21,9 @@ pub const DEFAULT_KEEPALIVE_MS: u64 = 200;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_000;
 /// The edge port of every gateway.
 pub const DEFAULT_EDGE_PORT: u16 = 15444;
+/// The firewall mark of the agent's own QUIC packets (`SO_MARK`, "KW"): a pod's rules let them
+/// out by it, and only a process with `CAP_NET_ADMIN` (the agent, not the app) can set it.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x4b57;
 
 /// How the agent captures traffic.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -104,6 +107,14 @@ pub struct AgentConfig {
     /// Where to serve /healthz and /metrics (a loopback address), if anywhere.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// The firewall mark set on the agent's QUIC socket (`SO_MARK`; 0: none). A pod's rules let
+    /// the agent's own UDP to its gateways out by this mark, wherever the gateways are.
+    #[serde(default = "default_socket_mark")]
+    pub socket_mark: u32,
+}
+
+fn default_socket_mark() -> u32 {
+    DEFAULT_SOCKET_MARK
 }
 
 /// A configuration that cannot be used.
