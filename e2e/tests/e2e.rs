@@ -314,24 +314,42 @@ fn policy_change_propagates_and_a_broken_edit_is_rejected() {
     let text = std::fs::read_to_string(&file).unwrap();
     let edited = text.replace("port: 6379", "port: 6380");
     assert_ne!(text, edited);
+    let loaded = inventory_reloads(&c, "ok");
     std::fs::write(&file, &edited).unwrap();
     let took = wait_until(Duration::from_secs(10), "the edit enforced", || {
         !c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected
     })
     .unwrap();
     println!("policy propagation: new verdict enforced {took:?} after the edit");
+    // Every gateway has it (cart's sidecar spreads its flows over both of its zone's replicas).
+    wait_until(Duration::from_secs(10), "every gateway loaded the edit", || {
+        inventory_reloads(&c, "ok").iter().zip(&loaded).all(|(now, before)| now > before)
+    })
+    .unwrap();
 
-    // A broken edit is rejected; the verdicts stay.
+    // A broken edit is rejected by every gateway; the verdicts stay.
+    let rejected = inventory_reloads(&c, "rejected");
     std::fs::write(&file, format!("{edited}\n---\nkind: NetworkPolicy\nmetadata: {{name: broken, namespace: shop}}\nspec: {{podSelector: {{matchLabels: {{app: -x}}}}}}\n")).unwrap();
     wait_until(Duration::from_secs(10), "the broken edit looked at", || {
-        let (_, m) = c.gateway_admin("zone-a", "gw-1", "/metrics").unwrap();
-        m.lines().any(|l| l.starts_with("keyway_gateway_reloads_total") && l.contains("rejected") && !l.ends_with(" 0"))
+        inventory_reloads(&c, "rejected").iter().zip(&rejected).all(|(now, before)| now > before)
     })
     .unwrap();
     assert!(!c.probe(cart, &[to_redis], 0, T).unwrap()[0].connected, "old verdicts stay after a broken edit");
     let frontend = c.workload("shop/frontend").unwrap();
     let cartsvc = SocketAddr::new(cart.overlay, 7070);
     assert!(c.probe(frontend, &[cartsvc], 0, T).unwrap()[0].connected);
+}
+
+/// Each gateway's count of inventory reloads with `outcome` (`ok`, `rejected`), in gateway order.
+fn inventory_reloads(c: &Cluster, outcome: &str) -> Vec<f64> {
+    let series = format!("keyway_gateway_reloads_total{{outcome=\"{outcome}\",what=\"inventory\"}} ");
+    c.gateways
+        .iter()
+        .map(|g| {
+            let (_, m) = c.gateway_admin(&g.zone, &g.name, "/metrics").unwrap();
+            m.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+        })
+        .collect()
 }
 
 #[test]
