@@ -623,7 +623,7 @@ impl Cluster {
             // pod's overlay address is its own (the bed's pods live on an underlay of their own;
             // in a cluster it is the pod's address).
             ns_sh(&w.pod.ns, &["ip", "addr", "add", &format!("{}/32", w.overlay), "dev", "lo"])?;
-            Sidecar::let_agent_udp_through(&w.pod.ns, &zone_gateways(z))?;
+            Sidecar::let_agent_udp_through(&w.pod.ns)?;
             let spec = AgentSpec {
                 ns: &w.pod.ns,
                 slug: &slug,

@@ -220,23 +220,25 @@ static_resources:
 
     /// With a `keyway agent` in the pod (pod mode): the rules inserted ahead of
     /// [`Sidecar::non_tcp_rules`] that let through the app's UDP into the agent's TUN device
-    /// (`kw0`; the agent carries it to a gateway, which decides it) and UDP to the edge port of the
-    /// zone's `gateways` (the agent's QUIC; the edge takes only certificates, so the app gains
-    /// nothing there). Everything else stays refused. Each is inserted at the top, so the last
-    /// one issued comes first.
-    pub fn agent_udp_rules(gateways: &[IpAddr]) -> Vec<Vec<String>> {
+    /// (`kw0`; the agent carries it to a gateway, which decides it) and the agent's own QUIC, by
+    /// its firewall mark (`socket_mark`, [`DEFAULT_SOCKET_MARK`]), wherever its gateways are:
+    /// every replica a name resolves to, as they come and go. Only a process with
+    /// `CAP_NET_ADMIN` can set a mark, so the app gains nothing by it. Everything else stays
+    /// refused. Each is inserted at the top, so the last one issued comes first.
+    ///
+    /// [`DEFAULT_SOCKET_MARK`]: keyway_gateway::agent::config::DEFAULT_SOCKET_MARK
+    pub fn agent_udp_rules() -> Vec<Vec<String>> {
         let r = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-        let port = keyway_gateway::config::DEFAULT_EDGE_PORT;
-        let mut rules = vec![r("iptables -I KEYWAY_NON_TCP 1 -o kw0 -p udp -j RETURN")];
-        for g in gateways {
-            rules.push(r(&format!("iptables -I KEYWAY_NON_TCP 1 -p udp -d {g} --dport {port} -j RETURN")));
-        }
-        rules
+        let mark = keyway_gateway::agent::config::DEFAULT_SOCKET_MARK;
+        vec![
+            r("iptables -I KEYWAY_NON_TCP 1 -o kw0 -p udp -j RETURN"),
+            r(&format!("iptables -I KEYWAY_NON_TCP 1 -m mark --mark {mark:#x} -j RETURN")),
+        ]
     }
 
     /// Applies [`Sidecar::agent_udp_rules`] in the pod `ns`.
-    pub fn let_agent_udp_through(ns: &str, gateways: &[IpAddr]) -> anyhow::Result<()> {
-        for rule in Sidecar::agent_udp_rules(gateways) {
+    pub fn let_agent_udp_through(ns: &str) -> anyhow::Result<()> {
+        for rule in Sidecar::agent_udp_rules() {
             let args: Vec<&str> = rule.iter().map(String::as_str).collect();
             ns_sh(ns, &args)?;
         }

@@ -487,19 +487,18 @@ fn errors_name_the_file_the_object_and_the_field() {
 /// what an Istio install needs of an enforced pod (docs/install-istio.md): Istio's inbound capture
 /// leaves the keyway inbound port alone, and the init container `keyway-refuse-non-tcp`, the same in
 /// every pod, installs exactly the end-to-end sidecar's rules for UDP, SCTP and ICMP
-/// (`Sidecar::non_tcp_rules`), then, for the pod's keyway agent, the rules that let its UDP through
-/// (`Sidecar::agent_udp_rules`) to the edge addresses of `KEYWAY_GATEWAYS` (in every pod the
-/// ClusterIP of the `keyway-gateway-edge` Service, istio/base/service.yaml): its script, run here
-/// with `iptables` and `ip6tables` replaced by a recorder, issues those commands in that order,
-/// for no resolver, an IPv4 one, an IPv6 one, and the nameservers of the pod's resolv.conf by
-/// default; with no, one and two gateway addresses.
+/// (`Sidecar::non_tcp_rules`), then, with `KEYWAY_AGENT=1` (set in every pod, each of which runs
+/// its keyway agent), the rules that let the agent's UDP through (`Sidecar::agent_udp_rules`: the
+/// app's UDP into `kw0`, the agent's own QUIC by its firewall mark, no gateway address): its
+/// script, run here with `iptables` and `ip6tables` replaced by a recorder, issues those commands
+/// in that order, for no resolver, an IPv4 one, an IPv6 one, and the nameservers of the pod's
+/// resolv.conf by default; with `KEYWAY_AGENT` unset, empty, `0` and `1`.
 #[test]
 fn enforced_sample_pods_refuse_udp_sctp_and_icmp_as_the_e2e_sidecar_does() {
     use keyway_e2e::envoy::Sidecar;
     let path = repo().join("samples/shop/workloads.yaml");
     let objects = load_file(&path, "samples/shop/workloads.yaml").unwrap_or_else(|e| panic!("{e}"));
     let mut scripts = BTreeSet::new();
-    let mut gateway_envs = BTreeSet::new();
     let mut enforced = 0;
     for d in objects.iter().filter(|o| o.kind() == "Deployment") {
         let pod = &d.value["spec"]["template"];
@@ -527,17 +526,17 @@ fn enforced_sample_pods_refuse_udp_sctp_and_icmp_as_the_e2e_sidecar_does() {
         assert_eq!(caps["drop"], serde_json::json!(["ALL"]), "{what}");
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false, "{what}");
         scripts.insert(c["args"][0].as_str().unwrap_or_default().to_owned());
-        let env: Vec<&Value> = c["env"].as_array().into_iter().flatten().collect();
-        assert_eq!(env.len(), 1, "{what}: keyway-refuse-non-tcp takes KEYWAY_GATEWAYS only, got {env:?}");
-        assert_eq!(env[0]["name"], "KEYWAY_GATEWAYS", "{what}");
-        gateway_envs.insert(env[0]["value"].as_str().unwrap_or_default().to_owned());
+        let agents = pod["spec"]["containers"].as_array().into_iter().flatten();
+        assert_eq!(agents.filter(|a| a["name"] == "keyway-agent").count(), 1, "{what}: no container keyway-agent");
+        assert_eq!(
+            c["env"],
+            serde_json::json!([{"name": "KEYWAY_AGENT", "value": "1"}]),
+            "{what}: keyway-refuse-non-tcp takes KEYWAY_AGENT only, \"1\" for the pod's agent"
+        );
     }
     assert!(enforced >= 8, "samples/shop enforces its workloads ({enforced} labelled)");
     assert_eq!(scripts.len(), 1, "one script for every enforced pod");
     let script = scripts.pop_first().unwrap_or_default();
-    assert_eq!(gateway_envs.len(), 1, "one KEYWAY_GATEWAYS for every enforced pod: {gateway_envs:?}");
-    let gateways = gateway_envs.pop_first().unwrap_or_default();
-    assert_eq!(gateways, edge_cluster_ip(), "KEYWAY_GATEWAYS is the edge Service's ClusterIP");
 
     let dir = std::env::temp_dir().join(format!("keyway-non-tcp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -558,62 +557,42 @@ fn enforced_sample_pods_refuse_udp_sctp_and_icmp_as_the_e2e_sidecar_does() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(script.contains("/etc/resolv.conf"), "the default resolver comes from the pod's resolv.conf");
     let script_here = script.replace("/etc/resolv.conf", &resolv.display().to_string());
-    let run = |dns: Option<&str>, gateways: Option<&str>| -> Vec<String> {
+    let run = |dns: Option<&str>, agent: Option<&str>| -> Vec<String> {
         let _ = std::fs::remove_file(&log);
         let mut cmd = std::process::Command::new("sh");
         cmd.arg("-c").arg(&script_here);
         cmd.env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()));
-        cmd.env_remove("KEYWAY_DNS").env_remove("KEYWAY_GATEWAYS");
+        cmd.env_remove("KEYWAY_DNS").env_remove("KEYWAY_AGENT");
         if let Some(d) = dns {
             cmd.env("KEYWAY_DNS", d);
         }
-        if let Some(g) = gateways {
-            cmd.env("KEYWAY_GATEWAYS", g);
+        if let Some(a) = agent {
+            cmd.env("KEYWAY_AGENT", a);
         }
         let out = cmd.output().unwrap_or_else(|e| panic!("sh: {e}"));
         assert!(out.status.success(), "the script failed: {}", String::from_utf8_lossy(&out.stderr));
         std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect()
     };
-    let want = |resolver: Option<&str>, gateways: &[&str]| -> Vec<String> {
+    let want = |resolver: Option<&str>, agent: bool| -> Vec<String> {
         let parse = |a: &str| -> std::net::IpAddr { a.parse().unwrap_or_else(|e| panic!("{a}: {e}")) };
         let mut rules = Sidecar::non_tcp_rules(resolver.map(parse));
-        if !gateways.is_empty() {
-            let gateways: Vec<std::net::IpAddr> = gateways.iter().map(|g| parse(g)).collect();
-            rules.extend(Sidecar::agent_udp_rules(&gateways));
+        if agent {
+            rules.extend(Sidecar::agent_udp_rules());
         }
         rules.iter().map(|r| r.join(" ")).collect()
     };
-    assert_eq!(run(Some(""), None), want(None, &[]), "KEYWAY_DNS=\"\": all UDP refused");
-    assert_eq!(run(Some("10.96.0.10"), None), want(Some("10.96.0.10"), &[]), "an IPv4 resolver");
-    assert_eq!(run(Some("fd00::a"), None), want(Some("fd00::a"), &[]), "an IPv6 resolver");
-    assert_eq!(run(None, None), want(Some("10.96.0.10"), &[]), "by default, the pod's resolv.conf nameserver");
-    assert_eq!(run(None, Some("")), want(Some("10.96.0.10"), &[]), "KEYWAY_GATEWAYS=\"\": no agent, no agent rules");
-    assert_eq!(
-        run(None, Some(&gateways)),
-        want(Some("10.96.0.10"), &[gateways.as_str()]),
-        "the pod's agent: its TUN device and the zone's edge"
-    );
-    assert_eq!(
-        run(Some(""), Some("10.96.0.144 10.96.0.145")),
-        want(None, &["10.96.0.144", "10.96.0.145"]),
-        "two edge addresses, all other UDP refused"
+    assert_eq!(run(Some(""), None), want(None, false), "KEYWAY_DNS=\"\": all UDP refused");
+    assert_eq!(run(Some("10.96.0.10"), None), want(Some("10.96.0.10"), false), "an IPv4 resolver");
+    assert_eq!(run(Some("fd00::a"), None), want(Some("fd00::a"), false), "an IPv6 resolver");
+    assert_eq!(run(None, None), want(Some("10.96.0.10"), false), "by default, the pod's resolv.conf nameserver");
+    assert_eq!(run(None, Some("")), want(Some("10.96.0.10"), false), "KEYWAY_AGENT=\"\": no agent, no agent rules");
+    assert_eq!(run(None, Some("0")), want(Some("10.96.0.10"), false), "KEYWAY_AGENT=0: no agent, no agent rules");
+    assert_eq!(run(None, Some("1")), want(Some("10.96.0.10"), true), "the pod's agent: its TUN device and its mark");
+    assert_eq!(run(Some(""), Some("1")), want(None, true), "the pod's agent, all other UDP refused");
+    let mark = format!("-m mark --mark {:#x} -j RETURN", keyway_gateway::agent::config::DEFAULT_SOCKET_MARK);
+    assert!(
+        run(None, Some("1")).iter().any(|r| r.ends_with(&mark)),
+        "the agent's QUIC is let out by the agent's default socket_mark ({mark})"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The ClusterIP of the `keyway-gateway-edge` Service (istio/base/service.yaml), which carries the
-/// edge port (UDP, `listen.edge`) to the gateways.
-fn edge_cluster_ip() -> String {
-    let path = repo().join("istio/base/service.yaml");
-    let objects = load_file(&path, "istio/base/service.yaml").unwrap_or_else(|e| panic!("{e}"));
-    let edge =
-        find(&objects, "Service", "keyway-gateway-edge").unwrap_or_else(|| panic!("no Service keyway-gateway-edge"));
-    let ports = edge.value["spec"]["ports"].as_array().cloned().unwrap_or_default();
-    let port = keyway_gateway::agent::config::DEFAULT_EDGE_PORT;
-    assert_eq!(
-        ports,
-        vec![serde_json::json!({"name": "edge", "port": port, "targetPort": "edge", "protocol": "UDP"})],
-        "the edge Service carries the edge port only"
-    );
-    edge.value["spec"]["clusterIP"].as_str().unwrap_or_default().to_owned()
 }

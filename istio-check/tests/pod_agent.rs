@@ -1,13 +1,14 @@
 //! The `keyway agent` of every enforced pod of samples/shop (docs/install-istio.md, "UDP of
 //! enforced pods"): its configuration, written by the init container `keyway-agent-config` from the
 //! pod's own annotations, is one the agent accepts, in pod mode, with the pod's overlay address,
-//! zone and edge addresses; the container runs it with NET_ADMIN only, the TUN device and the pod's
-//! mesh certificate from its own istio-proxy (`OUTPUT_CERTS`).
+//! zone and the name of every gateway replica's edge (the headless Service `keyway-gateway`), and
+//! the socket mark the pod's rules let its QUIC out by; the container runs it with NET_ADMIN only,
+//! the TUN device and the pod's mesh certificate from its own istio-proxy (`OUTPUT_CERTS`).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use keyway_gateway::agent::config::{AgentConfig, DEFAULT_EDGE_PORT, Mode};
+use keyway_gateway::agent::config::{AgentConfig, DEFAULT_EDGE_PORT, DEFAULT_SOCKET_MARK, Mode};
 use keyway_istio_check::load_file;
 use serde_json::{Value, json};
 
@@ -32,6 +33,40 @@ fn mount<'a>(c: &'a Value, path: &str) -> &'a Value {
 
 fn volume<'a>(pod: &'a Value, name: &Value) -> &'a Value {
     pod["spec"]["volumes"].as_array().into_iter().flatten().find(|v| &v["name"] == name).unwrap_or(&Value::Null)
+}
+
+/// The name the pods' agents follow: the headless Service of istio/base/service.yaml that carries
+/// the edge port (`listen.edge`, UDP), so that it resolves to every ready gateway replica; the only
+/// Service with that port (no ClusterIP in front of the edge pins an agent to one replica). The
+/// same name as the sidecars' gateway clusters (istio/base/envoyfilters.yaml).
+fn edge_name() -> String {
+    let path = repo().join("istio/base/service.yaml");
+    let objects = load_file(&path, "istio/base/service.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let edge = json!({"name": "edge", "port": DEFAULT_EDGE_PORT, "targetPort": "edge", "protocol": "UDP"});
+    let with_edge: Vec<_> = objects
+        .iter()
+        .filter(|o| o.kind() == "Service")
+        .filter(|o| o.value["spec"]["ports"].as_array().into_iter().flatten().any(|p| p["port"] == DEFAULT_EDGE_PORT))
+        .collect();
+    assert_eq!(
+        with_edge.len(),
+        1,
+        "one Service carries the edge port: {:?}",
+        with_edge.iter().map(|o| o.describe()).collect::<Vec<_>>()
+    );
+    let service = &with_edge[0].value;
+    let what = with_edge[0].describe();
+    assert_eq!(service["spec"]["clusterIP"], "None", "{what}: headless, a DNS record per replica");
+    let ports = service["spec"]["ports"].as_array().into_iter().flatten();
+    assert_eq!(ports.filter(|p| **p == edge).count(), 1, "{what}: the edge port as {edge}");
+    let name = format!(
+        "{}.{}.svc.cluster.local",
+        service["metadata"]["name"].as_str().unwrap_or_default(),
+        service["metadata"]["namespace"].as_str().unwrap_or_default()
+    );
+    let envoyfilters = std::fs::read_to_string(repo().join("istio/base/envoyfilters.yaml")).unwrap_or_default();
+    assert!(envoyfilters.contains(&format!("address: {name},")), "{name}: not the sidecars' gateway name");
+    name
 }
 
 /// A scratch directory with recorders in place of `ip`, `iptables` and `ip6tables`.
@@ -91,6 +126,7 @@ fn enforced_sample_pods_carry_their_udp_through_their_own_keyway_agent() {
     let objects = load_file(&path, "samples/shop/workloads.yaml").unwrap_or_else(|e| panic!("{e}"));
     let envoyfilters = std::fs::read_to_string(repo().join("istio/base/envoyfilters.yaml")).unwrap_or_default();
     let shims = Shims::new();
+    let edge = edge_name();
     let mut scripts = BTreeSet::new();
     let mut enforced = 0;
     for d in objects.iter().filter(|o| o.kind() == "Deployment") {
@@ -128,11 +164,11 @@ fn enforced_sample_pods_carry_their_udp_through_their_own_keyway_agent() {
         }
         let refuse = containers(pod, "initContainers", "keyway-refuse-non-tcp");
         let gateways = env(c, "KEYWAY_GATEWAYS")["value"].as_str().unwrap_or_default();
-        assert!(!gateways.is_empty(), "{what}: KEYWAY_GATEWAYS");
+        assert_eq!(gateways, edge, "{what}: KEYWAY_GATEWAYS names every gateway replica");
         assert_eq!(
-            refuse.first().map(|r| &env(r, "KEYWAY_GATEWAYS")["value"]),
-            Some(&json!(gateways)),
-            "{what}: the agent dials the edge addresses its pod lets its QUIC out to"
+            refuse.first().map(|r| &env(r, "KEYWAY_AGENT")["value"]),
+            Some(&json!("1")),
+            "{what}: the pod lets its agent's UDP out (keyway-refuse-non-tcp, KEYWAY_AGENT)"
         );
         let cidrs = env(c, "KEYWAY_OVERLAY_CIDRS")["value"].as_str().unwrap_or_default();
         assert!(envoyfilters.contains(cidrs), "{what}: the overlay prefix {cidrs:?} is not the EnvoyFilters'");
@@ -161,6 +197,7 @@ fn enforced_sample_pods_carry_their_udp_through_their_own_keyway_agent() {
         assert_eq!(config.overlay_cidrs, vec![cidrs.to_owned()], "{what}");
         let want: Vec<String> = gateways.split_whitespace().map(|g| format!("{g}:{DEFAULT_EDGE_PORT}")).collect();
         assert_eq!(config.gateways, want, "{what}");
+        assert_eq!(config.socket_mark, DEFAULT_SOCKET_MARK, "{what}: the mark the pod's rules let the agent out by");
         assert_eq!(
             config.tls.cert,
             PathBuf::from(format!("{MESH_DIR}/cert-chain.pem")),
@@ -198,7 +235,7 @@ fn enforced_sample_pods_carry_their_udp_through_their_own_keyway_agent() {
         &[
             ("KEYWAY_OVERLAY_IPS", ""),
             ("KEYWAY_ZONE", "zone-a"),
-            ("KEYWAY_GATEWAYS", "10.96.0.144"),
+            ("KEYWAY_GATEWAYS", "keyway-gateway.keyway-system.svc.cluster.local"),
             ("KEYWAY_OVERLAY_CIDRS", "10.128.0.0/16"),
         ],
     );
