@@ -486,7 +486,7 @@ async fn a_name_for_every_replica_is_followed_as_the_replicas_change() {
     let (s1, s2) = (edge(&p, "127.0.0.1:0".parse().unwrap()), edge(&p, "127.0.0.1:0".parse().unwrap()));
     let (a1, a2) = (s1.local_addr().unwrap(), s2.local_addr().unwrap());
     let mut cfg = config(&p.dir, &[a1]);
-    cfg.gateways = vec!["keyway-gateway-edge.keyway-system.svc:15444".into()];
+    cfg.gateways = vec!["keyway-gateway.keyway-system.svc.cluster.local:15444".into()];
     let answer: Arc<Mutex<Vec<SocketAddr>>> = Arc::new(Mutex::new(vec![a1, a2]));
     let asked: Arc<Mutex<Vec<String>>> = Arc::default();
     let (ans, log) = (answer.clone(), asked.clone());
@@ -502,7 +502,7 @@ async fn a_name_for_every_replica_is_followed_as_the_replicas_change() {
     let m = handle.metrics.clone();
     let connected = |n: u64| m.gateways_connected.load(std::sync::atomic::Ordering::Relaxed) == n;
     wait_for("both replicas connected", || connected(2)).await;
-    assert_eq!(asked.lock().unwrap()[0], "keyway-gateway-edge.keyway-system.svc:15444");
+    assert_eq!(asked.lock().unwrap()[0], "keyway-gateway.keyway-system.svc.cluster.local:15444");
     // The first replica leaves the answer (scaled down): its connection is left.
     *answer.lock().unwrap() = vec![a2];
     within(c1.closed()).await;
