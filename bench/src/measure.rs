@@ -130,16 +130,9 @@ pub fn latency(bed: &Bed, spec: &LatencySpec) -> anyhow::Result<Vec<LatencyRun>>
                 if variant == "new_connection" {
                     args.push("--new-connection".into());
                 }
-                let cpu0: Vec<f64> = gws.iter().map(|p| cpu_seconds(*p)).collect();
-                let m0 = machine_jiffies();
-                let t0 = Instant::now();
                 let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-                let out = sh(&argv).with_context(|| format!("latency run {name} {variant}"))?;
-                let wall = t0.elapsed().as_secs_f64();
-                let m1 = machine_jiffies();
-                let cpu: Vec<f64> = gws.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).collect();
-                let result: LoadResult = serde_json::from_str(out.trim()).context("load output")?;
-                let busy = (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64;
+                let Timed { result, wall, cpu, busy } =
+                    timed(&gws, &argv).with_context(|| format!("latency run {name} {variant}"))?;
                 eprintln!(
                     "  latency round {round} {variant:<14} {name:<18} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} ms  {} req {} err  gw cpu {:?}  busy {:.0}%",
                     result.p50_ms,
@@ -201,33 +194,28 @@ pub fn udp_latency(bed: &Bed, spec: &UdpSpec) -> anyhow::Result<Vec<LatencyRun>>
             let target = path.udp_echo()?.to_string();
             let (rate, size, seconds, warmup) =
                 (spec.rate.to_string(), spec.size.to_string(), spec.seconds.to_string(), spec.warmup.to_string());
-            let cpu0: Vec<f64> = gws.iter().map(|p| cpu_seconds(*p)).collect();
-            let m0 = machine_jiffies();
-            let t0 = Instant::now();
-            let out = sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &path.client_ns,
-                &me,
-                "udp-ping",
-                "--target",
-                &target,
-                "--rate",
-                &rate,
-                "--size",
-                &size,
-                "--seconds",
-                &seconds,
-                "--warmup",
-                &warmup,
-            ])
+            let Timed { result, wall, cpu, busy } = timed(
+                &gws,
+                &[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &path.client_ns,
+                    &me,
+                    "udp-ping",
+                    "--target",
+                    &target,
+                    "--rate",
+                    &rate,
+                    "--size",
+                    &size,
+                    "--seconds",
+                    &seconds,
+                    "--warmup",
+                    &warmup,
+                ],
+            )
             .with_context(|| format!("udp echo over {name}"))?;
-            let wall = t0.elapsed().as_secs_f64();
-            let m1 = machine_jiffies();
-            let cpu: Vec<f64> = gws.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).collect();
-            let result: LoadResult = serde_json::from_str(out.trim()).context("udp-ping output")?;
-            let busy = (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64;
             eprintln!(
                 "  udp echo round {round} {name:<18} p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} ms  {} echoes {} lost  busy {:.0}%",
                 result.p50_ms,
@@ -402,4 +390,28 @@ pub fn hold_flows(bed: &Bed, flows: u32, idle: Vec<f64>) -> anyhow::Result<Gatew
     let _ = child.kill();
     let _ = child.wait();
     Ok(GatewayMemory { rss_idle_mib: idle, rss_before_mib: before, rss_held_mib: held, flows })
+}
+
+/// One measured run: the load tool's result, the wall time, the CPU seconds of each gateway
+/// process meanwhile, and how busy the machine was (its share of non-idle time).
+struct Timed {
+    result: LoadResult,
+    wall: f64,
+    cpu: Vec<f64>,
+    busy: f64,
+}
+
+/// Runs `argv` (a load tool printing a [`LoadResult`]), accounting the gateways' CPU (`gws`) and
+/// the machine's.
+fn timed(gws: &[u32], argv: &[&str]) -> anyhow::Result<Timed> {
+    let cpu0: Vec<f64> = gws.iter().map(|p| cpu_seconds(*p)).collect();
+    let m0 = machine_jiffies();
+    let t0 = Instant::now();
+    let out = sh(argv)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let m1 = machine_jiffies();
+    let cpu: Vec<f64> = gws.iter().zip(&cpu0).map(|(p, c)| cpu_seconds(*p) - c).collect();
+    let result: LoadResult = serde_json::from_str(out.trim()).context("load output")?;
+    let busy = (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64;
+    Ok(Timed { result, wall, cpu, busy })
 }

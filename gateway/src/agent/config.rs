@@ -20,7 +20,7 @@ pub const DEFAULT_KEEPALIVE_MS: u64 = 200;
 /// Default QUIC idle timeout (ms): a gateway silent this long is down.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 3_000;
 /// The edge port of every gateway.
-pub const DEFAULT_EDGE_PORT: u16 = 15444;
+pub use crate::config::DEFAULT_EDGE_PORT;
 /// The firewall mark of the agent's own QUIC packets (`SO_MARK`, "KW"): a pod's rules let them
 /// out by it, and only a process with `CAP_NET_ADMIN` (the agent, not the app) can set it.
 pub const DEFAULT_SOCKET_MARK: u32 = 0x4b57;
