@@ -236,7 +236,7 @@ impl Refusal {
             | Refusal::Policy { .. }
             | Refusal::RemotePolicy { .. }
             | Refusal::ExternalForbidden(_) => "deny",
-            Refusal::Header("flow-identity-mismatch" | "flow-source-zone") => "deny",
+            Refusal::Header("flow-identity-mismatch" | "flow-source-zone" | "edge-source-address") => "deny",
             _ => "error",
         }
     }
@@ -311,6 +311,7 @@ mod tests {
             (Refusal::Limit(Limit::MaxFlowsPerPeer), "max-flows-per-peer", 503, "error"),
             (Refusal::ExternalForbidden(addr.ip()), "external-forbidden", 403, "deny"),
             (Refusal::Header("flow-source-zone"), "flow-source-zone", 502, "deny"),
+            (Refusal::Header("edge-source-address"), "edge-source-address", 502, "deny"),
             (Refusal::Token("token-mac"), "token-mac", 403, "deny"),
             (Refusal::Header("flow-identity-mismatch"), "flow-identity-mismatch", 502, "deny"),
             (Refusal::Header("flow-sender-mismatch"), "flow-sender-mismatch", 502, "error"),
