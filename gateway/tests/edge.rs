@@ -380,3 +380,58 @@ async fn one_source_cannot_open_edge_connections_without_end() {
     assert!(metric(a1, "keyway_gateway_limit_refusals_total", label).await >= 1.0);
     assert!(held.iter().all(|c| c.close_reason().is_none()), "the four within the share stay open");
 }
+
+/// Attacker: the laptop (a device, its own genuine device certificate of the overlay CA) writes
+/// datagrams and opens a TCP flow whose inner source is web's address (which dns takes UDP from).
+/// Expected: both refused at its gateway (`edge-source-address`); dns gets nothing; its own
+/// address still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_cannot_send_with_a_workloads_source_address() {
+    let policies = format!("{POLICIES}{LAPTOP}");
+    let o = Overlay::start("edge-dev-spoof", ZONES, app(57), &policies).await;
+    let (web, dns) = (o.workload("web").clone(), o.workload("dns").clone());
+    let laptop: IpAddr = "10.202.1.9".parse().unwrap();
+    let b = agent_of(&o, "dns", "b1").await;
+    let ca = keyway_gateway::ca::Ca::load(&o.files.ca).unwrap();
+    let issued = keyway_gateway::ca::issue_identity_with(
+        &ca,
+        "shop",
+        "laptop",
+        WorkloadUse::Device,
+        30,
+        &o.scratch.0.join("dev"),
+    )
+    .unwrap();
+    let edge = o.gw("zone-a", "a1").edge_addr;
+    let device = edge_connect(edge, "zone-a", &o.files.ca.join("ca.pem"), &issued.cert, &issued.key).await.unwrap();
+    for port in 0..10u16 {
+        device.send_datagram(datagram((web.overlay, 50000 + port), (dns.overlay, 5353), "spoofed")).unwrap();
+    }
+    let reached = next(&b, Duration::from_millis(500)).await;
+    assert!(reached.is_none(), "a spoofed datagram of the laptop reached dns: {reached:?}");
+    let a1 = o.gw("zone-a", "a1").admin_addr;
+    counted(a1, "edge-source-address", 10.0).await;
+    // A TCP flow claiming web's address: refused with a status, never opened.
+    let (mut send, mut recv) = device.open_bi().await.unwrap();
+    let header = keyway_policy::flow::FlowHeader {
+        flow_id: 1,
+        src: web.overlay,
+        dst: dns.overlay,
+        dst_port: 8080,
+        protocol: keyway_policy::Protocol::Tcp,
+        identity: String::new(),
+        src_zone: String::new(),
+        src_gateway: String::new(),
+        verdict: String::new(),
+    };
+    send.write_all(&header.encode()).await.unwrap();
+    let mut prefix = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut prefix)).await.unwrap().unwrap();
+    let (code, n) = keyway_policy::flow::Status::decode_prefix(&prefix).unwrap();
+    let mut reason = vec![0u8; n];
+    recv.read_exact(&mut reason).await.unwrap();
+    assert_ne!(code, keyway_policy::flow::StatusCode::Connected, "the laptop's TCP as web was connected");
+    assert_eq!(String::from_utf8_lossy(&reason), "edge-source-address");
+    // Its own address is carried.
+    send_until_delivered(&device, &b, (laptop, 40000), (dns.overlay, 5353)).await;
+}
