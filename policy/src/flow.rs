@@ -18,7 +18,7 @@
 //!          | src_port u16be | dst_port u16be | payload (the rest)
 //! ```
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::auth::{ip_from16, ip16};
 use crate::ports::Protocol;
@@ -289,6 +289,19 @@ impl Datagram {
 
     /// Decodes one datagram. Only UDP is carried (protocol 17).
     pub fn decode(bytes: &[u8]) -> Result<Datagram, FlowError> {
+        let (src, dst) = Datagram::addresses(bytes)?;
+        Ok(Datagram {
+            src: src.ip(),
+            dst: dst.ip(),
+            src_port: src.port(),
+            dst_port: dst.port(),
+            payload: bytes.get(DATAGRAM_OVERHEAD..).unwrap_or_default().to_vec(),
+        })
+    }
+
+    /// The source and destination of an encoded datagram, checked as [`Datagram::decode`] checks
+    /// them, without copying its payload (a gateway forwards the bytes as they came).
+    pub fn addresses(bytes: &[u8]) -> Result<(SocketAddr, SocketAddr), FlowError> {
         let mut r = Reader(bytes);
         if r.take(3)? != DATAGRAM_MAGIC {
             return Err(FlowError::Magic);
@@ -300,13 +313,8 @@ impl Datagram {
         if r.u8()? != Protocol::Udp.number() {
             return Err(FlowError::Field("protocol"));
         }
-        Ok(Datagram {
-            src: ip_from16(r.array()?),
-            dst: ip_from16(r.array()?),
-            src_port: r.u16()?,
-            dst_port: r.u16()?,
-            payload: r.0.to_vec(),
-        })
+        let (src, dst): (IpAddr, IpAddr) = (ip_from16(r.array()?), ip_from16(r.array()?));
+        Ok((SocketAddr::new(src, r.u16()?), SocketAddr::new(dst, r.u16()?)))
     }
 }
 

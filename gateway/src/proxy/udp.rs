@@ -119,24 +119,24 @@ fn count(proxy: &Proxy, outcome: &str) {
 
 /// One datagram: checked, decided or matched to its flow, sent on.
 fn handle(proxy: &Proxy, from: From<'_>, came_on: &quinn::Connection, bytes: Bytes) {
-    let d = match Datagram::decode(&bytes) {
-        Ok(d) => d,
+    let (a, b) = match Datagram::addresses(&bytes) {
+        Ok((a, b)) => {
+            (SocketAddr::new(a.ip().to_canonical(), a.port()), SocketAddr::new(b.ip().to_canonical(), b.port()))
+        }
         Err(e) => return count(proxy, e.reason()),
     };
     let engine = proxy.state.engine();
     let src = match from {
-        From::Agent(identity) => source_of(proxy, &engine, d.src, identity).ok_or("edge-source-address"),
-        From::Peer(zone) => peer_source(&engine, d.src, zone).ok_or("flow-source-zone"),
+        From::Agent(identity) => source_of(proxy, &engine, a.ip(), identity).ok_or("edge-source-address"),
+        From::Peer(zone) => peer_source(&engine, a.ip(), zone).ok_or("flow-source-zone"),
     };
     let src = match src {
         Ok(s) => s,
         Err(reason) => {
-            tracing::debug!(src = %d.src, reason, "udp datagram from a source its sender does not speak for; dropped");
+            tracing::debug!(src = %a, reason, "udp datagram from a source its sender does not speak for; dropped");
             return count(proxy, reason);
         }
     };
-    let a = SocketAddr::new(d.src.to_canonical(), d.src_port);
-    let b = SocketAddr::new(d.dst.to_canonical(), d.dst_port);
     let now = Instant::now();
     let mut flows = proxy.udp.lock();
     // This direction's flow, or the reply of the other direction's.
