@@ -86,6 +86,17 @@ impl Workload {
         format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
     }
 
+    /// Whether `id` is [`Workload::identity`] in `trust_domain`, without building it (the
+    /// gateways ask for every datagram an agent sends).
+    pub fn has_identity(&self, trust_domain: &str, id: &str) -> bool {
+        id.strip_prefix("spiffe://")
+            .and_then(|r| r.strip_prefix(trust_domain))
+            .and_then(|r| r.strip_prefix("/ns/"))
+            .and_then(|r| r.strip_prefix(self.namespace.as_str()))
+            .and_then(|r| r.strip_prefix("/sa/"))
+            == Some(self.service_account.as_str())
+    }
+
     /// The container port called `name`, if any.
     pub fn named_port(&self, name: &str) -> Option<&ContainerPort> {
         self.ports.iter().find(|p| p.name.as_deref() == Some(name))
@@ -145,5 +156,42 @@ impl Inventory {
     /// kinds).
     pub fn find(&self, namespace: &str, name: &str) -> Option<usize> {
         self.workloads.iter().position(|w| w.namespace == namespace && w.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn has_identity_is_exactly_identity() {
+        let w = Workload {
+            namespace: "shop".into(),
+            name: "cart".into(),
+            kind: "Deployment".into(),
+            labels: Labels::default(),
+            ports: Vec::new(),
+            service_account: "cart".into(),
+            zone: None,
+            overlay_ips: Vec::new(),
+            sidecar_ips: Vec::new(),
+            file: String::new(),
+            label_variants: Vec::new(),
+        };
+        let td = "cluster.local";
+        for id in [
+            "spiffe://cluster.local/ns/shop/sa/cart",
+            "spiffe://cluster.local/ns/shop/sa/carts",
+            "spiffe://cluster.local/ns/shopx/sa/cart",
+            "spiffe://cluster.local/ns/shop/sa/car",
+            "spiffe://cluster.localx/ns/shop/sa/cart",
+            "spiffe://other.local/ns/shop/sa/cart",
+            "spiffe://cluster.local/ns/shop/sa/cart/",
+            "spiffe://cluster.local/sa/cart/ns/shop",
+            "",
+        ] {
+            assert_eq!(w.has_identity(td, id), w.identity(td) == id, "{id}");
+        }
+        assert!(w.has_identity(td, &w.identity(td)));
     }
 }

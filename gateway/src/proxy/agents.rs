@@ -74,7 +74,7 @@ pub fn source_of(proxy: &Proxy, engine: &Engine, src: IpAddr, identity: &str) ->
     let Peer::Workload(w) = peer else { return None };
     let w = engine.inventory().workloads.get(w)?;
     let mine = w.zone.as_deref() == Some(proxy.config.zone.as_str());
-    (mine && w.identity(&proxy.config.trust_domain) == identity).then_some(peer)
+    (mine && w.has_identity(&proxy.config.trust_domain, identity)).then_some(peer)
 }
 
 /// The identity of the workload at `ip`, if it is one.

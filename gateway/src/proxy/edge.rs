@@ -50,7 +50,7 @@ pub async fn serve(proxy: Arc<Proxy>, endpoint: quinn::Endpoint) {
             .workloads
             .iter()
             .filter(|w| {
-                w.zone.as_deref() == Some(p.config.zone.as_str()) && w.identity(&p.config.trust_domain) == identity
+                w.zone.as_deref() == Some(p.config.zone.as_str()) && w.has_identity(&p.config.trust_domain, &identity)
             })
             .flat_map(|w| w.overlay_ips.iter().copied())
             .collect();

@@ -146,7 +146,7 @@ async fn accept(
         Peer::Workload(w) => engine.inventory().workloads.get(w),
         Peer::Ip(_) => None,
     };
-    let Some(workload) = workload.filter(|w| w.identity(&proxy.config.trust_domain) == header.identity) else {
+    let Some(workload) = workload.filter(|w| w.has_identity(&proxy.config.trust_domain, &header.identity)) else {
         return Err(Refusal::Header("flow-identity-mismatch"));
     };
     // A peer gateway speaks only for the workloads of its own zone: a compromised gateway or a
